@@ -1,0 +1,40 @@
+//! Library error type: every failure names the file, key or option at fault.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid config: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+    #[error("missing weight `{key}` (expected shape {expected:?}) in {files}")]
+    MissingKey {
+        key: String,
+        expected: Vec<usize>,
+        files: String,
+    },
+    #[error("{path}: weight `{key}` has shape {actual:?}, the model expects {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("{path}: {msg}")]
+    Image { path: PathBuf, msg: String },
+    #[error("fixture {path}: {msg}")]
+    Fixture { path: PathBuf, msg: String },
+    #[error("invalid option: {0}")]
+    Option(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
