@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "supir", version, about = "Generative-prior image restoration (SUPIR) on candle")]
+#[command(
+    name = "supir",
+    version,
+    about = "Generative-prior image restoration (SUPIR) on candle"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,1 +1,195 @@
-//! TODO
+//! Parity runner: replays every golden case of a fixture folder through our components and
+//! compares with the official outputs (`supir parity <dir>`).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::SupirConfig;
+use crate::denoiser::LegacyDdpm;
+use crate::fixture::{max_abs_diff, Case, Fixture};
+use crate::model::SupirModel;
+use crate::Result;
+
+/// One compared output.
+#[derive(Debug, Clone)]
+pub struct OutputCheck {
+    pub name: String,
+    pub max_err: f64,
+    pub atol: f64,
+}
+
+impl OutputCheck {
+    pub fn passed(&self) -> bool {
+        self.max_err <= self.atol
+    }
+}
+
+/// The outcome of one case: its checks, or the error that stopped it.
+#[derive(Debug, Clone)]
+pub struct CaseResult {
+    pub name: String,
+    pub kind: String,
+    pub checks: Vec<OutputCheck>,
+    pub error: Option<String>,
+}
+
+impl CaseResult {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && !self.checks.is_empty() && self.checks.iter().all(|c| c.passed())
+    }
+
+    /// Worst output: (max error, its atol).
+    pub fn worst(&self) -> Option<&OutputCheck> {
+        self.checks
+            .iter()
+            .max_by(|a, b| (a.max_err / a.atol).total_cmp(&(b.max_err / b.atol)))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub results: Vec<CaseResult>,
+    /// Cases whose kind this build does not implement: (case, kind).
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Report {
+    pub fn passed(&self) -> usize {
+        self.results.iter().filter(|r| r.passed()).count()
+    }
+
+    pub fn failed(&self) -> usize {
+        self.results.len() - self.passed()
+    }
+
+    pub fn skipped_kinds(&self) -> BTreeSet<&str> {
+        self.skipped.iter().map(|(_, k)| k.as_str()).collect()
+    }
+}
+
+/// Kinds `run` implements.
+pub const KINDS: &[&str] = &[
+    "conditioner",
+    "vae_encode",
+    "vae_decode",
+    "control",
+    "unet",
+    "denoiser",
+    "sigmas",
+    "colorfix",
+    "pil2tensor",
+    "tensor2pil",
+];
+
+/// Runs every case of the folder whose kind is implemented; `filter` keeps cases whose name
+/// contains it. `on_case` sees each result as it completes.
+pub fn run(
+    dir: impl AsRef<Path>,
+    filter: Option<&str>,
+    mut on_case: impl FnMut(&CaseResult),
+) -> Result<Report> {
+    let fixture = Fixture::load(dir)?;
+    let cfg = SupirConfig::load(fixture.config_path())?;
+    let mut model: Option<SupirModel> = None;
+    let mut report = Report::default();
+    for case in &fixture.cases {
+        if filter.is_some_and(|f| !case.name.contains(f)) {
+            continue;
+        }
+        if !KINDS.contains(&case.kind.as_str()) {
+            report.skipped.push((case.name.clone(), case.kind.clone()));
+            continue;
+        }
+        let needs_model = !matches!(
+            case.kind.as_str(),
+            "sigmas" | "colorfix" | "pil2tensor" | "tensor2pil"
+        );
+        let outcome = (|| -> Result<Vec<(String, Tensor)>> {
+            if needs_model && model.is_none() {
+                model = Some(SupirModel::load(
+                    &cfg,
+                    &[fixture.weights_path()],
+                    DType::F32,
+                    &Device::Cpu,
+                )?);
+            }
+            run_case(&fixture, case, &cfg, model.as_ref())
+        })();
+        let result = match outcome {
+            Ok(outputs) => compare(&fixture, case, outputs),
+            Err(e) => CaseResult {
+                name: case.name.clone(),
+                kind: case.kind.clone(),
+                checks: vec![],
+                error: Some(e.to_string()),
+            },
+        };
+        on_case(&result);
+        report.results.push(result);
+    }
+    Ok(report)
+}
+
+fn compare(fixture: &Fixture, case: &Case, outputs: Vec<(String, Tensor)>) -> CaseResult {
+    let mut checks = vec![];
+    let mut error = None;
+    for expected in &case.outputs {
+        let got = outputs.iter().find(|(n, _)| *n == expected.name);
+        let check = got
+            .ok_or_else(|| crate::Error::Option(format!("no output `{}`", expected.name)))
+            .and_then(|(_, t)| {
+                let want = fixture.output(case, &expected.name)?;
+                let t = t.to_dtype(DType::F32)?.reshape(want.dims())?;
+                max_abs_diff(&t, &want)
+            });
+        match check {
+            Ok(max_err) => checks.push(OutputCheck {
+                name: expected.name.clone(),
+                max_err,
+                atol: expected.atol,
+            }),
+            Err(e) => {
+                error = Some(format!("{}: {e}", expected.name));
+                break;
+            }
+        }
+    }
+    CaseResult {
+        name: case.name.clone(),
+        kind: case.kind.clone(),
+        checks,
+        error,
+    }
+}
+
+fn param_f64(case: &Case, key: &str) -> Result<f64> {
+    case.params
+        .get(key)
+        .and_then(|v| v.as_f64())
+        .ok_or_else(|| crate::Error::Option(format!("case {}: no number `{key}`", case.name)))
+}
+
+fn run_case(
+    fixture: &Fixture,
+    case: &Case,
+    _cfg: &SupirConfig,
+    model: Option<&SupirModel>,
+) -> Result<Vec<(String, Tensor)>> {
+    let input = |name: &str| fixture.input(case, name);
+    let _ = (&input, model);
+    Ok(match case.kind.as_str() {
+        "sigmas" => {
+            let n = param_f64(case, "num_steps")? as usize;
+            let s = LegacyDdpm::default().sampling_sigmas(n)?;
+            let len = s.len();
+            vec![("sigmas".into(), Tensor::from_vec(s, len, &Device::Cpu)?)]
+        }
+        kind => {
+            return Err(crate::Error::Option(format!(
+                "kind `{kind}` not wired in yet"
+            )))
+        }
+    })
+}

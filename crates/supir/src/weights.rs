@@ -1,2 +1,458 @@
-//! Checkpoint loading: safetensors (memory-mapped) and PyTorch zip checkpoints, merged the way
-//! `SUPIR/util.py::create_SUPIR_model` merges the SDXL base file and the SUPIR file.
+//! Checkpoint loading: safetensors (memory-mapped) and PyTorch zip checkpoints (`.ckpt`/`.pth`,
+//! optionally wrapping a `state_dict`), merged the way `SUPIR/util.py::create_SUPIR_model` merges
+//! the SDXL base file and the SUPIR file: later files override and extend earlier ones.
+//!
+//! Tensors are read one at a time, converted once to the compute dtype, and the file pages they
+//! came from are released, so a load needs about the weights' own size in memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use memmap2::Mmap;
+
+use crate::{Error, Result};
+
+/// Name and shape of one stored tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMeta {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// One checkpoint file, opened and indexed but not read.
+pub struct Checkpoint {
+    path: PathBuf,
+    store: Store,
+}
+
+enum Store {
+    /// Byte ranges are absolute offsets into the mapping.
+    Safetensors {
+        mmap: Mmap,
+        index: HashMap<String, (TensorMeta, usize, usize)>,
+    },
+    Torch(candle_core::pickle::PthTensors),
+}
+
+/// On-disk format, from the file's first bytes (not its extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    TorchZip,
+}
+
+fn ckpt_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F32 => DType::F32,
+        S::F64 => DType::F64,
+        S::I64 => DType::I64,
+        S::I32 => DType::I32,
+        S::U32 => DType::U32,
+        S::U8 => DType::U8,
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Opens and indexes a checkpoint; fails with the file name on anything that is not a
+    /// complete safetensors or PyTorch zip file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: the file is opened read-only; a file changed under us is outside our contract.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let format = sniff(&mmap).ok_or_else(|| {
+            ckpt_err(
+                path,
+                "not a checkpoint: neither safetensors nor a PyTorch zip archive",
+            )
+        })?;
+        let store = match format {
+            Format::Safetensors => {
+                let index = index_safetensors(&mmap, path)?;
+                Store::Safetensors { mmap, index }
+            }
+            Format::TorchZip => {
+                drop(mmap);
+                Store::Torch(open_torch(path)?)
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            store,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn format(&self) -> Format {
+        match self.store {
+            Store::Safetensors { .. } => Format::Safetensors,
+            Store::Torch(_) => Format::TorchZip,
+        }
+    }
+
+    /// Every stored tensor, sorted by name.
+    pub fn tensors(&self) -> BTreeMap<String, TensorMeta> {
+        match &self.store {
+            Store::Safetensors { index, .. } => index
+                .iter()
+                .map(|(k, (m, _, _))| (k.clone(), m.clone()))
+                .collect(),
+            Store::Torch(p) => p
+                .tensor_infos()
+                .iter()
+                .map(|(k, ti)| {
+                    (
+                        k.clone(),
+                        TensorMeta {
+                            dtype: ti.dtype,
+                            shape: ti.layout.dims().to_vec(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn meta(&self, key: &str) -> Option<TensorMeta> {
+        match &self.store {
+            Store::Safetensors { index, .. } => index.get(key).map(|(m, _, _)| m.clone()),
+            Store::Torch(p) => p.tensor_infos().get(key).map(|ti| TensorMeta {
+                dtype: ti.dtype,
+                shape: ti.layout.dims().to_vec(),
+            }),
+        }
+    }
+
+    /// Reads one tensor, converted to `dtype` on `dev`; `Ok(None)` when the key is absent.
+    pub fn load(&self, key: &str, dtype: DType, dev: &Device) -> Result<Option<Tensor>> {
+        let t = match &self.store {
+            Store::Safetensors { mmap, index } => {
+                let Some((meta, start, end)) = index.get(key) else {
+                    return Ok(None);
+                };
+                let t = tensor_from_bytes(&mmap[*start..*end], meta)
+                    .map_err(|e| ckpt_err(&self.path, format!("tensor `{key}`: {e}")))?;
+                // The bytes are copied: drop their pages from our resident set.
+                // SAFETY: a read-only file mapping; dropped pages are re-read on demand.
+                unsafe {
+                    let _ = mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        *start,
+                        end - start,
+                    );
+                }
+                t
+            }
+            Store::Torch(p) => match p.get(key) {
+                Ok(Some(t)) => t,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    return Err(ckpt_err(
+                        &self.path,
+                        format!("tensor `{key}` unreadable: {e}"),
+                    ))
+                }
+            },
+        };
+        Ok(Some(t.to_dtype(dtype)?.to_device(dev)?))
+    }
+}
+
+fn sniff(bytes: &[u8]) -> Option<Format> {
+    if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+        return Some(Format::TorchZip);
+    }
+    if bytes.len() >= 9 {
+        let n = u64::from_le_bytes(bytes[..8].try_into().ok()?);
+        if n > 1 && bytes[8] == b'{' {
+            return Some(Format::Safetensors);
+        }
+    }
+    None
+}
+
+fn index_safetensors(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<HashMap<String, (TensorMeta, usize, usize)>> {
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        ckpt_err(
+            path,
+            format!("unreadable safetensors header (truncated or corrupt file?): {e}"),
+        )
+    })?;
+    let data_start = 8 + header_len;
+    let mut index = HashMap::new();
+    for (name, info) in meta.tensors() {
+        let dtype = st_dtype(info.dtype).ok_or_else(|| {
+            ckpt_err(
+                path,
+                format!("tensor `{name}` has unsupported dtype {:?}", info.dtype),
+            )
+        })?;
+        let (s, e) = (
+            data_start + info.data_offsets.0,
+            data_start + info.data_offsets.1,
+        );
+        let expected = info.shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if e > bytes.len() || e < s || e - s != expected {
+            return Err(ckpt_err(
+                path,
+                format!(
+                    "tensor `{name}` lies outside the file ({} bytes): the file is truncated or corrupt",
+                    bytes.len()
+                ),
+            ));
+        }
+        index.insert(
+            name.to_string(),
+            (
+                TensorMeta {
+                    dtype,
+                    shape: info.shape.clone(),
+                },
+                s,
+                e,
+            ),
+        );
+    }
+    Ok(index)
+}
+
+/// Copies little-endian bytes into an aligned tensor of the stored dtype.
+fn tensor_from_bytes(bytes: &[u8], meta: &TensorMeta) -> candle_core::Result<Tensor> {
+    fn copy<T: candle_core::WithDType + Default + Clone>(
+        bytes: &[u8],
+        shape: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        let n = bytes.len() / std::mem::size_of::<T>();
+        let mut v = vec![T::default(); n];
+        // SAFETY: `v` holds exactly `bytes.len()` bytes of plain-old-data `T`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len())
+        };
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+    let s = meta.shape.as_slice();
+    match meta.dtype {
+        DType::F16 => copy::<half::f16>(bytes, s),
+        DType::BF16 => copy::<half::bf16>(bytes, s),
+        DType::F32 => copy::<f32>(bytes, s),
+        DType::F64 => copy::<f64>(bytes, s),
+        DType::I64 => copy::<i64>(bytes, s),
+        DType::I32 => copy::<i32>(bytes, s),
+        DType::U32 => copy::<u32>(bytes, s),
+        DType::U8 => copy::<u8>(bytes, s),
+        d => candle_core::bail!("unsupported dtype {d:?}"),
+    }
+}
+
+/// A torch zip checkpoint: a plain state dict, or one wrapped as `{"state_dict": ...}` (the
+/// official SUPIR `.ckpt` files), as `SUPIR/util.py::load_state_dict` accepts.
+fn open_torch(path: &Path) -> Result<candle_core::pickle::PthTensors> {
+    use candle_core::pickle::PthTensors;
+    let wrapped = PthTensors::new(path, Some("state_dict"));
+    let tensors = match wrapped {
+        Ok(t) if !t.tensor_infos().is_empty() => t,
+        _ => PthTensors::new(path, None).map_err(|e| {
+            ckpt_err(
+                path,
+                format!("unreadable PyTorch checkpoint (truncated or corrupt?): {e}"),
+            )
+        })?,
+    };
+    if tensors.tensor_infos().is_empty() {
+        return Err(ckpt_err(
+            path,
+            "PyTorch archive holds no tensors (not a state dict)",
+        ));
+    }
+    Ok(tensors)
+}
+
+/// Several checkpoints seen as one state dict: a key in a later file overrides the same key in an
+/// earlier one (SDXL base first, then the SUPIR file), as the official `strict=False` loads do.
+pub struct WeightSource {
+    files: Vec<Checkpoint>,
+}
+
+impl WeightSource {
+    pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
+        let files = paths
+            .iter()
+            .map(Checkpoint::open)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { files })
+    }
+
+    pub fn files(&self) -> &[Checkpoint] {
+        &self.files
+    }
+
+    /// The file that provides `key` (the last one holding it).
+    fn provider(&self, key: &str) -> Option<(&Checkpoint, TensorMeta)> {
+        self.files
+            .iter()
+            .rev()
+            .find_map(|f| f.meta(key).map(|m| (f, m)))
+    }
+
+    /// `first_stage_model.denoise_encoder.*` falls back to `first_stage_model.encoder.*`: the
+    /// official model initialises the denoise encoder as a copy of the encoder before loading.
+    fn resolve(&self, key: &str) -> Option<(&Checkpoint, String, TensorMeta)> {
+        if let Some((f, m)) = self.provider(key) {
+            return Some((f, key.to_string(), m));
+        }
+        let alias = key.strip_prefix("first_stage_model.denoise_encoder.")?;
+        let alias = format!("first_stage_model.encoder.{alias}");
+        self.provider(&alias).map(|(f, m)| (f, alias, m))
+    }
+
+    fn file_list(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn into_var_builder(self, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, dev.clone())
+    }
+}
+
+impl SimpleBackend for WeightSource {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Some((file, key, meta)) = self.resolve(name) else {
+            return Err(candle_core::Error::wrap(Error::MissingKey {
+                key: name.to_string(),
+                expected: s.dims().to_vec(),
+                files: self.file_list(),
+            }));
+        };
+        if meta.shape != s.dims() {
+            return Err(candle_core::Error::wrap(Error::ShapeMismatch {
+                path: file.path.clone(),
+                key,
+                expected: s.dims().to_vec(),
+                actual: meta.shape,
+            }));
+        }
+        self.get_unchecked(name, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((file, key, _)) = self.resolve(name) else {
+            return Err(candle_core::Error::wrap(Error::MissingKey {
+                key: name.to_string(),
+                expected: vec![],
+                files: self.file_list(),
+            }));
+        };
+        match file.load(&key, dtype, dev) {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => unreachable!("indexed key `{key}` vanished"),
+            Err(e) => Err(candle_core::Error::wrap(e)),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+}
+
+/// A weight source that holds no data: every requested tensor is a zero-stride view of one
+/// scalar, and every request is recorded. Builds the full-size model without allocating it, to
+/// check which keys and shapes the model asks for.
+/// Clones share one record.
+#[derive(Default, Clone)]
+pub struct ShapeSource {
+    /// Shapes answered by `get_unchecked` (a module that reads its sizes off the weights).
+    known: Arc<HashMap<String, Vec<usize>>>,
+    requested: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+}
+
+impl ShapeSource {
+    /// `known` answers shape-less requests; all other requests are answered with the asked shape.
+    pub fn new(known: HashMap<String, Vec<usize>>) -> Self {
+        Self {
+            known: Arc::new(known),
+            requested: Arc::default(),
+        }
+    }
+
+    /// Every `(key, shape)` asked for so far.
+    pub fn requested(&self) -> BTreeMap<String, Vec<usize>> {
+        self.requested.lock().expect("poisoned").clone()
+    }
+
+    /// A var builder over this source (clone the source first to read the record afterwards).
+    pub fn into_var_builder(self, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, dev.clone())
+    }
+
+    fn record(&self, name: &str, shape: &[usize]) {
+        self.requested
+            .lock()
+            .expect("poisoned")
+            .insert(name.to_string(), shape.to_vec());
+    }
+}
+
+impl SimpleBackend for ShapeSource {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.record(name, s.dims());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some(shape) = self.known.get(name) else {
+            candle_core::bail!("shape-only source: no shape known for `{name}`")
+        };
+        self.record(name, shape);
+        Tensor::zeros((), dtype, dev)?.broadcast_as(shape.as_slice())
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.known.is_empty() || self.known.contains_key(name)
+    }
+}
