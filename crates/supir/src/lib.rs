@@ -18,6 +18,8 @@ pub mod inspect;
 pub mod model;
 pub mod parity;
 pub mod realesrgan;
+pub mod sampler;
+pub mod tiling;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
