@@ -5,28 +5,45 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 
 use crate::config::SupirConfig;
 use crate::denoiser::{DiscreteDenoiser, LegacyDdpm};
+use crate::vae::AutoencoderKL;
 use crate::weights::WeightSource;
 use crate::Result;
 
 pub struct SupirModel {
+    /// `first_stage_model`, with `denoise_encoder`.
+    pub vae: AutoencoderKL,
     pub denoiser: DiscreteDenoiser,
     pub scale_factor: f64,
 }
 
 impl SupirModel {
+    /// Builds every network from `vb` (the root of the official state dict).
+    pub fn new(vb: VarBuilder, cfg: &SupirConfig) -> Result<Self> {
+        let p = &cfg.model.params;
+        let vae = AutoencoderKL::new(
+            vb.pp("first_stage_model"),
+            &p.first_stage_config.params,
+            true,
+        )?;
+        Ok(Self {
+            vae,
+            denoiser: DiscreteDenoiser::new(&LegacyDdpm::default()),
+            scale_factor: p.scale_factor,
+        })
+    }
+
+    /// Loads the checkpoints (later files override earlier ones) in `dtype` on `dev`.
     pub fn load<P: AsRef<Path>>(
         cfg: &SupirConfig,
         checkpoints: &[P],
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let _vb = WeightSource::open(checkpoints)?.into_var_builder(dtype, dev);
-        Ok(Self {
-            denoiser: DiscreteDenoiser::new(&LegacyDdpm::default()),
-            scale_factor: cfg.model.params.scale_factor,
-        })
+        let vb = WeightSource::open(checkpoints)?.into_var_builder(dtype, dev);
+        Self::new(vb, cfg)
     }
 }

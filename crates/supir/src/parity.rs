@@ -10,6 +10,7 @@ use crate::config::SupirConfig;
 use crate::denoiser::LegacyDdpm;
 use crate::fixture::{max_abs_diff, Case, Fixture};
 use crate::model::SupirModel;
+use crate::vae::DiagonalGaussian;
 use crate::Result;
 
 /// One compared output.
@@ -178,8 +179,31 @@ fn run_case(
     model: Option<&SupirModel>,
 ) -> Result<Vec<(String, Tensor)>> {
     let input = |name: &str| fixture.input(case, name);
-    let _ = (&input, model);
+    let model = || model.ok_or_else(|| crate::Error::Option("model not loaded".into()));
     Ok(match case.kind.as_str() {
+        "vae_encode" => {
+            let m = model()?;
+            let x = input("x")?;
+            let scale = param_f64(case, "scale_factor").unwrap_or(m.scale_factor);
+            let moments = m.vae.encode_moments(&x)?;
+            let denoise_moments = m.vae.denoise_encode_moments(&x)?;
+            let mode = |mo: &Tensor| -> Result<Tensor> {
+                Ok(DiagonalGaussian::from_moments(mo)?
+                    .mode()
+                    .affine(scale, 0.0)?)
+            };
+            vec![
+                ("z_mode_scaled".into(), mode(&moments)?),
+                ("z_denoise_mode_scaled".into(), mode(&denoise_moments)?),
+                ("moments".into(), moments),
+                ("denoise_moments".into(), denoise_moments),
+            ]
+        }
+        "vae_decode" => {
+            let m = model()?;
+            let scale = param_f64(case, "scale_factor").unwrap_or(m.scale_factor);
+            vec![("x".into(), m.vae.decode_scaled(&input("z_scaled")?, scale)?)]
+        }
         "sigmas" => {
             let n = param_f64(case, "num_steps")? as usize;
             let s = LegacyDdpm::default().sampling_sigmas(n)?;
