@@ -65,7 +65,7 @@ impl GLVControl {
         } else {
             control.clone()
         };
-        let emb = self.trunk.embed(timesteps, Some(&y))?;
+        let emb = self.trunk.embed(timesteps, Some(&y), dtype)?;
         let guided_hint = self.input_hint_block.forward(&control)?;
 
         let mut hs = Vec::with_capacity(self.num_hints());

@@ -569,9 +569,15 @@ impl UNetTrunk {
         })
     }
 
-    /// `time_embed(timestep_embedding(t)) + label_emb(y)`: `[B]`, `[B, adm]` -> `[B, 4*mc]`.
-    pub(crate) fn embed(&self, timesteps: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
-        let t_emb = timestep_embedding(timesteps, self.model_channels)?;
+    /// `time_embed(timestep_embedding(t)) + label_emb(y)`: `[B]`, `[B, adm]` -> `[B, 4*mc]`,
+    /// the sinusoidal part computed in f32 then cast to `dtype` (the activations' dtype).
+    pub(crate) fn embed(
+        &self,
+        timesteps: &Tensor,
+        y: Option<&Tensor>,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let t_emb = timestep_embedding(timesteps, self.model_channels)?.to_dtype(dtype)?;
         let emb = self
             .time_embed
             .1
@@ -793,7 +799,7 @@ impl LightGLVUNet {
             context.to_dtype(dtype)?,
             y.to_dtype(dtype)?,
         );
-        let emb = self.trunk.embed(timesteps, Some(&y))?;
+        let emb = self.trunk.embed(timesteps, Some(&y), dtype)?;
 
         let mut hs = Vec::with_capacity(self.trunk.input_blocks.len());
         let mut h = x;
