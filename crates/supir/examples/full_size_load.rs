@@ -43,7 +43,7 @@ fn write_random(path: &Path) -> std::io::Result<()> {
         offset += 2 * n;
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let tmp = path.with_extension("partial");

@@ -4,16 +4,22 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::SupirConfig;
+use crate::control::GLVControl;
 use crate::denoiser::{DiscreteDenoiser, LegacyDdpm};
+use crate::unet::LightGLVUNet;
 use crate::vae::AutoencoderKL;
 use crate::weights::WeightSource;
 use crate::Result;
 
 pub struct SupirModel {
+    /// `model.control_model`.
+    pub control: GLVControl,
+    /// `model.diffusion_model`.
+    pub unet: LightGLVUNet,
     /// `first_stage_model`, with `denoise_encoder`.
     pub vae: AutoencoderKL,
     pub denoiser: DiscreteDenoiser,
@@ -29,10 +35,35 @@ impl SupirModel {
             &p.first_stage_config.params,
             true,
         )?;
+        let control =
+            GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)?;
+        let unet = LightGLVUNet::new(vb.pp("model.diffusion_model"), &p.network_config.params)?;
         Ok(Self {
+            control,
+            unet,
             vae,
             denoiser: DiscreteDenoiser::new(&LegacyDdpm::default()),
             scale_factor: p.scale_factor,
+        })
+    }
+
+    /// `ControlWrapper` under `DiscreteDenoiserWithControl`: the denoised latent for `x` [B,4,h,w]
+    /// at one sigma per row, with `crossattn` [B,77,ctx], `vector` [B,adm] and the control
+    /// latent `control` [B,4,h,w].
+    pub fn denoise(
+        &self,
+        x: &Tensor,
+        sigmas: &[f32],
+        crossattn: &Tensor,
+        vector: &Tensor,
+        control: &Tensor,
+        control_scale: f64,
+    ) -> Result<Tensor> {
+        self.denoiser.denoise(x, sigmas, |xin, t| {
+            let hints = self.control.forward(control, t, xin, crossattn, vector)?;
+            Ok(self
+                .unet
+                .forward(xin, t, crossattn, vector, &hints, control_scale)?)
         })
     }
 

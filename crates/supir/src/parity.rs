@@ -199,6 +199,49 @@ fn run_case(
                 ("denoise_moments".into(), denoise_moments),
             ]
         }
+        "control" => {
+            let m = model()?;
+            let hints = m.control.forward(
+                &input("control")?,
+                &input("timesteps")?,
+                &input("xt")?,
+                &input("context")?,
+                &input("y")?,
+            )?;
+            hints
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| (format!("hint_{i:02}"), h))
+                .collect()
+        }
+        "unet" => {
+            let m = model()?;
+            let hints = (0..m.unet.num_hints())
+                .map(|i| input(&format!("hint_{i:02}")))
+                .collect::<Result<Vec<_>>>()?;
+            let eps = m.unet.forward(
+                &input("xt")?,
+                &input("timesteps")?,
+                &input("context")?,
+                &input("y")?,
+                &hints,
+                param_f64(case, "control_scale")?,
+            )?;
+            vec![("eps".into(), eps)]
+        }
+        "denoiser" => {
+            let m = model()?;
+            let sigmas = input("sigma")?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let out = m.denoise(
+                &input("x")?,
+                &sigmas,
+                &input("crossattn")?,
+                &input("vector")?,
+                &input("control")?,
+                param_f64(case, "control_scale")?,
+            )?;
+            vec![("denoised".into(), out)]
+        }
         "vae_decode" => {
             let m = model()?;
             let scale = param_f64(case, "scale_factor").unwrap_or(m.scale_factor);
