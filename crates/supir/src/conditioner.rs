@@ -282,9 +282,12 @@ impl Conditioner {
 
     /// Conditioning of a batch of texts, tokenized for each encoder.
     pub fn encode_texts(&self, texts: &[&str], sizes: &SizeConditioning) -> Result<Conditioning> {
+        if texts.is_empty() {
+            return Err(Error::Option("no text to encode".into()));
+        }
         let ids = |f: &dyn Fn(&str) -> Vec<u32>| -> Result<Tensor> {
             let rows: Vec<u32> = texts.iter().flat_map(|t| f(t)).collect();
-            let n = rows.len() / texts.len().max(1);
+            let n = rows.len() / texts.len();
             Ok(Tensor::from_vec(rows, (texts.len(), n), &self.device)?)
         };
         let clip_l = ids(&|t| self.tokenizer.clip_l_ids(t))?;
