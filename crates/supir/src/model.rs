@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::conditioner::Conditioner;
 use crate::config::SupirConfig;
 use crate::control::GLVControl;
 use crate::denoiser::{DiscreteDenoiser, LegacyDdpm};
@@ -16,6 +17,9 @@ use crate::weights::WeightSource;
 use crate::Result;
 
 pub struct SupirModel {
+    /// `conditioner`: both text encoders and the size embeddings; the encoders can be dropped
+    /// once the prompts are encoded.
+    pub conditioner: Conditioner,
     /// `model.control_model`.
     pub control: GLVControl,
     /// `model.diffusion_model`.
@@ -30,6 +34,7 @@ impl SupirModel {
     /// Builds every network from `vb` (the root of the official state dict).
     pub fn new(vb: VarBuilder, cfg: &SupirConfig) -> Result<Self> {
         let p = &cfg.model.params;
+        let conditioner = Conditioner::new(&p.conditioner_config.params, vb.pp("conditioner"))?;
         let vae = AutoencoderKL::new(
             vb.pp("first_stage_model"),
             &p.first_stage_config.params,
@@ -39,6 +44,7 @@ impl SupirModel {
             GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)?;
         let unet = LightGLVUNet::new(vb.pp("model.diffusion_model"), &p.network_config.params)?;
         Ok(Self {
+            conditioner,
             control,
             unet,
             vae,

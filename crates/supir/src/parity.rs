@@ -6,6 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::conditioner::SizeConditioning;
 use crate::config::SupirConfig;
 use crate::denoiser::LegacyDdpm;
 use crate::fixture::{max_abs_diff, Case, Fixture};
@@ -172,6 +173,17 @@ fn param_f64(case: &Case, key: &str) -> Result<f64> {
         .ok_or_else(|| crate::Error::Option(format!("case {}: no number `{key}`", case.name)))
 }
 
+fn param_pair(case: &Case, key: &str) -> Result<[f64; 2]> {
+    let v = case.params.get(key).and_then(|v| v.as_array());
+    match v.map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<_>>()) {
+        Some(a) if a.len() == 2 => Ok([a[0], a[1]]),
+        _ => Err(crate::Error::Option(format!(
+            "case {}: `{key}` is not a pair of numbers",
+            case.name
+        ))),
+    }
+}
+
 fn run_case(
     fixture: &Fixture,
     case: &Case,
@@ -181,6 +193,26 @@ fn run_case(
     let input = |name: &str| fixture.input(case, name);
     let model = || model.ok_or_else(|| crate::Error::Option("model not loaded".into()));
     Ok(match case.kind.as_str() {
+        "conditioner" => {
+            let m = model()?;
+            let sizes = SizeConditioning {
+                original_size: param_pair(case, "original_size")?,
+                crop_coords_top_left: param_pair(case, "crop_coords_top_left")?,
+                target_size: param_pair(case, "target_size")?,
+                ..SizeConditioning::default()
+            };
+            let mut out = vec![];
+            for branch in ["c", "uc"] {
+                let cond = m.conditioner.encode_ids(
+                    &input(&format!("clip_l_ids_{branch}"))?,
+                    &input(&format!("openclip_ids_{branch}"))?,
+                    &sizes,
+                )?;
+                out.push((format!("crossattn_{branch}"), cond.crossattn));
+                out.push((format!("vector_{branch}"), cond.vector));
+            }
+            out
+        }
         "vae_encode" => {
             let m = model()?;
             let x = input("x")?;
