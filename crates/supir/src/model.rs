@@ -4,29 +4,83 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
+use crate::conditioner::Conditioner;
 use crate::config::SupirConfig;
+use crate::control::GLVControl;
 use crate::denoiser::{DiscreteDenoiser, LegacyDdpm};
+use crate::unet::LightGLVUNet;
+use crate::vae::AutoencoderKL;
 use crate::weights::WeightSource;
 use crate::Result;
 
 pub struct SupirModel {
+    /// `conditioner`: both text encoders and the size embeddings; the encoders can be dropped
+    /// once the prompts are encoded.
+    pub conditioner: Conditioner,
+    /// `model.control_model`.
+    pub control: GLVControl,
+    /// `model.diffusion_model`.
+    pub unet: LightGLVUNet,
+    /// `first_stage_model`, with `denoise_encoder`.
+    pub vae: AutoencoderKL,
     pub denoiser: DiscreteDenoiser,
     pub scale_factor: f64,
 }
 
 impl SupirModel {
+    /// Builds every network from `vb` (the root of the official state dict).
+    pub fn new(vb: VarBuilder, cfg: &SupirConfig) -> Result<Self> {
+        let p = &cfg.model.params;
+        let conditioner = Conditioner::new(&p.conditioner_config.params, vb.pp("conditioner"))?;
+        let vae = AutoencoderKL::new(
+            vb.pp("first_stage_model"),
+            &p.first_stage_config.params,
+            true,
+        )?;
+        let control =
+            GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)?;
+        let unet = LightGLVUNet::new(vb.pp("model.diffusion_model"), &p.network_config.params)?;
+        Ok(Self {
+            conditioner,
+            control,
+            unet,
+            vae,
+            denoiser: DiscreteDenoiser::new(&LegacyDdpm::default()),
+            scale_factor: p.scale_factor,
+        })
+    }
+
+    /// `ControlWrapper` under `DiscreteDenoiserWithControl`: the denoised latent for `x` [B,4,h,w]
+    /// at one sigma per row, with `crossattn` [B,77,ctx], `vector` [B,adm] and the control
+    /// latent `control` [B,4,h,w].
+    pub fn denoise(
+        &self,
+        x: &Tensor,
+        sigmas: &[f32],
+        crossattn: &Tensor,
+        vector: &Tensor,
+        control: &Tensor,
+        control_scale: f64,
+    ) -> Result<Tensor> {
+        self.denoiser.denoise(x, sigmas, |xin, t| {
+            let hints = self.control.forward(control, t, xin, crossattn, vector)?;
+            Ok(self
+                .unet
+                .forward(xin, t, crossattn, vector, &hints, control_scale)?)
+        })
+    }
+
+    /// Loads the checkpoints (later files override earlier ones) in `dtype` on `dev`.
     pub fn load<P: AsRef<Path>>(
         cfg: &SupirConfig,
         checkpoints: &[P],
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let _vb = WeightSource::open(checkpoints)?.into_var_builder(dtype, dev);
-        Ok(Self {
-            denoiser: DiscreteDenoiser::new(&LegacyDdpm::default()),
-            scale_factor: cfg.model.params.scale_factor,
-        })
+        let vb = WeightSource::open(checkpoints)?.into_var_builder(dtype, dev);
+        Self::new(vb, cfg)
     }
 }

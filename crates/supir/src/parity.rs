@@ -6,10 +6,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::conditioner::SizeConditioning;
 use crate::config::SupirConfig;
 use crate::denoiser::LegacyDdpm;
 use crate::fixture::{max_abs_diff, Case, Fixture};
 use crate::model::SupirModel;
+use crate::vae::DiagonalGaussian;
 use crate::Result;
 
 /// One compared output.
@@ -171,6 +173,17 @@ fn param_f64(case: &Case, key: &str) -> Result<f64> {
         .ok_or_else(|| crate::Error::Option(format!("case {}: no number `{key}`", case.name)))
 }
 
+fn param_pair(case: &Case, key: &str) -> Result<[f64; 2]> {
+    let v = case.params.get(key).and_then(|v| v.as_array());
+    match v.map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<_>>()) {
+        Some(a) if a.len() == 2 => Ok([a[0], a[1]]),
+        _ => Err(crate::Error::Option(format!(
+            "case {}: `{key}` is not a pair of numbers",
+            case.name
+        ))),
+    }
+}
+
 fn run_case(
     fixture: &Fixture,
     case: &Case,
@@ -178,8 +191,94 @@ fn run_case(
     model: Option<&SupirModel>,
 ) -> Result<Vec<(String, Tensor)>> {
     let input = |name: &str| fixture.input(case, name);
-    let _ = (&input, model);
+    let model = || model.ok_or_else(|| crate::Error::Option("model not loaded".into()));
     Ok(match case.kind.as_str() {
+        "conditioner" => {
+            let m = model()?;
+            let sizes = SizeConditioning {
+                original_size: param_pair(case, "original_size")?,
+                crop_coords_top_left: param_pair(case, "crop_coords_top_left")?,
+                target_size: param_pair(case, "target_size")?,
+                ..SizeConditioning::default()
+            };
+            let mut out = vec![];
+            for branch in ["c", "uc"] {
+                let cond = m.conditioner.encode_ids(
+                    &input(&format!("clip_l_ids_{branch}"))?,
+                    &input(&format!("openclip_ids_{branch}"))?,
+                    &sizes,
+                )?;
+                out.push((format!("crossattn_{branch}"), cond.crossattn));
+                out.push((format!("vector_{branch}"), cond.vector));
+            }
+            out
+        }
+        "vae_encode" => {
+            let m = model()?;
+            let x = input("x")?;
+            let scale = param_f64(case, "scale_factor").unwrap_or(m.scale_factor);
+            let moments = m.vae.encode_moments(&x)?;
+            let denoise_moments = m.vae.denoise_encode_moments(&x)?;
+            let mode = |mo: &Tensor| -> Result<Tensor> {
+                Ok(DiagonalGaussian::from_moments(mo)?
+                    .mode()
+                    .affine(scale, 0.0)?)
+            };
+            vec![
+                ("z_mode_scaled".into(), mode(&moments)?),
+                ("z_denoise_mode_scaled".into(), mode(&denoise_moments)?),
+                ("moments".into(), moments),
+                ("denoise_moments".into(), denoise_moments),
+            ]
+        }
+        "control" => {
+            let m = model()?;
+            let hints = m.control.forward(
+                &input("control")?,
+                &input("timesteps")?,
+                &input("xt")?,
+                &input("context")?,
+                &input("y")?,
+            )?;
+            hints
+                .into_iter()
+                .enumerate()
+                .map(|(i, h)| (format!("hint_{i:02}"), h))
+                .collect()
+        }
+        "unet" => {
+            let m = model()?;
+            let hints = (0..m.unet.num_hints())
+                .map(|i| input(&format!("hint_{i:02}")))
+                .collect::<Result<Vec<_>>>()?;
+            let eps = m.unet.forward(
+                &input("xt")?,
+                &input("timesteps")?,
+                &input("context")?,
+                &input("y")?,
+                &hints,
+                param_f64(case, "control_scale")?,
+            )?;
+            vec![("eps".into(), eps)]
+        }
+        "denoiser" => {
+            let m = model()?;
+            let sigmas = input("sigma")?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let out = m.denoise(
+                &input("x")?,
+                &sigmas,
+                &input("crossattn")?,
+                &input("vector")?,
+                &input("control")?,
+                param_f64(case, "control_scale")?,
+            )?;
+            vec![("denoised".into(), out)]
+        }
+        "vae_decode" => {
+            let m = model()?;
+            let scale = param_f64(case, "scale_factor").unwrap_or(m.scale_factor);
+            vec![("x".into(), m.vae.decode_scaled(&input("z_scaled")?, scale)?)]
+        }
         "sigmas" => {
             let n = param_f64(case, "num_steps")? as usize;
             let s = LegacyDdpm::default().sampling_sigmas(n)?;
