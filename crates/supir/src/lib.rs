@@ -14,6 +14,7 @@ pub mod denoiser;
 pub mod error;
 pub mod fixture;
 pub mod image_io;
+pub mod metrics;
 pub mod model;
 pub mod parity;
 pub mod realesrgan;
