@@ -6,10 +6,12 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::color_fix::{self, ColorFix};
 use crate::conditioner::SizeConditioning;
 use crate::config::SupirConfig;
 use crate::denoiser::LegacyDdpm;
 use crate::fixture::{max_abs_diff, Case, Fixture};
+use crate::image_io::convert;
 use crate::model::SupirModel;
 use crate::vae::DiagonalGaussian;
 use crate::Result;
@@ -173,6 +175,13 @@ fn param_f64(case: &Case, key: &str) -> Result<f64> {
         .ok_or_else(|| crate::Error::Option(format!("case {}: no number `{key}`", case.name)))
 }
 
+fn param_str<'a>(case: &'a Case, key: &str) -> Result<&'a str> {
+    case.params
+        .get(key)
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| crate::Error::Option(format!("case {}: no text `{key}`", case.name)))
+}
+
 fn param_pair(case: &Case, key: &str) -> Result<[f64; 2]> {
     let v = case.params.get(key).and_then(|v| v.as_array());
     match v.map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<_>>()) {
@@ -212,6 +221,36 @@ fn run_case(
                 out.push((format!("vector_{branch}"), cond.vector));
             }
             out
+        }
+        "colorfix" => {
+            let fix: ColorFix = param_str(case, "type")?.parse()?;
+            let out = color_fix::apply(fix, &input("content")?, &input("style")?)?;
+            vec![("out".into(), out)]
+        }
+        "pil2tensor" => {
+            let img = input("image_u8")?;
+            let (h, w, _) = img.dims3()?;
+            let data = img.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?;
+            let img = image::RgbImage::from_raw(w as u32, h as u32, data)
+                .ok_or_else(|| crate::Error::Option("image_u8 is not HxWx3".into()))?;
+            let (x, h0, w0) = convert::pil2tensor(
+                &img,
+                param_f64(case, "upscale")?,
+                param_f64(case, "min_size")? as u32,
+            )?;
+            let (want_h0, want_w0) = (param_f64(case, "h0")?, param_f64(case, "w0")?);
+            if (h0 as f64, w0 as f64) != (want_h0, want_w0) {
+                return Err(crate::Error::Option(format!(
+                    "pre-rounding size {h0}x{w0}, official {want_h0}x{want_w0}"
+                )));
+            }
+            vec![("x".into(), x)]
+        }
+        "tensor2pil" => {
+            let (h0, w0) = (param_f64(case, "h0")? as u32, param_f64(case, "w0")? as u32);
+            let img = convert::tensor2pil(&input("x")?, h0, w0)?;
+            let t = Tensor::from_vec(img.into_raw(), (h0 as usize, w0 as usize, 3), &Device::Cpu)?;
+            vec![("image_u8".into(), t.to_dtype(DType::F32)?)]
         }
         "vae_encode" => {
             let m = model()?;
