@@ -18,6 +18,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod parity;
+pub mod pipeline;
 pub mod realesrgan;
 pub mod sampler;
 pub mod tiling;

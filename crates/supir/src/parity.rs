@@ -13,6 +13,8 @@ use crate::denoiser::LegacyDdpm;
 use crate::fixture::{max_abs_diff, Case, Fixture};
 use crate::image_io::convert;
 use crate::model::SupirModel;
+use crate::pipeline::{batchify_sample, BatchifyArgs};
+use crate::sampler::{ReplayNoise, SamplerConfigParams, SamplerKind};
 use crate::vae::DiagonalGaussian;
 use crate::Result;
 
@@ -85,6 +87,7 @@ pub const KINDS: &[&str] = &[
     "colorfix",
     "pil2tensor",
     "tensor2pil",
+    "sample",
 ];
 
 /// Runs every case of the folder whose kind is implemented; `filter` keeps cases whose name
@@ -193,10 +196,61 @@ fn param_pair(case: &Case, key: &str) -> Result<[f64; 2]> {
     }
 }
 
+/// A `sample` case: `batchify_sample` on `x` with the case's kwargs and sampler, replaying
+/// its recorded draws (`noise_*` inputs, in order); every draw must be used.
+pub fn run_sample_case(
+    fixture: &Fixture,
+    case: &Case,
+    cfg: &SupirConfig,
+    model: &SupirModel,
+) -> Result<Tensor> {
+    let bad = |msg: String| crate::Error::Option(format!("case {}: {msg}", case.name));
+    let args: BatchifyArgs =
+        serde_json::from_value(case.params.clone()).map_err(|e| bad(e.to_string()))?;
+    let kind: SamplerKind = case
+        .params
+        .get("sampler")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| bad("no `sampler`".into()))?
+        .parse()?;
+    let sampler_params: SamplerConfigParams = match case.params.get("sampler_params") {
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?,
+        None => SamplerConfigParams::default(),
+    };
+    let p = &cfg.model.params;
+    let opts = args.to_options(kind, &sampler_params, &p.p_p, &p.n_p)?;
+    let prompt = case
+        .params
+        .get("prompt")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| bad("no `prompt`".into()))?;
+    let draws = case
+        .inputs
+        .iter()
+        .filter(|n| n.starts_with("noise_"))
+        .map(|n| Ok((n.clone(), fixture.input(case, n)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut rng = ReplayNoise::from_named(draws)?;
+    let out = batchify_sample(
+        model,
+        &fixture.input(case, "x")?,
+        &[prompt],
+        &opts,
+        &mut rng,
+    )?;
+    if rng.remaining() != 0 {
+        return Err(bad(format!(
+            "{} recorded draws left unused",
+            rng.remaining()
+        )));
+    }
+    Ok(out)
+}
+
 fn run_case(
     fixture: &Fixture,
     case: &Case,
-    _cfg: &SupirConfig,
+    cfg: &SupirConfig,
     model: Option<&SupirModel>,
 ) -> Result<Vec<(String, Tensor)>> {
     let input = |name: &str| fixture.input(case, name);
@@ -317,6 +371,12 @@ fn run_case(
             let m = model()?;
             let scale = param_f64(case, "scale_factor").unwrap_or(m.scale_factor);
             vec![("x".into(), m.vae.decode_scaled(&input("z_scaled")?, scale)?)]
+        }
+        "sample" => {
+            vec![(
+                "samples".into(),
+                run_sample_case(fixture, case, cfg, model()?)?,
+            )]
         }
         "sigmas" => {
             let n = param_f64(case, "num_steps")? as usize;

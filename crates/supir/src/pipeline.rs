@@ -1,0 +1,273 @@
+//! The SUPIR restoration pipeline: `SUPIR/models/SUPIR_model.py::SUPIRModel.batchify_sample`.
+//!
+//! 1. stage 1: `_z = scale * denoise_encoder(x).mode()` (the control latent), `x_stage1 =
+//!    decode(_z)`, `z_stage1 = scale * encode(x_stage1).sample()` (the restoration-guidance
+//!    target `x_center`; the posterior draw is the run's first random draw);
+//! 2. conditioning: `caption + p_p` for c, `n_p` for uc, sizes 1024 / 0 / 1024;
+//! 3. the initial latent `randn_like(_z)` (second draw), then the sampler with CFG on `[uc, c]`
+//!    and `_z` (or its tile) as the control latent of both branches;
+//! 4. `decode`, then the colour fix against `x_stage1`.
+//!
+//! Images are `[B, 3, H, W]` in [-1, 1] with H, W multiples of 8 (64 for SDXL practice).
+//! Latent maths (sampler, guidance) runs in F32; the networks run in the model's dtype.
+
+use candle_core::{DType, Tensor};
+use serde::Deserialize;
+
+use crate::conditioner::Conditioning;
+use crate::model::SupirModel;
+use crate::sampler::{
+    Denoise, LinearCfg, NoiseSource, Sampler, SamplerConfigParams, SamplerKind, SamplerOptions,
+};
+use crate::tiling::TileWindow;
+use crate::{Error, Result};
+
+/// Stage-1 results: the control latent, the denoised image and the guidance target.
+#[derive(Debug, Clone)]
+pub struct Stage1 {
+    /// `_z`: `scale * denoise_encoder(x).mode()` `[B, 4, H/8, W/8]`, F32.
+    pub z: Tensor,
+    /// `x_stage1 = decode(_z)` `[B, 3, H, W]`, F32: the colour-fix reference.
+    pub x_stage1: Tensor,
+    /// `z_stage1 = scale * encode(x_stage1).sample()`, F32: `x_center` of the samplers.
+    pub z_stage1: Tensor,
+}
+
+/// Stage 1 (`encode_first_stage_with_denoise(use_sample=False)`, `decode_first_stage`,
+/// `encode_first_stage`). Draws the posterior noise from `rng`.
+pub fn stage1(model: &SupirModel, x: &Tensor, rng: &mut dyn NoiseSource) -> Result<Stage1> {
+    let dt = model_dtype(model);
+    let s = model.scale_factor;
+    let x = x.to_dtype(dt)?;
+    let z = model.vae.denoise_encode_scaled_mode(&x, s)?;
+    let x_stage1 = model.vae.decode_scaled(&z, s)?.to_dtype(DType::F32)?;
+    let moments = model.vae.encode_moments(&x_stage1.to_dtype(dt)?)?;
+    let post = crate::vae::DiagonalGaussian::from_moments(&moments)?;
+    let noise = rng.randn(post.mean.dims(), post.mean.device())?;
+    let z_stage1 = (post.sample(&noise.to_dtype(dt)?)? * s)?;
+    Ok(Stage1 {
+        z: z.to_dtype(DType::F32)?,
+        x_stage1,
+        z_stage1: z_stage1.to_dtype(DType::F32)?,
+    })
+}
+
+/// The dtype the networks were built in (that of the conditioner's output).
+fn model_dtype(model: &SupirModel) -> DType {
+    model.vae.quant_conv.weight().dtype()
+}
+
+/// The CFG-guided denoiser of `batchify_sample`: `x` `[B, ...]` is doubled into `[uc, c]`, run
+/// through control + UNet at `sigma` with the control latent `z` (sliced to the tile), and
+/// combined by `guider` (`DiscreteDenoiserWithControl` + `LinearCFG`). Returns F32.
+pub struct GuidedDenoiser<'a> {
+    pub model: &'a SupirModel,
+    /// The control latent `_z` of the whole image.
+    pub z: &'a Tensor,
+    pub c: &'a Conditioning,
+    pub uc: &'a Conditioning,
+    pub guider: LinearCfg,
+}
+
+impl Denoise for GuidedDenoiser<'_> {
+    fn denoise(
+        &mut self,
+        x: &Tensor,
+        sigma: f32,
+        control_scale: f64,
+        tile: Option<&TileWindow>,
+    ) -> Result<Tensor> {
+        let dt = self.c.crossattn.dtype();
+        let b = x.dim(0)?;
+        let ctrl = match tile {
+            Some(t) => t.slice(self.z)?,
+            None => self.z.clone(),
+        }
+        .to_dtype(dt)?;
+        let x = x.to_dtype(dt)?;
+        let x2 = Tensor::cat(&[&x, &x], 0)?;
+        let crossattn = Tensor::cat(&[&self.uc.crossattn, &self.c.crossattn], 0)?;
+        let vector = Tensor::cat(&[&self.uc.vector, &self.c.vector], 0)?;
+        let control = Tensor::cat(&[&ctrl, &ctrl], 0)?;
+        let sigmas = vec![sigma; 2 * b];
+        let denoised =
+            self.model
+                .denoise(&x2, &sigmas, &crossattn, &vector, &control, control_scale)?;
+        self.guider.guide(&denoised.to_dtype(DType::F32)?, sigma)
+    }
+}
+
+/// Everything `batchify_sample` takes besides the image and captions.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    pub sampler: SamplerKind,
+    pub opts: SamplerOptions,
+    /// Positive prompt appended to each caption (no separator).
+    pub p_p: String,
+    /// Negative prompt (the unconditional branch).
+    pub n_p: String,
+    /// `color_fix_type`.
+    pub color_fix: crate::color_fix::ColorFix,
+}
+
+/// The sampled latent and stage-1 results, before decoding.
+#[derive(Debug, Clone)]
+pub struct SampleLatent {
+    pub latent: Tensor,
+    pub stage1: Stage1,
+}
+
+/// Stages 1 to 3 of `batchify_sample`: one caption per image.
+pub fn sample_latent(
+    model: &SupirModel,
+    x: &Tensor,
+    captions: &[&str],
+    o: &SampleOptions,
+    rng: &mut dyn NoiseSource,
+) -> Result<SampleLatent> {
+    let b = x.dim(0)?;
+    if captions.len() != b {
+        return Err(Error::Option(format!(
+            "{} captions for {b} images",
+            captions.len()
+        )));
+    }
+    let sampler = Sampler::new(o.sampler, o.opts.clone())?;
+    let st = stage1(model, x, rng)?;
+    let (c, uc) = model
+        .conditioner
+        .prepare_condition(captions, &o.p_p, &o.n_p)?;
+    let noise = rng.randn(st.z.dims(), st.z.device())?;
+    let mut den = GuidedDenoiser {
+        model,
+        z: &st.z,
+        c: &c,
+        uc: &uc,
+        guider: o.opts.guider(),
+    };
+    let latent = sampler.sample(&mut den, rng, &noise, Some(&st.z_stage1))?;
+    Ok(SampleLatent { latent, stage1: st })
+}
+
+/// `batchify_sample(x, captions, ...)`: restored images `[B, 3, H, W]` in about [-1, 1], F32
+/// (before `Tensor2PIL`).
+pub fn batchify_sample(
+    model: &SupirModel,
+    x: &Tensor,
+    captions: &[&str],
+    o: &SampleOptions,
+    rng: &mut dyn NoiseSource,
+) -> Result<Tensor> {
+    let s = sample_latent(model, x, captions, o, rng)?;
+    let dt = model_dtype(model);
+    let samples = model
+        .vae
+        .decode_scaled(&s.latent.to_dtype(dt)?, model.scale_factor)?
+        .to_dtype(DType::F32)?;
+    crate::color_fix::apply(o.color_fix, &samples, &s.stage1.x_stage1)
+}
+
+/// The sampler class and its config-only keys from `model.params.sampler_config`.
+pub fn sampler_from_config(
+    cfg: &crate::config::SupirConfig,
+) -> Result<(SamplerKind, SamplerConfigParams)> {
+    let sc = &cfg.model.params.sampler_config;
+    let kind: SamplerKind = sc.target.parse()?;
+    let params = if sc.params.is_null() {
+        SamplerConfigParams::default()
+    } else {
+        serde_yaml::from_value(sc.params.clone())
+            .map_err(|e| Error::Option(format!("sampler_config.params: {e}")))?
+    };
+    Ok((kind, params))
+}
+
+fn default_num_steps() -> usize {
+    100
+}
+fn default_restoration_scale() -> f64 {
+    4.0
+}
+fn default_s_noise() -> f64 {
+    1.003
+}
+fn default_cfg_scale() -> f64 {
+    4.0
+}
+fn default_one() -> f64 {
+    1.0
+}
+fn default_color_fix() -> String {
+    "None".into()
+}
+
+/// `batchify_sample`'s keyword arguments under their official names and defaults (the form
+/// of a golden `sample` case's `params`). `p_p` / `n_p` absent or `"default"` take the
+/// model config's prompts.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchifyArgs {
+    #[serde(default = "default_num_steps")]
+    pub num_steps: usize,
+    #[serde(default = "default_restoration_scale")]
+    pub restoration_scale: f64,
+    #[serde(default)]
+    pub s_churn: f64,
+    #[serde(default = "default_s_noise")]
+    pub s_noise: f64,
+    #[serde(default = "default_cfg_scale")]
+    pub cfg_scale: f64,
+    #[serde(default = "default_one")]
+    pub control_scale: f64,
+    #[serde(default = "default_color_fix")]
+    pub color_fix_type: String,
+    #[serde(default, rename = "use_linear_CFG")]
+    pub use_linear_cfg: bool,
+    #[serde(default)]
+    pub use_linear_control_scale: bool,
+    #[serde(default = "default_one")]
+    pub cfg_scale_start: f64,
+    #[serde(default)]
+    pub control_scale_start: f64,
+    #[serde(default)]
+    pub p_p: Option<String>,
+    #[serde(default)]
+    pub n_p: Option<String>,
+}
+
+impl BatchifyArgs {
+    /// Typed options for `sampler` with the sampler config's own keys (`tile_size`, `eta`...)
+    /// from `config_params`, and the model config's prompts as defaults.
+    pub fn to_options(
+        &self,
+        sampler: SamplerKind,
+        config_params: &SamplerConfigParams,
+        default_p_p: &str,
+        default_n_p: &str,
+    ) -> Result<SampleOptions> {
+        let pick = |v: &Option<String>, d: &str| match v.as_deref() {
+            None | Some("default") => d.to_string(),
+            Some(s) => s.to_string(),
+        };
+        let opts = SamplerOptions {
+            num_steps: self.num_steps,
+            cfg_scale: self.cfg_scale,
+            cfg_scale_start: self.cfg_scale_start,
+            use_linear_cfg: self.use_linear_cfg,
+            control_scale: self.control_scale,
+            control_scale_start: self.control_scale_start,
+            use_linear_control_scale: self.use_linear_control_scale,
+            restoration_scale: self.restoration_scale,
+            s_churn: self.s_churn,
+            s_noise: self.s_noise,
+            ..SamplerOptions::default()
+        }
+        .with_config_params(config_params);
+        Ok(SampleOptions {
+            sampler,
+            opts,
+            p_p: pick(&self.p_p, default_p_p),
+            n_p: pick(&self.n_p, default_n_p),
+            color_fix: self.color_fix_type.parse()?,
+        })
+    }
+}
