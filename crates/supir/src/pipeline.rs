@@ -52,7 +52,7 @@ pub fn stage1(model: &SupirModel, x: &Tensor, rng: &mut dyn NoiseSource) -> Resu
     })
 }
 
-/// The dtype the networks were built in (that of the conditioner's output).
+/// The dtype the networks were built in (that of the VAE weights).
 fn model_dtype(model: &SupirModel) -> DType {
     model.vae.quant_conv.weight().dtype()
 }
