@@ -81,7 +81,18 @@ fn tensor2pil_fixture() {
     let expected = fx.output(case, "image_u8").unwrap();
     let out = &case.outputs[0];
     let err = max_abs_diff(&rgb8_to_hwc_f32(&img), &expected).unwrap();
-    println!("tensor2pil: max abs err {err} (atol {})", out.atol);
+    let ours = rgb8_to_hwc_f32(&img)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let theirs = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+    println!(
+        "tensor2pil: max abs err {err} (atol {}), {differing} of {} values differ",
+        out.atol,
+        ours.len()
+    );
     assert!(
         err <= out.atol,
         "tensor2pil: max abs err {err} > atol {}",
@@ -305,6 +316,29 @@ fn torch_bicubic_matches_formula() {
             }
         }
     }
+}
+
+include!("data/torch_bicubic_weights.rs");
+
+/// The weights, border merging included, are bit-identical to torch's: resize an identity matrix along
+/// the height (the width is unchanged, an exact identity) and read each output row.
+#[test]
+fn torch_bicubic_weights_match_torch() {
+    let mut checked = 0;
+    for &(n, o, i, expected) in TORCH_WEIGHTS {
+        let eye: Vec<f32> = (0..n * n)
+            .map(|k| if k / n == k % n { 1.0 } else { 0.0 })
+            .collect();
+        let out = torch_bicubic_resize_f32(&eye, 1, n, n, o, n).unwrap();
+        let row = &out[i * n..(i + 1) * n];
+        let mut want = vec![0f32; n];
+        for &(k, w) in expected {
+            want[k] = w;
+        }
+        assert_eq!(row, &want[..], "{n} -> {o}, output {i}");
+        checked += 1;
+    }
+    assert_eq!(checked, TORCH_WEIGHTS.len());
 }
 
 #[test]

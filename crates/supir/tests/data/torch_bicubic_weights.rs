@@ -1,0 +1,40 @@
+// torch 2.15.0 CPU `F.interpolate(mode='bicubic', align_corners=False)` weights, read off by
+// resizing an identity matrix along one axis: (in, out, output index, [(input index, weight)]).
+// Generated once; see `torch_bicubic_weights_match_torch`.
+/// (in, out, output index, non-zero weights as (input index, weight)).
+type WeightRow = (usize, usize, usize, &'static [(usize, f32)]);
+const TORCH_WEIGHTS: &[WeightRow] = &[
+    (192, 194, 0, &[(0, f32::from_bits(0x3f807d62)), (1, f32::from_bits(0xbb7ac400))]),
+    (192, 194, 1, &[(0, f32::from_bits(0x3c40ec40)), (1, f32::from_bits(0x3f7fdd0b)), (2, f32::from_bits(0xbc383000))]),
+    (192, 194, 84, &[(82, f32::from_bits(0xbd963640)), (83, f32::from_bits(0x3f771e85)), (84, f32::from_bits(0x3df37ab8)), (85, f32::from_bits(0xbc31c500))]),
+    (192, 194, 169, &[(166, f32::from_bits(0xbdd8bae0)), (167, f32::from_bits(0x3f6068ea)), (168, f32::from_bits(0x3e87ac44)), (169, f32::from_bits(0xbd127b00))]),
+    (192, 194, 193, &[(190, f32::from_bits(0xbb7ae400)), (191, f32::from_bits(0x3f807d73))]),
+    (128, 142, 0, &[(0, f32::from_bits(0x3f8446fd)), (1, f32::from_bits(0xbd08dfc0))]),
+    (128, 142, 51, &[(44, f32::from_bits(0xbb880e00)), (45, f32::from_bits(0x3d883b18)), (46, f32::from_bits(0x3f7cb139)), (47, f32::from_bits(0xbd4a8800))]),
+    (128, 142, 115, &[(102, f32::from_bits(0xbd8d2e80)), (103, f32::from_bits(0x3ee2c360)), (104, f32::from_bits(0x3f3c2e58)), (105, f32::from_bits(0xbddf51a0))]),
+    (128, 142, 141, &[(126, f32::from_bits(0xbd08de80)), (127, f32::from_bits(0x3f8446f3))]),
+    (5, 17, 0, &[(0, f32::from_bits(0x3f8e2fa1)), (1, f32::from_bits(0xbde2fa00))]),
+    (5, 17, 1, &[(0, f32::from_bits(0x3f850092)), (1, f32::from_bits(0xbd201280))]),
+    (5, 17, 2, &[(0, f32::from_bits(0x3f49dc79)), (1, f32::from_bits(0x3e7911e4)), (2, f32::from_bits(0xbd020f00))]),
+    (5, 17, 3, &[(0, f32::from_bits(0x3eef10b0)), (1, f32::from_bits(0x3f21ca8a)), (2, f32::from_bits(0xbdca9700))]),
+    (5, 17, 4, &[(0, f32::from_bits(0x3e1ca1dc)), (1, f32::from_bits(0x3f6fd226)), (2, f32::from_bits(0xbdb7d500))]),
+    (5, 17, 5, &[(0, f32::from_bits(0xbd8cb040)), (1, f32::from_bits(0x3f788c7a)), (2, f32::from_bits(0x3ddb0e80)), (3, f32::from_bits(0xbc161100))]),
+    (5, 17, 6, &[(0, f32::from_bits(0xbddad900)), (1, f32::from_bits(0x3f34ae08)), (2, f32::from_bits(0x3ef3a698)), (3, f32::from_bits(0xbd993180))]),
+    (5, 17, 7, &[(0, f32::from_bits(0xbd3b9580)), (1, f32::from_bits(0x3ea31802)), (2, f32::from_bits(0x3f565090)), (3, f32::from_bits(0xbde119c0))]),
+    (5, 17, 8, &[(2, f32::from_bits(0x3f800000))]),
+    (5, 17, 9, &[(1, f32::from_bits(0xbde119c0)), (2, f32::from_bits(0x3f56508e)), (3, f32::from_bits(0x3ea31806)), (4, f32::from_bits(0xbd3b95c0))]),
+    (5, 17, 10, &[(1, f32::from_bits(0xbd993160)), (2, f32::from_bits(0x3ef3a692)), (3, f32::from_bits(0x3f34ae0b)), (4, f32::from_bits(0xbddad940))]),
+    (5, 17, 11, &[(1, f32::from_bits(0xbc161200)), (2, f32::from_bits(0x3ddb0e50)), (3, f32::from_bits(0x3f788c7c)), (4, f32::from_bits(0xbd8cb000))]),
+    (5, 17, 12, &[(2, f32::from_bits(0xbdb7d520)), (3, f32::from_bits(0x3f6fd224)), (4, f32::from_bits(0x3e1ca204))]),
+    (5, 17, 13, &[(2, f32::from_bits(0xbdca9720)), (3, f32::from_bits(0x3f21ca86)), (4, f32::from_bits(0x3eef10bc))]),
+    (5, 17, 14, &[(2, f32::from_bits(0xbd020f40)), (3, f32::from_bits(0x3e7911cc)), (4, f32::from_bits(0x3f49dc81))]),
+    (5, 17, 15, &[(3, f32::from_bits(0xbd201280)), (4, f32::from_bits(0x3f850092))]),
+    (5, 17, 16, &[(3, f32::from_bits(0xbde2fa00)), (4, f32::from_bits(0x3f8e2fa0))]),
+    (17, 5, 0, &[(0, f32::from_bits(0xbdc49ba0)), (1, f32::from_bits(0x3f6b851e)), (2, f32::from_bits(0x3e4cccd4)), (3, f32::from_bits(0xbcc49b80))]),
+    (17, 5, 1, &[(3, f32::from_bits(0xbd9374a0)), (4, f32::from_bits(0x3eeb850e)), (5, f32::from_bits(0x3f3851f4)), (6, f32::from_bits(0xbddd2f40))]),
+    (17, 5, 2, &[(8, f32::from_bits(0x3f800000))]),
+    (17, 5, 3, &[(10, f32::from_bits(0xbddd2f20)), (11, f32::from_bits(0x3f3851e0)), (12, f32::from_bits(0x3eeb8538)), (13, f32::from_bits(0xbd9374e0))]),
+    (17, 5, 4, &[(13, f32::from_bits(0xbcc49b80)), (14, f32::from_bits(0x3e4cccc0)), (15, f32::from_bits(0x3f6b8521)), (16, f32::from_bits(0xbdc49ba0))]),
+    (53, 90, 5, &[(1, f32::from_bits(0xbd1ac200)), (2, f32::from_bits(0x3e8d3c1a)), (3, f32::from_bits(0x3f5e6cf4)), (4, f32::from_bits(0xbddaf720))]),
+    (53, 90, 30, &[(16, f32::from_bits(0xbdcdae60)), (17, f32::from_bits(0x3f24e716)), (18, f32::from_bits(0x3f0ace94)), (19, f32::from_bits(0xbdaffec0))]),
+];
