@@ -57,13 +57,12 @@ impl Fixture {
             msg: e.to_string(),
         })?;
         let tensors_path = dir.join("cases.safetensors");
-        let tensors =
-            candle_core::safetensors::load(&tensors_path, &Device::Cpu).map_err(|e| {
-                Error::Fixture {
-                    path: tensors_path.clone(),
-                    msg: e.to_string(),
-                }
-            })?;
+        let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu).map_err(|e| {
+            Error::Fixture {
+                path: tensors_path.clone(),
+                msg: e.to_string(),
+            }
+        })?;
         Ok(Self {
             dir,
             cases: manifest.cases,
@@ -94,10 +93,13 @@ impl Fixture {
     }
 
     fn tensor(&self, key: &str) -> Result<Tensor> {
-        self.tensors.get(key).cloned().ok_or_else(|| Error::Fixture {
-            path: self.dir.join("cases.safetensors"),
-            msg: format!("no tensor `{key}`"),
-        })
+        self.tensors
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::Fixture {
+                path: self.dir.join("cases.safetensors"),
+                msg: format!("no tensor `{key}`"),
+            })
     }
 }
 
