@@ -150,8 +150,15 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Fails before any compute when the output's folder does not exist.
-fn check_writable_dir(out: &Path) -> anyhow::Result<()> {
+/// Fails before any compute when the output's folder does not exist or its format is unknown.
+fn check_output(out: &Path) -> anyhow::Result<()> {
+    if !file::is_image_path(out) {
+        bail!(
+            "{}: unknown output format; use one of {}",
+            out.display(),
+            file::EXTENSIONS.join(", ")
+        );
+    }
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -173,7 +180,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     }
     let jobs = plan(&args.input, &args.output)?;
     for (_, out) in &jobs {
-        check_writable_dir(out)?;
+        check_output(out)?;
     }
     match backend {
         Backend::Supir(dir) => Err(supir::Error::NotAvailable(format!(
