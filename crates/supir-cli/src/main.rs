@@ -1,7 +1,10 @@
 //! `supir`: the command-line front end. Each subcommand lives in its own module.
 
+mod bench;
+mod convert;
 mod inspect;
 mod parity;
+mod restore;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +21,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Restore / upscale an image or every image of a folder.
+    Restore(restore::RestoreArgs),
+    /// Convert weight files to safetensors.
+    Convert(convert::ConvertArgs),
+    /// Time a backend on this machine.
+    Bench(bench::BenchArgs),
     /// Replay the golden cases of a fixture folder and compare with the official outputs.
     Parity(parity::Args),
     /// Show what checkpoint files hold and which SUPIR/SDXL parts they provide.
@@ -31,6 +40,16 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -38,15 +57,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Parity(a) => parity::run(a),
-        Command::Inspect(a) => inspect::run(a),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+    match cli.command {
+        Command::Restore(args) => restore::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Parity(args) => parity::run(args),
+        Command::Inspect(args) => inspect::run(args),
     }
 }

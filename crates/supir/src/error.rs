@@ -35,6 +35,10 @@ pub enum Error {
     Option(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("{path}: ncnn model: {msg}")]
+    Ncnn { path: PathBuf, msg: String },
+    #[error("{0}: not available yet in this build")]
+    NotAvailable(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

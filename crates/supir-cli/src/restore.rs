@@ -1,0 +1,282 @@
+//! `supir restore`: one image or a folder, with the backend chosen from the weights available.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use supir::image_io::file;
+use supir::realesrgan::{AlphaUpscale, RealEsrgan, Tiling, UpscaleOptions};
+
+/// Files the SUPIR backend needs in its models folder (README, "Models").
+pub const SUPIR_FILES: &[&str] = &["sd_xl_base_1.0_0.9vae.safetensors", "SUPIR-v0Q.ckpt"];
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// Input image, or a folder whose images (png, jpg, webp, tif) are all processed.
+    input: PathBuf,
+    /// Output image (format from the extension), or the output folder for a folder input.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Backend; `auto` runs SUPIR when its weights are configured, else the embedded Real-ESRGAN.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Folder holding the SUPIR weights (also `SUPIR_MODELS`).
+    #[arg(long, env = "SUPIR_MODELS")]
+    supir_models: Option<PathBuf>,
+    /// Output size over input size (Real-ESRGAN: the x4 result is Lanczos-resampled to it).
+    #[arg(long, default_value_t = 4.0)]
+    outscale: f64,
+    /// Real-ESRGAN tile side in input pixels (0: whole image at once; memory grows with it).
+    #[arg(long, default_value_t = Tiling::default().tile)]
+    tile: usize,
+    /// Real-ESRGAN context around each tile, in input pixels.
+    #[arg(long, default_value_t = Tiling::default().pad)]
+    tile_pad: usize,
+    /// How the alpha channel is upscaled.
+    #[arg(long, value_enum, default_value_t = AlphaArg::Model)]
+    alpha: AlphaArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendChoice {
+    Auto,
+    Supir,
+    Realesrgan,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AlphaArg {
+    /// Through the network, as Real-ESRGAN does.
+    Model,
+    /// Lanczos resampling (faster).
+    Lanczos,
+}
+
+/// The backend that runs.
+enum Backend {
+    /// SUPIR with the weights of this folder.
+    Supir(PathBuf),
+    /// The embedded Real-ESRGAN x4plus.
+    RealEsrgan,
+}
+
+const SUPIR_HINT: &str = "to use SUPIR, put its weights in a folder and pass --supir-models DIR \
+    or set SUPIR_MODELS=DIR (README, section Models)";
+
+fn supir_missing(dir: &Path) -> Vec<&'static str> {
+    SUPIR_FILES
+        .iter()
+        .copied()
+        .filter(|f| !dir.join(f).is_file())
+        .collect()
+}
+
+fn choose_backend(choice: BackendChoice, models: Option<&Path>) -> anyhow::Result<Backend> {
+    match (choice, models) {
+        (BackendChoice::Realesrgan, _) => Ok(Backend::RealEsrgan),
+        (BackendChoice::Supir, None) => {
+            bail!("--backend supir: no SUPIR weights configured; {SUPIR_HINT}")
+        }
+        (BackendChoice::Auto, None) => Ok(Backend::RealEsrgan),
+        (_, Some(dir)) => {
+            let missing = supir_missing(dir);
+            if !missing.is_empty() {
+                bail!(
+                    "SUPIR weights folder {}: missing {}; {SUPIR_HINT}",
+                    dir.display(),
+                    missing.join(", ")
+                );
+            }
+            Ok(Backend::Supir(dir.to_path_buf()))
+        }
+    }
+}
+
+/// `(input, output)` pairs; refuses any output that is an input.
+fn plan(input: &Path, output: &Path) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+    let meta = std::fs::metadata(input).with_context(|| format!("{}", input.display()))?;
+    if !meta.is_dir() {
+        let out = if output.is_dir() {
+            output.join(input.file_name().context("input has no file name")?)
+        } else {
+            output.to_path_buf()
+        };
+        if same_file(input, &out) {
+            bail!("{}: output would overwrite the input", out.display());
+        }
+        return Ok(vec![(input.to_path_buf(), out)]);
+    }
+    if output.exists() && !output.is_dir() {
+        bail!(
+            "{}: the input is a folder, so the output must be a folder",
+            output.display()
+        );
+    }
+    if same_file(input, output) {
+        bail!(
+            "{}: output folder is the input folder; choose another",
+            output.display()
+        );
+    }
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(input)
+        .with_context(|| format!("{}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && file::is_image_path(p))
+        .collect();
+    inputs.sort();
+    if inputs.is_empty() {
+        bail!(
+            "{}: no images (png, jpg, webp, tif) in this folder",
+            input.display()
+        );
+    }
+    std::fs::create_dir_all(output).with_context(|| format!("{}", output.display()))?;
+    Ok(inputs
+        .into_iter()
+        .map(|p| {
+            let out = output.join(p.file_name().expect("listed file"));
+            (p, out)
+        })
+        .collect())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Fails before any compute when the output's folder does not exist or its format is unknown.
+fn check_output(out: &Path) -> anyhow::Result<()> {
+    if !file::is_image_path(out) {
+        bail!(
+            "{}: unknown output format; use one of {}",
+            out.display(),
+            file::EXTENSIONS.join(", ")
+        );
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{}: cannot write: folder {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    let backend = choose_backend(args.backend, args.supir_models.as_deref())?;
+    if !(args.outscale.is_finite() && args.outscale > 0.0) {
+        bail!("--outscale {}: must be a positive number", args.outscale);
+    }
+    let jobs = plan(&args.input, &args.output)?;
+    for (_, out) in &jobs {
+        check_output(out)?;
+    }
+    match backend {
+        Backend::Supir(dir) => Err(supir::Error::NotAvailable(format!(
+            "the SUPIR backend (weights in {})",
+            dir.display()
+        )))
+        .context("use --backend realesrgan for the embedded Real-ESRGAN x4plus"),
+        Backend::RealEsrgan => {
+            eprintln!("backend: Real-ESRGAN x4plus (embedded weights, CPU); {SUPIR_HINT}");
+            let opts = UpscaleOptions {
+                tiling: Tiling {
+                    tile: args.tile,
+                    pad: args.tile_pad,
+                },
+                outscale: args.outscale,
+                alpha: match args.alpha {
+                    AlphaArg::Model => AlphaUpscale::Model,
+                    AlphaArg::Lanczos => AlphaUpscale::Lanczos,
+                },
+            };
+            run_realesrgan(&jobs, &opts)
+        }
+    }
+}
+
+fn run_realesrgan(jobs: &[(PathBuf, PathBuf)], opts: &UpscaleOptions) -> anyhow::Result<()> {
+    let model = RealEsrgan::embedded(&Device::Cpu).context("loading the embedded Real-ESRGAN")?;
+    // Progress in tiles, sized from the image headers.
+    let total: usize = jobs
+        .iter()
+        .map(|(p, _)| {
+            let (w, h, alpha) = image::ImageReader::open(p)
+                .ok()
+                .and_then(|r| r.with_guessed_format().ok())
+                .and_then(|r| r.into_decoder().ok())
+                .map(|d| {
+                    use image::ImageDecoder;
+                    let (w, h) = d.dimensions();
+                    (w as usize, h as usize, d.color_type().has_alpha())
+                })
+                .unwrap_or((1, 1, false));
+            model.work_units(w, h, alpha, opts)
+        })
+        .sum();
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut failures = Vec::new();
+    for (input, output) in jobs {
+        bar.set_message(input.display().to_string());
+        let t = Instant::now();
+        let result = (|| -> anyhow::Result<()> {
+            let img = file::load(input)?;
+            let out = model
+                .upscale_image(&img, opts, &mut || bar.inc(1))
+                .with_context(|| format!("{}: upscaling failed", input.display()))?;
+            file::save(&out, output)?;
+            tracing::info!(
+                "{} -> {} ({}x{} -> {}x{}) in {:.2?}",
+                input.display(),
+                output.display(),
+                img.width(),
+                img.height(),
+                out.width(),
+                out.height(),
+                t.elapsed()
+            );
+            Ok(())
+        })();
+        match result {
+            Ok(()) => bar.println(format!("wrote {}", output.display())),
+            Err(e) if jobs.len() > 1 => {
+                bar.println(format!("error: {e:#}"));
+                failures.push(input.clone());
+            }
+            Err(e) => {
+                bar.finish_and_clear();
+                return Err(e);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} images failed: {}",
+            failures.len(),
+            jobs.len(),
+            failures
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
