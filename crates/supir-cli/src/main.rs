@@ -1,5 +1,6 @@
 //! `supir`: the command-line front end. Each subcommand lives in its own module.
 
+mod degrade;
 mod inspect;
 mod parity;
 
@@ -22,6 +23,8 @@ enum Command {
     Parity(parity::Args),
     /// Show what checkpoint files hold and which SUPIR/SDXL parts they provide.
     Inspect(inspect::Args),
+    /// Make LQ images from HQ ones with the Real-ESRGAN second-order degradation.
+    Degrade(degrade::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Parity(a) => parity::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Degrade(a) => degrade::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -35,6 +35,14 @@ pub enum Error {
     Option(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("{path}: degradation option `{field}`: {msg}")]
+    DegradeConfig {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+    #[error("JPEG round trip at quality {quality}: {msg}")]
+    Jpeg { quality: u8, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
