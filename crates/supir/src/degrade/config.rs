@@ -138,15 +138,31 @@ impl DegradeConfig {
         } else {
             serde_yaml::from_str(text).map_err(|e| bad(e.to_string()))?
         };
-        let value = match value {
-            serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
+        // Typed from text (not from the `Value`) so that errors carry the field's path.
+        let typed = match value {
+            serde_yaml::Value::Null => String::new(),
             serde_yaml::Value::Mapping(m) if m.contains_key("datasets") => {
-                Self::from_training_options(&m)
+                serde_yaml::to_string(&Self::from_training_options(&m))
+                    .map_err(|e| bad(e.to_string()))?
             }
-            v @ serde_yaml::Value::Mapping(_) => v,
+            m @ serde_yaml::Value::Mapping(_) if is_json => {
+                serde_yaml::to_string(&m).map_err(|e| bad(e.to_string()))?
+            }
+            serde_yaml::Value::Mapping(_) => text.to_string(),
             _ => return Err(bad("expected a mapping of option names to values".into())),
         };
-        let cfg: Self = serde_yaml::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let cfg: Self = if typed.trim().is_empty() {
+            Self::default()
+        } else {
+            serde_yaml::from_str(&typed).map_err(|e| {
+                let msg = e.to_string();
+                // Line numbers of re-serialised text would point nowhere in the user's file.
+                match msg.rfind(" at line ") {
+                    Some(i) if typed.as_str() != text => bad(msg[..i].to_string()),
+                    _ => bad(msg),
+                }
+            })?
+        };
         cfg.validate(origin)?;
         Ok(cfg)
     }

@@ -79,7 +79,7 @@ fn splitmix64(x: u64) -> u64 {
 }
 
 /// Resize direction of a stage (`['up', 'down', 'keep']`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Updown {
     Up,
@@ -128,7 +128,7 @@ impl JpegParams {
 }
 
 /// Order of the final step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinalOrder {
     /// [resize back + sinc filter] then JPEG.
@@ -567,3 +567,6 @@ pub fn degrade_file(job: &Job, cfg: &DegradeConfig, seed: u64) -> Result<Degrade
     })?;
     Ok(params)
 }
+
+#[cfg(test)]
+mod tests;
