@@ -31,6 +31,10 @@ pub struct DegradeConfig {
     pub scale: u32,
     /// Kernel sizes drawn uniformly (Real-ESRGAN hard-codes 7, 9, ..., 21).
     pub kernel_range: Vec<usize>,
+    /// Degrade the USM-sharpened HQ (`USMSharp`), as Real-ESRGAN training does with
+    /// `gt_usm: True` (it also trains against that sharpened HQ). Off by default: the pair's HQ
+    /// is then the input image as given.
+    pub gt_usm: bool,
 
     // First stage.
     /// Size every stage-1 kernel is padded to.
@@ -77,6 +81,7 @@ impl Default for DegradeConfig {
         Self {
             scale: 4,
             kernel_range: (3..11).map(|v| 2 * v + 1).collect(),
+            gt_usm: false,
             blur_kernel_size: 21,
             kernel_list: ALL_KINDS.to_vec(),
             kernel_prob: KIND_PROB.to_vec(),

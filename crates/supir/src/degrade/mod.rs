@@ -175,6 +175,8 @@ pub struct DegradeParams {
     /// Seed of this image's stream ([`image_seed`]).
     pub image_seed: u64,
     pub scale: u32,
+    /// The HQ was USM-sharpened before degrading.
+    pub gt_usm: bool,
     /// HQ `[height, width]`.
     pub hq_size: [usize; 2],
     /// LQ `[height, width]` = HQ size floor-divided by `scale`.
@@ -278,6 +280,13 @@ pub fn degrade(
     tracing::debug!(?blur1, ?blur2, ?sinc, "kernels");
 
     // ---- First stage.
+    let sharpened;
+    let hq = if cfg.gt_usm {
+        sharpened = ops::usm_sharp(hq);
+        &sharpened
+    } else {
+        hq
+    };
     let out = ops::filter2d(hq, &blur1.kernel(cfg.blur_kernel_size));
     let (mut out, resize1) = random_resize(
         &out,
@@ -358,6 +367,7 @@ pub fn degrade(
         seed: 0,
         image_seed: 0,
         scale: cfg.scale,
+        gt_usm: cfg.gt_usm,
         hq_size: [ori_h, ori_w],
         lq_size: [lq_h, lq_w],
         stage1: Stage1Params {

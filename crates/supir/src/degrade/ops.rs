@@ -178,6 +178,82 @@ pub fn filter2d(img: &Planes, kernel: &Kernel) -> Planes {
     out
 }
 
+/// Separable filter: correlate rows then columns with the same odd 1-D kernel (reflect-101);
+/// equals [`filter2d`] with the outer product `k kᵀ`.
+pub fn filter_separable(img: &Planes, k: &[f64]) -> Planes {
+    assert!(k.len() % 2 == 1, "1-D kernel size must be odd");
+    let r = (k.len() / 2) as isize;
+    let k: Vec<f32> = k.iter().map(|&v| v as f32).collect();
+    let (h, w) = (img.height, img.width);
+    let taps = |n: usize, i: usize| -> Vec<usize> {
+        (-r..=r).map(|d| reflect101(i as isize + d, n)).collect()
+    };
+    let col_taps: Vec<Vec<usize>> = (0..w).map(|x| taps(w, x)).collect();
+    let row_taps: Vec<Vec<usize>> = (0..h).map(|y| taps(h, y)).collect();
+    let mut out = Planes::zeros(img.channels, h, w);
+    let mut tmp = vec![0f32; h * w];
+    for c in 0..img.channels {
+        let src = img.plane(c);
+        for y in 0..h {
+            let row = &src[y * w..(y + 1) * w];
+            for (x, t) in col_taps.iter().enumerate() {
+                tmp[y * w + x] = t.iter().zip(&k).map(|(&i, &kv)| kv * row[i]).sum();
+            }
+        }
+        let dst = &mut out.data[c * h * w..(c + 1) * h * w];
+        for (y, t) in row_taps.iter().enumerate() {
+            let drow = &mut dst[y * w..(y + 1) * w];
+            for (&i, &kv) in t.iter().zip(&k) {
+                for (d, &v) in drow.iter_mut().zip(&tmp[i * w..(i + 1) * w]) {
+                    *d += kv * v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `cv2.getGaussianKernel(ksize, 0)`: σ = 0.3·((ksize − 1)/2 − 1) + 0.8, normalised.
+pub fn cv2_gaussian_kernel(ksize: usize) -> Vec<f64> {
+    let sigma = 0.3 * ((ksize as f64 - 1.0) * 0.5 - 1.0) + 0.8;
+    let c = (ksize / 2) as f64;
+    let g: Vec<f64> = (0..ksize)
+        .map(|i| (-((i as f64 - c).powi(2)) / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let s: f64 = g.iter().sum();
+    g.into_iter().map(|v| v / s).collect()
+}
+
+/// BasicSR's `USMSharp` (radius 50 → a 51-tap Gaussian, σ = 8; weight 0.5; threshold 10):
+/// `B = blur(I)`, `M = blur(|I − B|·255 > threshold)`, `K = clamp(I + weight·(I − B), 0, 1)`,
+/// `out = M·K + (1 − M)·I`. Real-ESRGAN degrades (and trains against) the sharpened GT when
+/// `gt_usm` is set.
+pub fn usm_sharp(img: &Planes) -> Planes {
+    const WEIGHT: f32 = 0.5;
+    const THRESHOLD: f32 = 10.0;
+    let k = cv2_gaussian_kernel(51);
+    let blur = filter_separable(img, &k);
+    let mut mask = img.clone();
+    for (m, (i, b)) in mask.data.iter_mut().zip(img.data.iter().zip(&blur.data)) {
+        *m = if (i - b).abs() * 255.0 > THRESHOLD {
+            1.0
+        } else {
+            0.0
+        };
+    }
+    let soft = filter_separable(&mask, &k);
+    let mut out = img.clone();
+    for (o, ((i, b), m)) in out
+        .data
+        .iter_mut()
+        .zip(img.data.iter().zip(&blur.data).zip(&soft.data))
+    {
+        let sharp = (i + WEIGHT * (i - b)).clamp(0.0, 1.0);
+        *o = m * sharp + (1.0 - m) * i;
+    }
+    out
+}
+
 /// Interpolation of `F.interpolate` used by Real-ESRGAN, chosen uniformly at each resize.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

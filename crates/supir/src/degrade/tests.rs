@@ -523,6 +523,51 @@ fn filter2d_is_correlation_with_reflect101() {
     assert!(tiny.data.iter().all(|v| (v - 0.5).abs() < 1e-6));
 }
 
+#[test]
+fn separable_filter_equals_the_outer_product_kernel() {
+    let img = textured(9, 12);
+    let k1 = cv2_gaussian_kernel(7);
+    let k2 = Kernel {
+        size: 7,
+        data: (0..49).map(|n| k1[n / 7] * k1[n % 7]).collect(),
+    };
+    let (a, b) = (filter_separable(&img, &k1), filter2d(&img, &k2));
+    for (x, y) in a.data.iter().zip(&b.data) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+    // cv2.getGaussianKernel(51, 0): σ = 8.
+    let g = cv2_gaussian_kernel(51);
+    assert_close(g.iter().sum(), 1.0, 1e-12, "sum");
+    assert_close(g[25] / g[17], (64.0f64 / 128.0).exp(), 1e-12, "σ = 8");
+}
+
+#[test]
+fn usm_sharpening_keeps_flat_areas_and_boosts_edges() {
+    let flat = Planes::filled(3, 20, 20, 0.4);
+    let out = usm_sharp(&flat);
+    assert!(out.data.iter().all(|v| (v - 0.4).abs() < 1e-6));
+    // A step 0.3 → 0.7: overshoot on both sides, values stay in [0, 1].
+    let step = Planes::from_fn(3, 8, 60, |_, _, x| if x < 30 { 0.3 } else { 0.7 });
+    let out = usm_sharp(&step);
+    assert!(
+        out.at(0, 4, 29) < 0.3 && out.at(0, 4, 30) > 0.7,
+        "{} {}",
+        out.at(0, 4, 29),
+        out.at(0, 4, 30)
+    );
+    assert!(out.data.iter().all(|v| (0.0..=1.0).contains(v)));
+    // Through the pipeline: recorded, and a different LQ.
+    let cfg = DegradeConfig {
+        gt_usm: true,
+        ..DegradeConfig::default()
+    };
+    let hq = textured(24, 24);
+    let (a, p) = degrade(&hq, &cfg, &mut rng(2)).unwrap();
+    let (b, q) = degrade(&hq, &DegradeConfig::default(), &mut rng(2)).unwrap();
+    assert!(p.gt_usm && !q.gt_usm);
+    assert_ne!(a, b);
+}
+
 fn row(values: &[f32]) -> Planes {
     Planes::from_fn(1, 1, values.len(), |_, _, x| values[x])
 }
