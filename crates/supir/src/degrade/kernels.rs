@@ -251,6 +251,7 @@ pub struct BlurDraw<'a> {
 }
 
 /// β of the generalized / plateau kernels: with probability ½ from `[lo, 1)`, else `[1, hi)`.
+/// As in BasicSR, with `betap_range = [1, 2]` half of the plateau draws have β = 1 exactly.
 fn sample_beta(range: [f64; 2], rng: &mut impl Rng) -> f64 {
     if rng.random::<f64>() < 0.5 {
         uniform(rng, range[0], 1.0)
