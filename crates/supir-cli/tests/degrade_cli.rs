@@ -90,6 +90,7 @@ fn folder_run_is_reproducible_across_thread_counts() {
     let side: serde_json::Value =
         serde_json::from_slice(&std::fs::read(o3.join("one.json")).unwrap()).unwrap();
     assert_eq!(side["lq_size"], serde_json::json!([20, 24]));
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -136,4 +137,5 @@ fn bad_inputs_fail_cleanly() {
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("overwrite an input"));
     assert_eq!(listing(&input), vec!["broken.png", "good.png"]);
+    let _ = std::fs::remove_dir_all(&d);
 }

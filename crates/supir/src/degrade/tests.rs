@@ -1093,6 +1093,7 @@ fn list_inputs_filters_and_refuses_empty_folders() {
     );
     let missing = list_inputs(&d.join("nope")).unwrap_err().to_string();
     assert!(missing.contains("nope"), "{missing}");
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -1110,6 +1111,7 @@ fn plan_refuses_overwriting_inputs_and_name_clashes() {
     let jobs = plan_jobs(&[d.join("a.png")], &out).unwrap();
     assert_eq!(jobs[0].image, out.join("a.png"));
     assert_eq!(jobs[0].sidecar, out.join("a.json"));
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -1142,6 +1144,7 @@ fn degrade_file_writes_image_and_sidecar_reproducibly() {
         (side.input.as_str(), side.seed, side.image_seed),
         ("x.png", 5, image_seed(5, "x.png"))
     );
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -1165,4 +1168,5 @@ fn unreadable_image_names_the_file_and_writes_nothing() {
         assert!(err.contains(&name), "{err}");
     }
     assert!(names(&out).is_empty(), "{:?}", names(&out));
+    let _ = std::fs::remove_dir_all(&d);
 }
