@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod degrade;
 mod inspect;
 mod parity;
 mod restore;
@@ -31,6 +32,8 @@ enum Command {
     Parity(parity::Args),
     /// Show what checkpoint files hold and which SUPIR/SDXL parts they provide.
     Inspect(inspect::Args),
+    /// Make LQ images from HQ ones with the Real-ESRGAN second-order degradation.
+    Degrade(degrade::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,5 +66,6 @@ fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Parity(args) => parity::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Degrade(args) => degrade::run(args),
     }
 }
