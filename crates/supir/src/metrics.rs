@@ -6,10 +6,16 @@
 //! - SSIM: per channel, 11x11 Gaussian window (sigma 1.5), "valid" filtering (no padding),
 //!   `C1 = (0.01 * 255)^2`, `C2 = (0.03 * 255)^2`, population (biased) variances; the mean of the SSIM map,
 //!   then the mean over channels.
+//!
+//! The no-reference NIQE lives in [`niqe`].
 
 use image::RgbImage;
 
 use crate::{Error, Result};
+
+pub mod niqe;
+
+pub use niqe::niqe;
 
 /// Which pixels a metric looks at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
