@@ -1,5 +1,6 @@
 //! `supir`: the command-line front end. Each subcommand lives in its own module.
 
+mod eval;
 mod inspect;
 mod parity;
 
@@ -22,6 +23,8 @@ enum Command {
     Parity(parity::Args),
     /// Show what checkpoint files hold and which SUPIR/SDXL parts they provide.
     Inspect(inspect::Args),
+    /// PSNR/SSIM (RGB and Y), NIQE and optionally LPIPS of restored images against references.
+    Eval(eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Parity(a) => parity::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Eval(a) => eval::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -98,18 +98,11 @@ pub fn niqe(img: &RgbImage, crop_border: u32) -> Result<f64> {
     for y in 0..bh {
         for x in 0..bw {
             let i = ((y + c) * w + (x + c)) * 3;
-            px.push(luma_f32(raw[i], raw[i + 1], raw[i + 2]).round_ties_even());
+            // Exact: the luma is a float32 value.
+            px.push((super::rgb_to_y(raw[i], raw[i + 1], raw[i + 2]) as f32).round_ties_even());
         }
     }
     niqe_plane(Plane { w: bw, h: bh, px }, nbw, nbh)
-}
-
-/// BasicSR's float32 luma: `to_y_channel` on the float32 image (`/ 255`, `bgr2ycbcr(y_only=True)`, whose
-/// f64 dot product is cast back to float32 in `[0, 1]`, then `* 255`).
-fn luma_f32(r: u8, g: u8, b: u8) -> f32 {
-    let f = |v: u8| (v as f32 / 255.0f32) as f64;
-    let y = f(b) * 24.966 + f(g) * 128.553 + f(r) * 65.481 + 16.0;
-    ((y / 255.0) as f32) * 255.0f32
 }
 
 fn niqe_plane(mut img: Plane, nbw: usize, nbh: usize) -> Result<f64> {
