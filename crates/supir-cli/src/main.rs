@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod degrade;
+mod eval;
 mod inspect;
 mod parity;
 mod restore;
@@ -34,6 +35,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Make LQ images from HQ ones with the Real-ESRGAN second-order degradation.
     Degrade(degrade::Args),
+    /// PSNR/SSIM (RGB and Y), NIQE and optionally LPIPS of restored images against references.
+    Eval(eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,5 +70,6 @@ fn run() -> anyhow::Result<()> {
         Command::Parity(args) => parity::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Degrade(args) => degrade::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
