@@ -1,5 +1,6 @@
 //! `supir`: the command-line front end. Each subcommand lives in its own module.
 
+mod bench;
 mod inspect;
 mod parity;
 
@@ -22,6 +23,8 @@ enum Command {
     Parity(parity::Args),
     /// Show what checkpoint files hold and which SUPIR/SDXL parts they provide.
     Inspect(inspect::Args),
+    /// Time the networks on this machine, beside the official PyTorch code when installed.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Parity(a) => parity::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
