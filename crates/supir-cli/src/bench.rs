@@ -15,6 +15,8 @@ use supir::realesrgan::{RealEsrgan, Tiling, SCALE};
 /// `scripts/realesrgan_reference.py`, run through `python3 -`.
 const REFERENCE_SCRIPT: &str = include_str!("../../../scripts/realesrgan_reference.py");
 
+mod supir;
+
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -42,10 +44,14 @@ enum What {
         #[arg(long)]
         no_reference: bool,
     },
+    /// Every SUPIR network at one image size: text encoders, stage 1 (VAE), GLVControl and UNet
+    /// per sampling step; with `--torch`, the official PyTorch code beside.
+    Supir(Box<supir::SupirBenchArgs>),
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
+        What::Supir(a) => supir::run(*a),
         What::Realesrgan {
             size,
             reps,

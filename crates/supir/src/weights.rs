@@ -456,3 +456,137 @@ impl SimpleBackend for ShapeSource {
         self.known.is_empty() || self.known.contains_key(name)
     }
 }
+
+/// Seeded random weights for any requested key: builds a network of any size without a
+/// checkpoint, for timing. Values are a unit-variance uniform draw (cheaper than a normal one;
+/// the speed of the networks does not depend on it), scaled like trained weights:
+/// - 1-D `*weight` (norm scales): `1 + 0.1 u`;
+/// - other 1-D tensors (biases): `0.01 u`;
+/// - N-D weights: `u / sqrt(fan_in)`, `fan_in` the product of all but the first dimension.
+///
+/// Each tensor's values depend on the seed and its key only, not on the order of requests.
+/// Shape-less requests (`get_unchecked`, modules that read their sizes off the weights) are
+/// answered from `known`, e.g. [`crate::inspect::full_size_keys`].
+#[derive(Clone)]
+pub struct RandomSource {
+    known: Arc<HashMap<String, Vec<usize>>>,
+    seed: u64,
+}
+
+/// Values drawn per independently seeded chunk: the result does not depend on thread count.
+const RANDOM_CHUNK: usize = 1 << 20;
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Fills `out` with `offset + scale * u`, `u` uniform with unit variance, from `seed`.
+fn fill_uniform(out: &mut [f32], seed: u64, offset: f32, scale: f32) {
+    let mut state = seed;
+    // Uniform on [-sqrt(3), sqrt(3)) has unit variance.
+    let k = scale * 3f32.sqrt() / (1u64 << 31) as f32;
+    for pair in out.chunks_mut(2) {
+        let r = splitmix64(&mut state);
+        for (i, v) in pair.iter_mut().enumerate() {
+            let bits = (r >> (32 * i)) as u32;
+            *v = offset + k * (bits as i64 - (1i64 << 31)) as f32;
+        }
+    }
+}
+
+impl RandomSource {
+    /// `known` answers shape-less requests; `seed` selects the draw.
+    pub fn new(known: HashMap<String, Vec<usize>>, seed: u64) -> Self {
+        Self {
+            known: Arc::new(known),
+            seed,
+        }
+    }
+
+    /// Over the full-size SUPIR-v0 key list.
+    pub fn full_size(seed: u64) -> Self {
+        Self::new(crate::inspect::full_size_keys().into_iter().collect(), seed)
+    }
+
+    /// A var builder over this source.
+    pub fn into_var_builder(self, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, dev.clone())
+    }
+
+    /// The tensor for `name` at `shape`, in f32 on the CPU.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let (offset, scale) = match shape.len() {
+            0 | 1 if name.ends_with("weight") => (1.0, 0.1),
+            0 | 1 => (0.0, 0.01),
+            _ => (
+                0.0,
+                1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt(),
+            ),
+        };
+        let base = self.seed ^ fnv1a(name);
+        let mut data = vec![0f32; n];
+        let chunks: Vec<(usize, &mut [f32])> = data.chunks_mut(RANDOM_CHUNK).enumerate().collect();
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        if chunks.len() <= 1 || threads <= 1 {
+            for (i, c) in chunks {
+                fill_uniform(
+                    c,
+                    base ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+                    offset,
+                    scale,
+                );
+            }
+        } else {
+            let per = chunks.len().div_ceil(threads);
+            let mut chunks = chunks;
+            std::thread::scope(|s| {
+                while !chunks.is_empty() {
+                    let rest = chunks.split_off(per.min(chunks.len()));
+                    let mine = std::mem::replace(&mut chunks, rest);
+                    s.spawn(move || {
+                        for (i, c) in mine {
+                            let seed = base ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                            fill_uniform(c, seed, offset, scale);
+                        }
+                    });
+                }
+            });
+        }
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+}
+
+impl SimpleBackend for RandomSource {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.tensor(name, s.dims())?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some(shape) = self.known.get(name) else {
+            candle_core::bail!("random source: no shape known for `{name}`")
+        };
+        self.tensor(name, shape)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.known.contains_key(name)
+    }
+}
