@@ -108,6 +108,9 @@ struct Timing {
     best: f64,
     median: f64,
     peak_gib: Option<f64>,
+    /// For the reference: CPU seconds / wall seconds of its process over the stage (warm-up
+    /// included), sampled from `/proc`.
+    cores: Option<f64>,
 }
 
 /// One line of the table.
@@ -121,6 +124,9 @@ struct Row {
     derived: bool,
     /// CPU cores our fastest run got (CPU seconds / wall seconds).
     cores: Option<f64>,
+    /// CPU seconds of our fastest run (all threads): less sensitive to a busy machine than
+    /// wall time, as long as no thread spins idle.
+    cpu_s: Option<f64>,
     /// Load average when the stage ended.
     load: Option<f64>,
 }
@@ -131,6 +137,7 @@ fn timing(times: &[f64], peak_gib: Option<f64>) -> Timing {
         // The upper median, as `bench_torch_cpu.py` takes it.
         median: times[times.len() / 2],
         peak_gib,
+        cores: None,
     }
 }
 
@@ -405,6 +412,7 @@ fn push<T>(rows: &mut Vec<Row>, stage: &'static str, timed: &Timed<T>) {
         torch: None,
         derived: false,
         cores: timed.cores,
+        cpu_s: timed.cores.map(|c| c * timed.times[0]),
         load,
     });
 }
@@ -422,6 +430,7 @@ fn push_sum(rows: &mut Vec<Row>, stage: &'static str, parts: &[&str]) {
             .iter()
             .filter_map(|r| r.ours.peak_gib)
             .reduce(f64::max),
+        cores: None,
     };
     rows.push(Row {
         stage,
@@ -430,6 +439,7 @@ fn push_sum(rows: &mut Vec<Row>, stage: &'static str, parts: &[&str]) {
         torch: None,
         derived: true,
         cores: None,
+        cpu_s: found.iter().map(|r| r.cpu_s).sum(),
         load: None,
     });
 }
@@ -539,8 +549,24 @@ fn parse_torch_line(line: &str) -> Option<(String, Timing)> {
             best: *kv.get("min_s")?,
             median: *kv.get("median_s")?,
             peak_gib: kv.get("peak_rss_gib").copied(),
+            cores: None,
         },
     ))
+}
+
+/// CPU seconds (user + system) of a running process, from `/proc/<pid>/stat`.
+fn child_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    #[cfg(unix)]
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    #[cfg(not(unix))]
+    let hz = 100.0;
+    Some(ticks / hz)
 }
 
 /// Runs the reference script, echoing its output; returns its first line and its stages.
@@ -576,13 +602,21 @@ fn run_torch(
     let stdout = child.stdout.take().expect("piped");
     let mut header = String::new();
     let mut stages = HashMap::new();
+    let mut last = (Instant::now(), child_cpu_seconds(child.id()));
     for line in BufReader::new(stdout).lines() {
         let line = line?;
+        let now = (Instant::now(), child_cpu_seconds(child.id()));
+        let cores = last
+            .1
+            .zip(now.1)
+            .map(|(a, b)| (b - a) / (now.0 - last.0).as_secs_f64());
+        last = now;
         note(format!("torch: {line}"));
         if header.is_empty() {
             header = line.clone();
         }
-        if let Some((label, t)) = parse_torch_line(&line) {
+        if let Some((label, mut t)) = parse_torch_line(&line) {
+            t.cores = cores;
             stages.insert(label, t);
         }
     }
@@ -604,6 +638,7 @@ fn attach_torch(rows: &mut [Row], stages: &HashMap<String, Timing>) {
             best: ts.iter().map(|(t, w)| t.best * w).sum(),
             median: ts.iter().map(|(t, w)| t.median * w).sum(),
             peak_gib: ts.iter().filter_map(|(t, _)| t.peak_gib).reduce(f64::max),
+            cores: None,
         })
     };
     for r in rows {
@@ -620,13 +655,13 @@ fn attach_torch(rows: &mut [Row], stages: &HashMap<String, Timing>) {
 fn print_table(rows: &[Row], with_torch: bool) {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<24} {:>9} {:>9} {:>9} {:>6}",
-        "stage", "best s", "median s", "peak GiB", "cores"
+        "{:<24} {:>9} {:>9} {:>9} {:>6} {:>9}",
+        "stage", "best s", "median s", "peak GiB", "cores", "cpu s"
     ));
     if with_torch {
         out.push_str(&format!(
-            " | {:>9} {:>9} {:>9} | {:>9}",
-            "torch s", "median s", "peak GiB", "ours/torch"
+            " | {:>9} {:>9} {:>9} {:>6} | {:>9}",
+            "torch s", "median s", "peak GiB", "cores", "ours/torch"
         ));
     }
     out.push('\n');
@@ -638,22 +673,27 @@ fn print_table(rows: &[Row], with_torch: bool) {
             r.stage.to_string()
         };
         out.push_str(&format!(
-            "{name:<24} {:>9.3} {:>9.3} {:>9} {:>6}",
+            "{name:<24} {:>9.3} {:>9.3} {:>9} {:>6} {:>9}",
             r.ours.best,
             r.ours.median,
             peak(r.ours.peak_gib),
-            r.cores.map_or("-".into(), |c| format!("{c:.2}"))
+            r.cores.map_or("-".into(), |c| format!("{c:.2}")),
+            r.cpu_s.map_or("-".into(), |c| format!("{c:.3}"))
         ));
         if with_torch {
             match &r.torch {
                 Some(t) => out.push_str(&format!(
-                    " | {:>9.3} {:>9.3} {:>9} | {:>9.2}",
+                    " | {:>9.3} {:>9.3} {:>9} {:>6} | {:>9.2}",
                     t.best,
                     t.median,
                     peak(t.peak_gib),
+                    t.cores.map_or("-".into(), |c| format!("{c:.2}")),
                     r.ours.best / t.best
                 )),
-                None => out.push_str(&format!(" | {:>9} {:>9} {:>9} | {:>9}", "-", "-", "-", "-")),
+                None => out.push_str(&format!(
+                    " | {:>9} {:>9} {:>9} {:>6} | {:>9}",
+                    "-", "-", "-", "-", "-"
+                )),
             }
         }
         out.push('\n');
@@ -682,10 +722,11 @@ fn json_num(x: Option<f64>) -> String {
 
 fn json_timing(t: &Timing) -> String {
     format!(
-        "{{\"best_s\": {}, \"median_s\": {}, \"peak_rss_gib\": {}}}",
+        "{{\"best_s\": {}, \"median_s\": {}, \"peak_rss_gib\": {}, \"cores\": {}}}",
         json_num(Some(t.best)),
         json_num(Some(t.median)),
-        json_num(t.peak_gib)
+        json_num(t.peak_gib),
+        json_num(t.cores)
     )
 }
 
@@ -695,11 +736,12 @@ fn to_json(a: &SupirBenchArgs, threads: usize, torch: Option<&str>, rows: &[Row]
         .map(|r| {
             let times: Vec<String> = r.times.iter().map(|t| format!("{t:.4}")).collect();
             format!(
-                "    {{\"stage\": {}, \"derived\": {}, \"times_s\": [{}], \"cores\": {}, \"load\": {}, \"ours\": {}, \"torch\": {}}}",
+                "    {{\"stage\": {}, \"derived\": {}, \"times_s\": [{}], \"cores\": {}, \"cpu_s\": {}, \"load\": {}, \"ours\": {}, \"torch\": {}}}",
                 json_str(r.stage),
                 r.derived,
                 times.join(", "),
                 json_num(r.cores),
+                json_num(r.cpu_s),
                 json_num(r.load),
                 json_timing(&r.ours),
                 r.torch.as_ref().map_or("null".into(), json_timing)
@@ -744,6 +786,7 @@ mod tests {
             best: s,
             median: s,
             peak_gib: None,
+            cores: None,
         };
         let stages: HashMap<String, Timing> = [
             ("vae_encode_b1".to_string(), t(2.0)),
@@ -758,6 +801,7 @@ mod tests {
             torch: None,
             derived: true,
             cores: None,
+            cpu_s: None,
             load: None,
         }];
         attach_torch(&mut rows, &stages);
