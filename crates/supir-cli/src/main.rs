@@ -5,6 +5,7 @@ mod convert;
 mod inspect;
 mod parity;
 mod restore;
+mod restore_supir;
 
 use clap::{Parser, Subcommand};
 
