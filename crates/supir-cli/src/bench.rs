@@ -116,7 +116,7 @@ fn bench_realesrgan(
         .collect();
     let rgb = Tensor::from_vec(planes, (3, size, size), &Device::Cpu)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    eprintln!("Real-ESRGAN x4plus on a {size}x{size} image ({mp:.3} MP in), best of {reps}, {threads} CPU threads");
+    println!("Real-ESRGAN x4plus on a {size}x{size} image ({mp:.3} MP in), best of {reps}, {threads} CPU threads");
     let mut best = f64::INFINITY;
     let mut ours = Vec::new();
     for _ in 0..reps {
@@ -224,29 +224,19 @@ fn ncnn_reference(
         .lines()
         .last()
         .context("reference script printed nothing")?;
-    let field = |k: &str| -> anyhow::Result<String> {
-        let start = line
-            .find(&format!("\"{k}\": "))
-            .with_context(|| format!("no `{k}` in {line}"))?
-            + k.len()
-            + 4;
-        let rest = &line[start..];
-        let end = rest.find([',', '}']).unwrap_or(rest.len());
-        Ok(rest[..end].trim().trim_matches('"').to_string())
-    };
+    let v: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("reference script printed {line}"))?;
+    let num = |k: &str| v[k].as_f64().with_context(|| format!("no `{k}` in {line}"));
     let sr = file::load(&output)?.to_rgb8();
     if sr.dimensions() != (img.width() * SCALE as u32, img.height() * SCALE as u32) {
         bail!("reference output has size {:?}", sr.dimensions());
     }
     Ok((
         Row {
-            name: field("backend")?,
-            ms_per_mp: field("ms_per_mp")?.parse()?,
-            best_s: field("best_s")?.parse()?,
-            peak_mib: field("peak_rss_kib")?
-                .parse::<f64>()
-                .ok()
-                .map(|k| k / 1024.0),
+            name: v["backend"].as_str().unwrap_or("ncnn").to_string(),
+            ms_per_mp: num("ms_per_mp")?,
+            best_s: num("best_s")?,
+            peak_mib: num("peak_rss_kib").ok().map(|k| k / 1024.0),
         },
         sr,
     ))

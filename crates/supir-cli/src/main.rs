@@ -2,6 +2,8 @@
 
 mod bench;
 mod convert;
+mod degrade;
+mod eval;
 mod inspect;
 mod parity;
 mod restore;
@@ -32,6 +34,10 @@ enum Command {
     Parity(parity::Args),
     /// Show what checkpoint files hold and which SUPIR/SDXL parts they provide.
     Inspect(inspect::Args),
+    /// Make LQ images from HQ ones with the Real-ESRGAN second-order degradation.
+    Degrade(degrade::Args),
+    /// PSNR/SSIM (RGB and Y), NIQE and optionally LPIPS of restored images against references.
+    Eval(eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,5 +70,7 @@ fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Parity(args) => parity::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Degrade(args) => degrade::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

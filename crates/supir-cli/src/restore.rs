@@ -243,9 +243,9 @@ fn run_realesrgan(jobs: &[(PathBuf, PathBuf)], opts: &UpscaleOptions) -> anyhow:
             Ok(())
         })();
         match result {
-            Ok(()) => bar.println(format!("wrote {}", output.display())),
+            Ok(()) => bar.suspend(|| eprintln!("wrote {}", output.display())),
             Err(e) if jobs.len() > 1 => {
-                bar.println(format!("error: {e:#}"));
+                bar.suspend(|| eprintln!("error: {e:#}"));
                 failures.push(input.clone());
             }
             Err(e) => {

@@ -39,6 +39,14 @@ pub enum Error {
     Ncnn { path: PathBuf, msg: String },
     #[error("{0}: not available yet in this build")]
     NotAvailable(String),
+    #[error("{path}: degradation option `{field}`: {msg}")]
+    DegradeConfig {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+    #[error("JPEG round trip at quality {quality}: {msg}")]
+    Jpeg { quality: u8, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -10,6 +10,7 @@ pub mod color_fix;
 pub mod conditioner;
 pub mod config;
 pub mod control;
+pub mod degrade;
 pub mod denoiser;
 pub mod error;
 pub mod fixture;

@@ -1,15 +1,24 @@
 //! Full-reference image quality metrics computed the way BasicSR's `calculate_psnr` / `calculate_ssim` do
 //! (the usual numbers of restoration papers): 8-bit RGB images in `[0, 255]`, an optional border crop, and
-//! optionally only the luma channel (MATLAB `rgb2ycbcr` Y in `[16, 235]`). Everything is f64.
+//! optionally only the luma channel (MATLAB `rgb2ycbcr` Y in `[16, 235]`, float32 as in BasicSR). Everything
+//! else is f64.
 //!
 //! - PSNR: `10 log10(255^2 / MSE)` over all pixels and channels; identical images give `+inf`.
 //! - SSIM: per channel, 11x11 Gaussian window (sigma 1.5), "valid" filtering (no padding),
 //!   `C1 = (0.01 * 255)^2`, `C2 = (0.03 * 255)^2`, population (biased) variances; the mean of the SSIM map,
 //!   then the mean over channels.
+//!
+//! The no-reference NIQE lives in [`niqe`] and the learned LPIPS distance in [`lpips`].
 
 use image::RgbImage;
 
 use crate::{Error, Result};
+
+pub mod lpips;
+pub mod niqe;
+pub mod torch_legacy;
+
+pub use niqe::niqe;
 
 /// Which pixels a metric looks at.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,11 +37,12 @@ struct Planes {
 }
 
 /// MATLAB `rgb2ycbcr` luma of one pixel, as BasicSR's `to_y_channel`: the value is scaled to `[0, 1]` in f32,
-/// then `16 + 65.481 R + 128.553 G + 24.966 B` in f64 (summed in BasicSR's B, G, R order), in `[16, 235]`.
+/// then `16 + 65.481 R + 128.553 G + 24.966 B` in f64 (summed in BasicSR's B, G, R order), which `bgr2ycbcr`
+/// hands back as float32 in `[0, 1]` and `to_y_channel` scales by 255 in float32; in `[16, 235]`.
 pub fn rgb_to_y(r: u8, g: u8, b: u8) -> f64 {
     let f = |v: u8| (v as f32 / 255.0) as f64;
     let y = f(b) * 24.966 + f(g) * 128.553 + f(r) * 65.481 + 16.0;
-    y / 255.0 * 255.0
+    (((y / 255.0) as f32) * 255.0f32) as f64
 }
 
 fn prepare(a: &RgbImage, b: &RgbImage, opts: MetricOptions) -> Result<(Planes, Planes)> {

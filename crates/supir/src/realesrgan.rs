@@ -733,6 +733,7 @@ impl RealEsrgan {
         for (px, s) in hr.pixels_mut().zip(up.chunks_exact(3)) {
             *px = Rgba([s[0], s[1], s[2], u16::MAX]);
         }
+        drop(up);
         if color.has_alpha() {
             let alpha = plane(3);
             let a_hr: Vec<u16> = match opts.alpha {

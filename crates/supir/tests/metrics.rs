@@ -69,9 +69,10 @@ fn known_psnr_of_a_constant_offset() {
 
 #[test]
 fn luma_range() {
+    // float32 values, as BasicSR's: within an f32 ulp (~1.5e-5 at 235) of the exact luma.
     assert!((rgb_to_y(0, 0, 0) - 16.0).abs() < 1e-12);
-    assert!((rgb_to_y(255, 255, 255) - 235.0).abs() < 1e-9);
-    assert!((rgb_to_y(255, 0, 0) - (16.0 + 65.481)).abs() < 1e-9);
+    assert!((rgb_to_y(255, 255, 255) - 235.0).abs() < 2e-5);
+    assert!((rgb_to_y(255, 0, 0) - (16.0 + 65.481)).abs() < 1e-5);
 }
 
 #[test]

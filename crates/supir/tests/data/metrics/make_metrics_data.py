@@ -28,10 +28,11 @@ def degrade(img, seed):
 
 
 def y_channel(img):
-    """MATLAB rgb2ycbcr Y in [16, 235], as BasicSR's to_y_channel (float32 input / 255, BGR dot order)."""
+    """MATLAB rgb2ycbcr Y in [16, 235], as BasicSR's to_y_channel (float32 input / 255, BGR dot order, the
+    result handed back as float32 in [0, 1] by bgr2ycbcr and scaled by 255 in float32)."""
     x = img.astype(np.float32) / 255.0
     y = np.dot(x[..., ::-1], [24.966, 128.553, 65.481]) + 16.0
-    return (y / 255.0) * 255.0
+    return (y / 255.0).astype(np.float32) * 255.0
 
 
 def crop(img, b):
