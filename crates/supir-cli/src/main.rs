@@ -7,6 +7,7 @@ mod eval;
 mod inspect;
 mod parity;
 mod restore;
+mod restore_supir;
 
 use clap::{Parser, Subcommand};
 
@@ -24,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Restore / upscale an image or every image of a folder.
-    Restore(restore::RestoreArgs),
+    Restore(Box<restore::RestoreArgs>),
     /// Convert weight files to safetensors.
     Convert(convert::ConvertArgs),
     /// Time a backend on this machine.
@@ -64,7 +65,7 @@ fn run() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Restore(args) => restore::run(args),
+        Command::Restore(args) => restore::run(*args),
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Parity(args) => parity::run(args),

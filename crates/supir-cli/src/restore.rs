@@ -10,8 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use supir::image_io::file;
 use supir::realesrgan::{AlphaUpscale, RealEsrgan, Tiling, UpscaleOptions};
 
-/// Files the SUPIR backend needs in its models folder (README, "Models").
-pub const SUPIR_FILES: &[&str] = &["sd_xl_base_1.0_0.9vae.safetensors", "SUPIR-v0Q.ckpt"];
+use crate::restore_supir::{self, ModelSpec, SupirArgs};
 
 #[derive(Args)]
 pub struct RestoreArgs {
@@ -23,8 +22,9 @@ pub struct RestoreArgs {
     /// Backend; `auto` runs SUPIR when its weights are configured, else the embedded Real-ESRGAN.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
-    /// Folder holding the SUPIR weights (also `SUPIR_MODELS`).
-    #[arg(long, env = "SUPIR_MODELS")]
+    /// Folder holding the published SUPIR weights: `sd_xl_base_1.0_0.9vae.safetensors` and
+    /// `SUPIR-v0Q.ckpt` / `SUPIR-v0F.ckpt` (also `SUPIR_MODELS`).
+    #[arg(long, env = "SUPIR_MODELS", help_heading = "SUPIR weights")]
     supir_models: Option<PathBuf>,
     /// Output size over input size (Real-ESRGAN: the x4 result is Lanczos-resampled to it).
     #[arg(long, default_value_t = 4.0)]
@@ -38,6 +38,8 @@ pub struct RestoreArgs {
     /// How the alpha channel is upscaled.
     #[arg(long, value_enum, default_value_t = AlphaArg::Model)]
     alpha: AlphaArg,
+    #[command(flatten)]
+    supir: SupirArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -57,41 +59,29 @@ enum AlphaArg {
 
 /// The backend that runs.
 enum Backend {
-    /// SUPIR with the weights of this folder.
-    Supir(PathBuf),
+    /// SUPIR with these weights.
+    Supir(ModelSpec),
     /// The embedded Real-ESRGAN x4plus.
     RealEsrgan,
 }
 
-const SUPIR_HINT: &str = "to use SUPIR, put its weights in a folder and pass --supir-models DIR \
-    or set SUPIR_MODELS=DIR (README, section Models)";
+const SUPIR_HINT: &str = "to use SUPIR, give its weights with --sdxl FILE --supir FILE, \
+    --supir-models DIR (or SUPIR_MODELS=DIR), --config FILE or --model-dir DIR (README, section SUPIR)";
 
-fn supir_missing(dir: &Path) -> Vec<&'static str> {
-    SUPIR_FILES
-        .iter()
-        .copied()
-        .filter(|f| !dir.join(f).is_file())
-        .collect()
-}
-
-fn choose_backend(choice: BackendChoice, models: Option<&Path>) -> anyhow::Result<Backend> {
-    match (choice, models) {
-        (BackendChoice::Realesrgan, _) => Ok(Backend::RealEsrgan),
+fn choose_backend(
+    choice: BackendChoice,
+    models: Option<&Path>,
+    supir: &SupirArgs,
+) -> anyhow::Result<Backend> {
+    if choice == BackendChoice::Realesrgan {
+        return Ok(Backend::RealEsrgan);
+    }
+    match (choice, restore_supir::resolve(supir, models)?) {
+        (_, Some(spec)) => Ok(Backend::Supir(spec)),
         (BackendChoice::Supir, None) => {
             bail!("--backend supir: no SUPIR weights configured; {SUPIR_HINT}")
         }
-        (BackendChoice::Auto, None) => Ok(Backend::RealEsrgan),
-        (_, Some(dir)) => {
-            let missing = supir_missing(dir);
-            if !missing.is_empty() {
-                bail!(
-                    "SUPIR weights folder {}: missing {}; {SUPIR_HINT}",
-                    dir.display(),
-                    missing.join(", ")
-                );
-            }
-            Ok(Backend::Supir(dir.to_path_buf()))
-        }
+        _ => Ok(Backend::RealEsrgan),
     }
 }
 
@@ -174,7 +164,7 @@ fn check_output(out: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
-    let backend = choose_backend(args.backend, args.supir_models.as_deref())?;
+    let backend = choose_backend(args.backend, args.supir_models.as_deref(), &args.supir)?;
     if !(args.outscale.is_finite() && args.outscale > 0.0) {
         bail!("--outscale {}: must be a positive number", args.outscale);
     }
@@ -183,11 +173,10 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         check_output(out)?;
     }
     match backend {
-        Backend::Supir(dir) => Err(supir::Error::NotAvailable(format!(
-            "the SUPIR backend (weights in {})",
-            dir.display()
-        )))
-        .context("use --backend realesrgan for the embedded Real-ESRGAN x4plus"),
+        Backend::Supir(spec) => {
+            let folder = std::fs::metadata(&args.input).is_ok_and(|m| m.is_dir());
+            restore_supir::run(&jobs, &args.supir, &spec, folder)
+        }
         Backend::RealEsrgan => {
             eprintln!("backend: Real-ESRGAN x4plus (embedded weights, CPU); {SUPIR_HINT}");
             let opts = UpscaleOptions {

@@ -6,11 +6,17 @@ use std::process::{Command, Output};
 use image::{DynamicImage, GenericImageView, ImageBuffer, Rgb, Rgba};
 
 fn supir(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_supir"))
-        .args(args)
-        .env_remove("SUPIR_MODELS")
+    clean(Command::new(env!("CARGO_BIN_EXE_supir")).args(args))
         .output()
         .expect("run supir")
+}
+
+/// Without any SUPIR weight variable of the environment running the tests.
+fn clean(c: &mut Command) -> &mut Command {
+    for v in ["SUPIR_MODELS", "SUPIR_SDXL", "SUPIR_CKPT", "SUPIR_CONFIG"] {
+        c.env_remove(v);
+    }
+    c
 }
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -98,22 +104,28 @@ fn supir_backend_is_a_clear_error() {
         "{}",
         stderr(&o)
     );
-    // Configured weights: chosen automatically, and not available in this build yet.
+    // Configured weights: chosen automatically; unreadable files are a clear error.
     let models = d.join("models");
     std::fs::create_dir(&models).unwrap();
     for f in ["sd_xl_base_1.0_0.9vae.safetensors", "SUPIR-v0Q.ckpt"] {
         std::fs::write(models.join(f), b"x").unwrap();
     }
-    let o = Command::new(env!("CARGO_BIN_EXE_supir"))
+    let o = clean(&mut Command::new(env!("CARGO_BIN_EXE_supir")))
         .args(["restore", s(&input), "-o", s(&out)])
         .env("SUPIR_MODELS", &models)
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("not available yet"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("sd_xl_base_1.0_0.9vae.safetensors"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{err}"
+    );
     assert!(!out.exists());
     // Forcing Real-ESRGAN still works with SUPIR configured.
-    let o = Command::new(env!("CARGO_BIN_EXE_supir"))
+    let o = clean(&mut Command::new(env!("CARGO_BIN_EXE_supir")))
         .args([
             "restore",
             s(&input),

@@ -148,7 +148,9 @@ impl DiscreteDenoiser {
             &Device::Cpu,
         )?
         .to_device(dev)?;
-        let eps = network(&x.broadcast_mul(&col(c_in)?)?, &t)?;
+        // The network may run in another dtype (f16/bf16 diffusion): its output comes back to
+        // `x`'s dtype, as torch's type promotion does under autocast.
+        let eps = network(&x.broadcast_mul(&col(c_in)?)?, &t)?.to_dtype(x.dtype())?;
         Ok((eps.broadcast_mul(&col(c_out)?)? + x)?)
     }
 }

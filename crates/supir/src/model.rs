@@ -80,7 +80,94 @@ impl SupirModel {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let vb = WeightSource::open(checkpoints)?.into_var_builder(dtype, dev);
-        Self::new(vb, cfg)
+        Self::load_with(cfg, checkpoints, DTypes::uniform(dtype), dev)
+    }
+
+    /// Loads the checkpoints with one dtype per part (the official `diffusion_dtype` for
+    /// control + UNet, `ae_dtype` for the VAE and, as its autocast does, the text encoders).
+    pub fn load_with<P: AsRef<Path>>(
+        cfg: &SupirConfig,
+        checkpoints: &[P],
+        dtypes: DTypes,
+        dev: &Device,
+    ) -> Result<Self> {
+        let vb = WeightSource::open(checkpoints)?.into_var_builder(dtypes.vae, dev);
+        Self::new_with(vb, cfg, dtypes)
+    }
+
+    /// [`SupirModel::new`] with one dtype per part.
+    pub fn new_with(vb: VarBuilder, cfg: &SupirConfig, dtypes: DTypes) -> Result<Self> {
+        let p = &cfg.model.params;
+        let conditioner = Conditioner::new(
+            &p.conditioner_config.params,
+            vb.clone().set_dtype(dtypes.text).pp("conditioner"),
+        )?;
+        let vae = AutoencoderKL::new(
+            vb.clone().set_dtype(dtypes.vae).pp("first_stage_model"),
+            &p.first_stage_config.params,
+            true,
+        )?;
+        let vbd = vb.set_dtype(dtypes.diffusion);
+        let control = GLVControl::new(
+            vbd.pp("model.control_model"),
+            &p.control_stage_config.params,
+        )?;
+        let unet = LightGLVUNet::new(vbd.pp("model.diffusion_model"), &p.network_config.params)?;
+        Ok(Self {
+            conditioner,
+            control,
+            unet,
+            vae,
+            denoiser: DiscreteDenoiser::new(&LegacyDdpm::default()),
+            scale_factor: p.scale_factor,
+        })
+    }
+
+    /// The dtype of the VAE weights (stage 1, decoding).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae.quant_conv.weight().dtype()
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.vae.quant_conv.weight().device().clone()
+    }
+
+    /// The dtype of control + UNet (the sampler's network calls).
+    pub fn diffusion_dtype(&self) -> DType {
+        self.unet.dtype()
+    }
+}
+
+/// Compute dtypes of the model's parts. The official code offers f32 / f16 / bf16 for the
+/// diffusion part and f32 / bf16 for the VAE (f16 gives NaNs there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DTypes {
+    /// Control + UNet.
+    pub diffusion: DType,
+    /// The autoencoder (both encoders and the decoder).
+    pub vae: DType,
+    /// Both text encoders (dropped once the prompts are encoded).
+    pub text: DType,
+}
+
+impl DTypes {
+    /// Everything in one dtype.
+    pub fn uniform(dtype: DType) -> Self {
+        Self {
+            diffusion: dtype,
+            vae: dtype,
+            text: dtype,
+        }
+    }
+
+    /// `diffusion` for control + UNet, `vae` for the VAE and the text encoders (the official
+    /// code encodes prompts under `autocast(ae_dtype)`).
+    pub fn new(diffusion: DType, vae: DType) -> Self {
+        Self {
+            diffusion,
+            vae,
+            text: vae,
+        }
     }
 }

@@ -34,9 +34,9 @@ pub struct Stage1 {
 }
 
 /// Stage 1 (`encode_first_stage_with_denoise(use_sample=False)`, `decode_first_stage`,
-/// `encode_first_stage`). Draws the posterior noise from `rng`.
+/// `encode_first_stage`). Draws the posterior noise from `rng`. Runs in the VAE's dtype.
 pub fn stage1(model: &SupirModel, x: &Tensor, rng: &mut dyn NoiseSource) -> Result<Stage1> {
-    let dt = model_dtype(model);
+    let dt = model.vae_dtype();
     let s = model.scale_factor;
     let x = x.to_dtype(dt)?;
     let z = model.vae.denoise_encode_scaled_mode(&x, s)?;
@@ -52,24 +52,22 @@ pub fn stage1(model: &SupirModel, x: &Tensor, rng: &mut dyn NoiseSource) -> Resu
     })
 }
 
-/// The dtype the networks were built in (that of the VAE weights).
-fn model_dtype(model: &SupirModel) -> DType {
-    model.vae.quant_conv.weight().dtype()
-}
-
 /// The CFG-guided denoiser of `batchify_sample`: `x` `[B, ...]` is doubled into `[uc, c]`, run
 /// through control + UNet at `sigma` with the control latent `z` (sliced to the tile), and
-/// combined by `guider` (`DiscreteDenoiserWithControl` + `LinearCFG`). Returns F32.
-pub struct GuidedDenoiser<'a> {
+/// combined by `guider` (`DiscreteDenoiserWithControl` + `LinearCFG`). The networks run in the
+/// model's diffusion dtype; the latent maths around them stays F32 (as under torch autocast).
+/// `on_call` runs after each network call (progress).
+pub struct GuidedDenoiser<'a, 'f> {
     pub model: &'a SupirModel,
     /// The control latent `_z` of the whole image.
     pub z: &'a Tensor,
     pub c: &'a Conditioning,
     pub uc: &'a Conditioning,
     pub guider: LinearCfg,
+    pub on_call: Option<&'f mut dyn FnMut()>,
 }
 
-impl Denoise for GuidedDenoiser<'_> {
+impl Denoise for GuidedDenoiser<'_, '_> {
     fn denoise(
         &mut self,
         x: &Tensor,
@@ -77,22 +75,25 @@ impl Denoise for GuidedDenoiser<'_> {
         control_scale: f64,
         tile: Option<&TileWindow>,
     ) -> Result<Tensor> {
-        let dt = self.c.crossattn.dtype();
+        let dt = self.model.diffusion_dtype();
         let b = x.dim(0)?;
         let ctrl = match tile {
             Some(t) => t.slice(self.z)?,
             None => self.z.clone(),
         }
         .to_dtype(dt)?;
-        let x = x.to_dtype(dt)?;
+        let x = x.to_dtype(DType::F32)?;
         let x2 = Tensor::cat(&[&x, &x], 0)?;
-        let crossattn = Tensor::cat(&[&self.uc.crossattn, &self.c.crossattn], 0)?;
-        let vector = Tensor::cat(&[&self.uc.vector, &self.c.vector], 0)?;
+        let crossattn = Tensor::cat(&[&self.uc.crossattn, &self.c.crossattn], 0)?.to_dtype(dt)?;
+        let vector = Tensor::cat(&[&self.uc.vector, &self.c.vector], 0)?.to_dtype(dt)?;
         let control = Tensor::cat(&[&ctrl, &ctrl], 0)?;
         let sigmas = vec![sigma; 2 * b];
         let denoised =
             self.model
                 .denoise(&x2, &sigmas, &crossattn, &vector, &control, control_scale)?;
+        if let Some(f) = self.on_call.as_mut() {
+            f();
+        }
         self.guider.guide(&denoised.to_dtype(DType::F32)?, sigma)
     }
 }
@@ -132,21 +133,63 @@ pub fn sample_latent(
             captions.len()
         )));
     }
-    let sampler = Sampler::new(o.sampler, o.opts.clone())?;
-    let st = stage1(model, x, rng)?;
+    // Validate before any work, as the official code builds the sampler first.
+    Sampler::new(o.sampler, o.opts.clone())?;
     let (c, uc) = model
         .conditioner
         .prepare_condition(captions, &o.p_p, &o.n_p)?;
+    sample_latent_with(model, x, &c, &uc, o, rng, None)
+}
+
+/// [`sample_latent`] with the conditioning already encoded (`c`, `uc` with one row per image of
+/// `x`; `o.p_p` / `o.n_p` are not used). Conditioning draws no random numbers, so the draws are
+/// those of [`sample_latent`]. `on_call` runs after each network call.
+pub fn sample_latent_with(
+    model: &SupirModel,
+    x: &Tensor,
+    c: &Conditioning,
+    uc: &Conditioning,
+    o: &SampleOptions,
+    rng: &mut dyn NoiseSource,
+    on_call: Option<&mut dyn FnMut()>,
+) -> Result<SampleLatent> {
+    let b = x.dim(0)?;
+    for (name, cond) in [("c", c), ("uc", uc)] {
+        if cond.crossattn.dim(0)? != b || cond.vector.dim(0)? != b {
+            return Err(Error::Option(format!(
+                "conditioning {name} has {} rows for {b} images",
+                cond.crossattn.dim(0)?
+            )));
+        }
+    }
+    let sampler = Sampler::new(o.sampler, o.opts.clone())?;
+    let st = stage1(model, x, rng)?;
     let noise = rng.randn(st.z.dims(), st.z.device())?;
     let mut den = GuidedDenoiser {
         model,
         z: &st.z,
-        c: &c,
-        uc: &uc,
+        c,
+        uc,
         guider: o.opts.guider(),
+        on_call,
     };
     let latent = sampler.sample(&mut den, rng, &noise, Some(&st.z_stage1))?;
     Ok(SampleLatent { latent, stage1: st })
+}
+
+/// Stage 4 of `batchify_sample`: decode the sampled latent (VAE dtype), colour fix against
+/// `x_stage1`. Returns F32.
+pub fn decode_and_fix(
+    model: &SupirModel,
+    s: &SampleLatent,
+    color_fix: crate::color_fix::ColorFix,
+) -> Result<Tensor> {
+    let dt = model.vae_dtype();
+    let samples = model
+        .vae
+        .decode_scaled(&s.latent.to_dtype(dt)?, model.scale_factor)?
+        .to_dtype(DType::F32)?;
+    crate::color_fix::apply(color_fix, &samples, &s.stage1.x_stage1)
 }
 
 /// `batchify_sample(x, captions, ...)`: restored images `[B, 3, H, W]` in about [-1, 1], F32
@@ -159,12 +202,7 @@ pub fn batchify_sample(
     rng: &mut dyn NoiseSource,
 ) -> Result<Tensor> {
     let s = sample_latent(model, x, captions, o, rng)?;
-    let dt = model_dtype(model);
-    let samples = model
-        .vae
-        .decode_scaled(&s.latent.to_dtype(dt)?, model.scale_factor)?
-        .to_dtype(DType::F32)?;
-    crate::color_fix::apply(o.color_fix, &samples, &s.stage1.x_stage1)
+    decode_and_fix(model, &s, o.color_fix)
 }
 
 /// The sampler class and its config-only keys from `model.params.sampler_config`.

@@ -774,6 +774,11 @@ impl LightGLVUNet {
         self.output_blocks.len() + 1
     }
 
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.out_conv.weight().dtype()
+    }
+
     /// The noise prediction.
     /// - `x`: `[B, in_channels, H, W]` noisy latent, `timesteps`: `[B]`,
     ///   `context`: `[B, M, context_dim]`, `y`: `[B, adm_in_channels]`;

@@ -10,13 +10,40 @@
 //! `AutoencoderKL::new(vb.pp("first_stage_model"), &cfg.model.params.first_stage_config.params, true)`.
 
 use candle_core::{bail, Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
 use crate::config::{DdConfig, FirstStageParams};
+use crate::tiled_vae::VaeTiling;
 
-/// `Normalize`: GroupNorm with 32 groups, eps 1e-6, affine.
-fn normalize(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    group_norm(32, channels, 1e-6, vb)
+/// `Normalize`: GroupNorm with 32 groups, eps 1e-6, affine. Keeps its affine parameters so the
+/// tiled VAE can normalise with statistics gathered over all tiles.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    gn: GroupNorm,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.gn.forward(x)
+    }
+}
+
+fn normalize(channels: usize, vb: VarBuilder) -> Result<Norm> {
+    let (groups, eps) = (32, 1e-6);
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    let gn = GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(Norm {
+        gn,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
 }
 
 /// 3x3 convolution, stride 1, zero padding 1 (shape-preserving).
@@ -49,11 +76,11 @@ fn uses_attention(cfg: &DdConfig) -> Result<bool> {
 /// when the channel count changes. Dropout is inference-time identity.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    nin_shortcut: Option<Conv2d>,
+    pub(crate) norm1: Norm,
+    pub(crate) conv1: Conv2d,
+    pub(crate) norm2: Norm,
+    pub(crate) conv2: Conv2d,
+    pub(crate) nin_shortcut: Option<Conv2d>,
 }
 
 impl ResnetBlock {
@@ -90,13 +117,13 @@ impl Module for ResnetBlock {
 /// `out = v · softmax(qᵀk / sqrt(C))ᵀ`, then `x + proj_out(out)`.
 #[derive(Debug, Clone)]
 pub struct AttnBlock {
-    norm: GroupNorm,
+    pub(crate) norm: Norm,
     /// (weight `[C, C]`, bias `[C, 1]`) for q, k, v, proj_out.
-    q: (Tensor, Tensor),
-    k: (Tensor, Tensor),
-    v: (Tensor, Tensor),
-    proj_out: (Tensor, Tensor),
-    channels: usize,
+    pub(crate) q: (Tensor, Tensor),
+    pub(crate) k: (Tensor, Tensor),
+    pub(crate) v: (Tensor, Tensor),
+    pub(crate) proj_out: (Tensor, Tensor),
+    pub(crate) channels: usize,
 }
 
 impl AttnBlock {
@@ -124,10 +151,11 @@ impl AttnBlock {
     }
 }
 
-impl Module for AttnBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let hn = self.norm.forward(x)?.reshape((b, c, h * w))?;
+impl AttnBlock {
+    /// The attention on the normalised input `hn` (without the residual).
+    pub(crate) fn attend(&self, hn: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = hn.dims4()?;
+        let hn = hn.reshape((b, c, h * w))?;
         let scale = 1.0 / (self.channels as f64).sqrt();
         let q = (Self::pointwise(&hn, &self.q)? * scale)?;
         let k = Self::pointwise(&hn, &self.k)?;
@@ -136,8 +164,13 @@ impl Module for AttnBlock {
         let attn = candle_nn::ops::softmax_last_dim(&q.t()?.matmul(&k)?)?;
         // [B, C, N(key)] x [B, N(key), N(query)] -> [B, C, N(query)]
         let out = v.matmul(&attn.t()?)?;
-        let out = Self::pointwise(&out, &self.proj_out)?.reshape((b, c, h, w))?;
-        x + out
+        Self::pointwise(&out, &self.proj_out)?.reshape((b, c, h, w))
+    }
+}
+
+impl Module for AttnBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x + self.attend(&self.norm.forward(x)?)?
     }
 }
 
@@ -145,7 +178,7 @@ impl Module for AttnBlock {
 /// stride-2 conv without padding: `[B, C, H, W] -> [B, C, H/2, W/2]`.
 #[derive(Debug, Clone)]
 pub struct Downsample {
-    conv: Conv2d,
+    pub(crate) conv: Conv2d,
 }
 
 impl Downsample {
@@ -172,7 +205,7 @@ impl Module for Downsample {
 /// `Upsample` (with conv): nearest-neighbour x2, then a 3x3 conv.
 #[derive(Debug, Clone)]
 pub struct Upsample {
-    conv: Conv2d,
+    pub(crate) conv: Conv2d,
 }
 
 impl Upsample {
@@ -194,10 +227,10 @@ impl Module for Upsample {
 /// blocks, each followed by attention when the level's resolution is in `attn_resolutions`,
 /// then an optional resampler.
 #[derive(Debug, Clone)]
-struct Level<R> {
-    blocks: Vec<ResnetBlock>,
-    attns: Vec<AttnBlock>,
-    resample: Option<R>,
+pub(crate) struct Level<R> {
+    pub(crate) blocks: Vec<ResnetBlock>,
+    pub(crate) attns: Vec<AttnBlock>,
+    pub(crate) resample: Option<R>,
 }
 
 impl<R: Module> Level<R> {
@@ -218,10 +251,10 @@ impl<R: Module> Level<R> {
 
 /// `mid`: resnet block, attention (if enabled), resnet block, at constant width.
 #[derive(Debug, Clone)]
-struct Mid {
-    block_1: ResnetBlock,
-    attn_1: Option<AttnBlock>,
-    block_2: ResnetBlock,
+pub(crate) struct Mid {
+    pub(crate) block_1: ResnetBlock,
+    pub(crate) attn_1: Option<AttnBlock>,
+    pub(crate) block_2: ResnetBlock,
 }
 
 impl Mid {
@@ -251,11 +284,11 @@ impl Mid {
 /// (except the last level), `mid`, `norm_out`, SiLU, `conv_out`.
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    conv_in: Conv2d,
-    down: Vec<Level<Downsample>>,
-    mid: Mid,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    pub(crate) conv_in: Conv2d,
+    pub(crate) down: Vec<Level<Downsample>>,
+    pub(crate) mid: Mid,
+    pub(crate) norm_out: Norm,
+    pub(crate) conv_out: Conv2d,
 }
 
 impl Encoder {
@@ -327,12 +360,12 @@ impl Module for Encoder {
 /// `ch * ch_mult[i]` and an upsample (except level 0), `norm_out`, SiLU, `conv_out`.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    conv_in: Conv2d,
-    mid: Mid,
+    pub(crate) conv_in: Conv2d,
+    pub(crate) mid: Mid,
     /// Indexed by level `i` (`up.{i}`), run in reverse.
-    up: Vec<Level<Upsample>>,
-    norm_out: GroupNorm,
-    conv_out: Conv2d,
+    pub(crate) up: Vec<Level<Upsample>>,
+    pub(crate) norm_out: Norm,
+    pub(crate) conv_out: Conv2d,
 }
 
 impl Decoder {
@@ -445,6 +478,8 @@ pub struct AutoencoderKL {
     pub post_quant_conv: Conv2d,
     /// SUPIR's degradation-robust encoder, same structure as `encoder`.
     pub denoise_encoder: Option<Encoder>,
+    /// Tiled encoders and decoder (`init_tile_vae`); `None` runs them on the whole image.
+    pub tiling: Option<VaeTiling>,
 }
 
 impl AutoencoderKL {
@@ -466,12 +501,22 @@ impl AutoencoderKL {
             quant_conv: conv1x1(2 * dd.z_channels, 2 * cfg.embed_dim, vb.pp("quant_conv"))?,
             post_quant_conv: conv1x1(cfg.embed_dim, dd.z_channels, vb.pp("post_quant_conv"))?,
             denoise_encoder,
+            tiling: None,
         })
+    }
+
+    /// Runs `enc` whole or tiled (`VAEHook` on the encoders).
+    fn run_encoder(&self, enc: &Encoder, x: &Tensor) -> Result<Tensor> {
+        match &self.tiling {
+            Some(t) => crate::tiled_vae::encode(enc, x, t.encoder_tile),
+            None => enc.forward(x),
+        }
     }
 
     /// `quant_conv(encoder(x))`: `[B, C, H, W] -> [B, 2*E, H/f, W/f]`.
     pub fn encode_moments(&self, x: &Tensor) -> Result<Tensor> {
-        self.quant_conv.forward(&self.encoder.forward(x)?)
+        self.quant_conv
+            .forward(&self.run_encoder(&self.encoder, x)?)
     }
 
     /// `quant_conv(denoise_encoder(x))`; errors if the denoise encoder was not loaded.
@@ -479,12 +524,16 @@ impl AutoencoderKL {
         let Some(enc) = &self.denoise_encoder else {
             bail!("vae: built without denoise_encoder")
         };
-        self.quant_conv.forward(&enc.forward(x)?)
+        self.quant_conv.forward(&self.run_encoder(enc, x)?)
     }
 
     /// `decoder(post_quant_conv(z))` on an unscaled latent `[B, E, h, w] -> [B, out_ch, h*f, w*f]`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.decoder.forward(&self.post_quant_conv.forward(z)?)
+        let z = self.post_quant_conv.forward(z)?;
+        match &self.tiling {
+            Some(t) => crate::tiled_vae::decode(&self.decoder, &z, t.decoder_tile),
+            None => self.decoder.forward(&z),
+        }
     }
 
     /// `scale_factor * mode(encode(x))` (`encode_first_stage_with_denoise` path, plain encoder).

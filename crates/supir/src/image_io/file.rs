@@ -29,7 +29,7 @@ fn image_err(path: &Path, msg: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Decodes an image file (format from its content). Truncated or corrupt data and images with a
+/// Decodes an image file (format from its content), applying its EXIF orientation. Truncated or corrupt data and images with a
 /// zero side are errors naming `path`.
 pub fn load(path: &Path) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
@@ -45,9 +45,13 @@ pub fn load(path: &Path) -> Result<DynamicImage> {
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| image_err(path, format!("cannot decode: {e}")))?;
+    let decode_err = |e| image_err(path, format!("cannot decode: {e}"));
+    let mut decoder = reader.into_decoder().map_err(decode_err)?;
+    // EXIF orientation (JPEG, WebP, TIFF): the pixels as the camera meant them to be seen.
+    let orientation = image::ImageDecoder::orientation(&mut decoder)
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(decode_err)?;
+    img.apply_orientation(orientation);
     if img.width() == 0 || img.height() == 0 {
         return Err(image_err(
             path,

@@ -1,0 +1,567 @@
+//! The SUPIR backend of `supir restore`: weight and config resolution, the official options under
+//! clear names (folded into `supir::restore::RestoreOptions`), progress, and the per-image loop.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use supir::color_fix::ColorFix;
+use supir::config::SupirConfig;
+use supir::image_io::file;
+use supir::restore::{Precision, Preset, RestoreOptions, Restorer, OFFICIAL_CONFIG};
+use supir::sampler::SamplerKind;
+use supir::tiled_vae::VaeTiling;
+
+/// SDXL base and SUPIR file names of the official release (in a `--supir-models` folder).
+pub const SDXL_FILE: &str = "sd_xl_base_1.0_0.9vae.safetensors";
+pub const SUPIR_Q_FILE: &str = "SUPIR-v0Q.ckpt";
+pub const SUPIR_F_FILE: &str = "SUPIR-v0F.ckpt";
+
+#[derive(Args, Debug, Clone)]
+pub struct SupirArgs {
+    /// A model folder in the fixture layout: `config.yaml` + `weights.safetensors` (one file with
+    /// every key), e.g. `fixtures/supir-tiny`.
+    #[arg(long, help_heading = "SUPIR weights")]
+    model_dir: Option<PathBuf>,
+    /// SDXL base checkpoint (`sd_xl_base_1.0_0.9vae.safetensors`; an SDXL-Lightning base for the
+    /// lightning presets).
+    #[arg(long, env = "SUPIR_SDXL", help_heading = "SUPIR weights")]
+    sdxl: Option<PathBuf>,
+    /// SUPIR checkpoint (`SUPIR-v0Q.ckpt` or `SUPIR-v0F.ckpt`).
+    #[arg(long = "supir", env = "SUPIR_CKPT", help_heading = "SUPIR weights")]
+    supir_ckpt: Option<PathBuf>,
+    /// YAML file with `sdxl:`, `supir:` and optionally `model_config:` paths (relative to the file).
+    #[arg(long, env = "SUPIR_CONFIG", help_heading = "SUPIR weights")]
+    config: Option<PathBuf>,
+    /// Model config in the official `SUPIR_v0.yaml` schema [default: the official one, built in].
+    #[arg(long, help_heading = "SUPIR weights")]
+    model_config: Option<PathBuf>,
+    /// Which SUPIR file of a `--supir-models` folder: `q` (SUPIR-v0Q) or `f` (SUPIR-v0F).
+    #[arg(long, value_enum, default_value_t = Variant::Q, help_heading = "SUPIR weights")]
+    variant: Variant,
+
+    /// Official parameter set; the options below override it.
+    #[arg(long, value_enum, default_value_t = PresetArg::Default, help_heading = "SUPIR sampling")]
+    preset: PresetArg,
+    /// Sampling steps [default: 50; lightning 8].
+    #[arg(long, help_heading = "SUPIR sampling")]
+    steps: Option<usize>,
+    /// Text guidance (CFG) scale at the end of sampling [quality 7.5, fidelity/default 4].
+    #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
+    cfg: Option<f64>,
+    /// CFG scale at the start, when the CFG ramps linearly [quality 4, fidelity/default 1].
+    #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
+    cfg_start: Option<f64>,
+    /// Ramp the CFG scale linearly with the noise level [default: true].
+    #[arg(long, value_name = "BOOL", help_heading = "SUPIR sampling")]
+    linear_cfg: Option<bool>,
+    /// Adaptor (control) strength, 0..=2 [default: 1].
+    #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
+    control_scale: Option<f64>,
+    /// Control strength at the start, when it ramps linearly [default: 0].
+    #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
+    control_start: Option<f64>,
+    /// Ramp the control strength linearly with the noise level [default: false].
+    #[arg(long, value_name = "BOOL", help_heading = "SUPIR sampling")]
+    linear_control: Option<bool>,
+    /// Restoration guidance tau_r (the paper uses 4); <= 0 turns it off [default: -1].
+    #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
+    restoration_scale: Option<f64>,
+    /// EDM churn [default: 5].
+    #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
+    s_churn: Option<f64>,
+    /// EDM churn noise scale [default: 1.01; presets 1.003].
+    #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
+    s_noise: Option<f64>,
+    /// Colour fix against the stage-1 image [default: wavelet].
+    #[arg(long, value_enum, help_heading = "SUPIR sampling")]
+    color_fix: Option<ColorFixArg>,
+    /// Seed of every random draw; -1 picks one at random [default: 1234].
+    #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
+    seed: Option<i64>,
+    /// Samples per image; with more than one, outputs are named `<name>_<i>.<ext>` [default: 1].
+    #[arg(long, help_heading = "SUPIR sampling")]
+    samples: Option<usize>,
+    /// Description of the image, put before the positive prompt (the official code asks LLaVA).
+    #[arg(long, help_heading = "SUPIR sampling")]
+    caption: Option<String>,
+    /// Positive prompt appended to the caption [default: the official one].
+    #[arg(long, help_heading = "SUPIR sampling")]
+    positive_prompt: Option<String>,
+    /// Negative prompt [default: the official one].
+    #[arg(long, help_heading = "SUPIR sampling")]
+    negative_prompt: Option<String>,
+    /// Sampler [default: the model config's; lightning presets: dpmpp2m].
+    #[arg(long, value_enum, help_heading = "SUPIR sampling")]
+    sampler: Option<SamplerArg>,
+    /// Latent tile size of the tiled samplers [default: the config's, else 128].
+    #[arg(long, help_heading = "SUPIR sampling")]
+    sampler_tile: Option<usize>,
+    /// Latent tile stride of the tiled samplers [default: the config's, else 64].
+    #[arg(long, help_heading = "SUPIR sampling")]
+    sampler_stride: Option<usize>,
+
+    /// Output size over input size [default: 1].
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        help_heading = "SUPIR size and memory"
+    )]
+    upscale: Option<f64>,
+    /// The short side is processed at no less than this many pixels [default: 1024].
+    #[arg(long, help_heading = "SUPIR size and memory")]
+    min_size: Option<u32>,
+    /// Tiled VAE: encode and decode in tiles so large images fit in memory.
+    #[arg(long, help_heading = "SUPIR size and memory")]
+    vae_tiles: bool,
+    /// Tiled VAE encoder tile, image pixels (implies --vae-tiles) [default: 512].
+    #[arg(long, help_heading = "SUPIR size and memory")]
+    encoder_tile: Option<usize>,
+    /// Tiled VAE decoder tile, latent pixels (implies --vae-tiles) [default: 64].
+    #[arg(long, help_heading = "SUPIR size and memory")]
+    decoder_tile: Option<usize>,
+    /// Precision of control + UNet: fp32, fp16 or bf16 (bf16 needs a GPU build) [default: fp32].
+    #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
+    diffusion_dtype: Option<PrecisionArg>,
+    /// Precision of the VAE and text encoders: fp32 or bf16 (GPU build) [default: fp32].
+    #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
+    vae_dtype: Option<PrecisionArg>,
+
+    /// Folder mode: redo images whose outputs exist (by default they are skipped).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Variant {
+    Q,
+    F,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PresetArg {
+    /// test.py: 50 steps, cfg 4 from 1, s_noise 1.01.
+    Default,
+    /// Gradio "Quality": cfg 7.5 from 4.
+    Quality,
+    /// Gradio "Fidelity": cfg 4 from 1.
+    Fidelity,
+    /// Lightning config "Quality": DPM++2M, 8 steps, cfg 2.
+    Lightning,
+    /// Lightning config "Fidelity": DPM++2M, 8 steps, cfg 1.5.
+    LightningFidelity,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ColorFixArg {
+    None,
+    Wavelet,
+    Adain,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SamplerArg {
+    /// RestoreEDMSampler.
+    Edm,
+    /// TiledRestoreEDMSampler.
+    TiledEdm,
+    /// RestoreDPMPP2MSampler.
+    Dpmpp2m,
+    /// TiledRestoreDPMPP2MSampler.
+    TiledDpmpp2m,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => Precision::Fp32,
+            PrecisionArg::Fp16 => Precision::Fp16,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+impl SupirArgs {
+    /// The preset with the given flags on top, validated.
+    pub fn options(&self) -> anyhow::Result<RestoreOptions> {
+        let preset = match self.preset {
+            PresetArg::Default => Preset::Default,
+            PresetArg::Quality => Preset::Quality,
+            PresetArg::Fidelity => Preset::Fidelity,
+            PresetArg::Lightning => Preset::Lightning,
+            PresetArg::LightningFidelity => Preset::LightningFidelity,
+        };
+        let mut o = RestoreOptions::preset(preset);
+        macro_rules! set {
+            ($($field:ident = $arg:expr),* $(,)?) => {
+                $(if let Some(v) = $arg.clone() { o.$field = v.into(); })*
+            };
+        }
+        set!(
+            steps = self.steps,
+            cfg_scale = self.cfg,
+            cfg_scale_start = self.cfg_start,
+            linear_cfg = self.linear_cfg,
+            control_scale = self.control_scale,
+            control_scale_start = self.control_start,
+            linear_control_scale = self.linear_control,
+            restoration_scale = self.restoration_scale,
+            s_churn = self.s_churn,
+            s_noise = self.s_noise,
+            num_samples = self.samples,
+            caption = self.caption,
+            positive_prompt = self.positive_prompt,
+            negative_prompt = self.negative_prompt,
+            upscale = self.upscale,
+            min_size = self.min_size,
+        );
+        if let Some(c) = self.color_fix {
+            o.color_fix = match c {
+                ColorFixArg::None => ColorFix::None,
+                ColorFixArg::Wavelet => ColorFix::Wavelet,
+                ColorFixArg::Adain => ColorFix::AdaIn,
+            };
+        }
+        if let Some(s) = self.seed {
+            o.seed = match s {
+                -1 => {
+                    let t = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0);
+                    let seed = t % 65536;
+                    eprintln!("seed: {seed}");
+                    seed
+                }
+                s if s >= 0 => s as u64,
+                s => bail!("--seed {s}: must be >= 0, or -1 for a random seed"),
+            };
+        }
+        if let Some(s) = self.sampler {
+            o.sampler = Some(match s {
+                SamplerArg::Edm => SamplerKind::RestoreEdm,
+                SamplerArg::TiledEdm => SamplerKind::TiledRestoreEdm,
+                SamplerArg::Dpmpp2m => SamplerKind::RestoreDpmpp2m,
+                SamplerArg::TiledDpmpp2m => SamplerKind::TiledRestoreDpmpp2m,
+            });
+        }
+        o.sampler_tile_size = self.sampler_tile;
+        o.sampler_tile_stride = self.sampler_stride;
+        if self.vae_tiles || self.encoder_tile.is_some() || self.decoder_tile.is_some() {
+            let d = VaeTiling::default();
+            o.vae_tiling = Some(VaeTiling {
+                encoder_tile: self.encoder_tile.unwrap_or(d.encoder_tile),
+                decoder_tile: self.decoder_tile.unwrap_or(d.decoder_tile),
+            });
+        }
+        if let Some(p) = self.diffusion_dtype {
+            o.diffusion_precision = p.into();
+        }
+        if let Some(p) = self.vae_dtype {
+            o.vae_precision = p.into();
+        }
+        o.validate()?;
+        Ok(o)
+    }
+}
+
+/// What the SUPIR backend loads: a model config and the checkpoints (merged in order).
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub config: ConfigSource,
+    pub checkpoints: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// The official `SUPIR_v0.yaml`, built in.
+    Official,
+    File(PathBuf),
+}
+
+impl ModelSpec {
+    pub fn load_config(&self) -> anyhow::Result<SupirConfig> {
+        Ok(match &self.config {
+            ConfigSource::Official => {
+                SupirConfig::from_yaml_str(OFFICIAL_CONFIG, Path::new("SUPIR_v0.yaml (built in)"))?
+            }
+            ConfigSource::File(p) => SupirConfig::load(p)?,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        let cfg = match &self.config {
+            ConfigSource::Official => "official SUPIR_v0.yaml".to_string(),
+            ConfigSource::File(p) => p.display().to_string(),
+        };
+        let files: Vec<String> = self
+            .checkpoints
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        format!("{} with {cfg}", files.join(" + "))
+    }
+}
+
+/// `sdxl:` / `supir:` / `model_config:` of a `--config` YAML file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightsFile {
+    sdxl: Option<PathBuf>,
+    supir: Option<PathBuf>,
+    model_config: Option<PathBuf>,
+}
+
+fn read_weights_file(path: &Path) -> anyhow::Result<WeightsFile> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    let mut w: WeightsFile = serde_yaml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "--config {}: {e} (expected the keys sdxl, supir, model_config)",
+            path.display()
+        )
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut w.sdxl, &mut w.supir, &mut w.model_config]
+        .into_iter()
+        .flatten()
+    {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(w)
+}
+
+fn existing_file(what: &str, p: &Path) -> anyhow::Result<PathBuf> {
+    if !p.is_file() {
+        bail!("{what} {}: no such file", p.display());
+    }
+    Ok(p.to_path_buf())
+}
+
+/// Where the SUPIR weights come from, or `None` when nothing names any. In order: `--model-dir`;
+/// else each of SDXL / SUPIR from its flag or variable (`SUPIR_SDXL`, `SUPIR_CKPT`), the
+/// `--config` file, then the `--supir-models` folder (published file names).
+pub fn resolve(args: &SupirArgs, supir_models: Option<&Path>) -> anyhow::Result<Option<ModelSpec>> {
+    if let Some(dir) = &args.model_dir {
+        if !dir.is_dir() {
+            bail!("--model-dir {}: no such folder", dir.display());
+        }
+        let config = existing_file("--model-dir: model config", &dir.join("config.yaml"))?;
+        let weights = existing_file("--model-dir: weights", &dir.join("weights.safetensors"))?;
+        return Ok(Some(ModelSpec {
+            config: ConfigSource::File(config),
+            checkpoints: vec![weights],
+        }));
+    }
+    let file = match &args.config {
+        Some(p) => read_weights_file(p)?,
+        None => WeightsFile::default(),
+    };
+    let (q_or_f, dir_sdxl) = match supir_models {
+        Some(d) => (
+            Some(d.join(match args.variant {
+                Variant::Q => SUPIR_Q_FILE,
+                Variant::F => SUPIR_F_FILE,
+            })),
+            Some(d.join(SDXL_FILE)),
+        ),
+        None => (None, None),
+    };
+    let sdxl = args.sdxl.clone().or(file.sdxl).or(dir_sdxl);
+    let supir = args.supir_ckpt.clone().or(file.supir).or(q_or_f);
+    let model_config = args.model_config.clone().or(file.model_config);
+    match (sdxl, supir) {
+        (None, None) => Ok(None),
+        (Some(_), None) => bail!(
+            "SDXL weights given but no SUPIR checkpoint: pass --supir FILE (or SUPIR_CKPT, --config, --supir-models)"
+        ),
+        (None, Some(_)) => bail!(
+            "SUPIR checkpoint given but no SDXL base: pass --sdxl FILE (or SUPIR_SDXL, --config, --supir-models)"
+        ),
+        (Some(sdxl), Some(supir)) => Ok(Some(ModelSpec {
+            config: match model_config {
+                Some(p) => ConfigSource::File(existing_file("--model-config", &p)?),
+                None => ConfigSource::Official,
+            },
+            checkpoints: vec![
+                existing_file("SDXL weights", &sdxl)?,
+                existing_file("SUPIR checkpoint", &supir)?,
+            ],
+        })),
+    }
+}
+
+/// The output files of one input: the output itself, or `<stem>_<i>.<ext>` per sample.
+pub fn sample_outputs(output: &Path, samples: usize) -> Vec<PathBuf> {
+    if samples <= 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = output
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    (0..samples)
+        .map(|i| output.with_file_name(format!("{stem}_{i}{ext}")))
+        .collect()
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Runs SUPIR over `jobs` (`(input, output)` pairs, already checked).
+pub fn run(
+    jobs: &[(PathBuf, PathBuf)],
+    args: &SupirArgs,
+    spec: &ModelSpec,
+    folder: bool,
+) -> anyhow::Result<()> {
+    let opts = args.options()?;
+    // Never over an input, also for the per-sample names.
+    for (input, output) in jobs {
+        for out in sample_outputs(output, opts.num_samples) {
+            if same_file(input, &out) {
+                bail!("{}: output would overwrite the input", out.display());
+            }
+        }
+    }
+    // Folder mode: skip what is done.
+    let mut todo = Vec::new();
+    for (input, output) in jobs {
+        let outs = sample_outputs(output, opts.num_samples);
+        if folder && !args.overwrite && outs.iter().all(|p| p.exists()) {
+            eprintln!(
+                "skipping {}: {} exists (--overwrite to redo)",
+                input.display(),
+                output.display()
+            );
+            continue;
+        }
+        todo.push((input.clone(), output.clone(), outs));
+    }
+    if todo.is_empty() {
+        eprintln!("nothing to do: every output exists");
+        return Ok(());
+    }
+    // One image: read and size-check it before loading gigabytes of weights.
+    let first = if todo.len() == 1 && !folder {
+        let img = file::load(&todo[0].0)?;
+        opts.model_size(img.width(), img.height())
+            .with_context(|| todo[0].0.display().to_string())?;
+        Some(img)
+    } else {
+        None
+    };
+    let cfg = spec.load_config()?;
+    let dev = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
+    let where_ = if dev.is_cpu() { "CPU" } else { "GPU" };
+    eprintln!("backend: SUPIR ({}), {where_}", spec.describe());
+    let t = Instant::now();
+    let mut restorer =
+        Restorer::load(cfg, &spec.checkpoints, &opts, &dev).context("loading the SUPIR model")?;
+    restorer.prepare_prompts(&opts)?;
+    restorer.drop_text_encoders();
+    tracing::info!("model loaded and prompts encoded in {:.1?}", t.elapsed());
+
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let images = (todo.len() > 1).then(|| {
+        multi.add(
+            ProgressBar::new(todo.len() as u64).with_style(
+                ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} images")
+                    .expect("valid template"),
+            ),
+        )
+    });
+    let steps = multi.add(
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps {msg}")
+                .expect("valid template"),
+        ),
+    );
+    let mut first = first;
+    let mut failures = Vec::new();
+    for (input, output, outs) in &todo {
+        steps.set_message(input.display().to_string());
+        steps.set_position(0);
+        let t = Instant::now();
+        let result = (|| -> anyhow::Result<()> {
+            let img = match first.take() {
+                Some(img) => img,
+                None => file::load(input)?,
+            };
+            let calls = restorer
+                .network_calls(&opts, img.width(), img.height())
+                .with_context(|| input.display().to_string())?;
+            steps.set_length(calls as u64);
+            let results = restorer
+                .restore_image(&img, &opts, Some(&mut || steps.inc(1)))
+                .with_context(|| format!("{}: restoring failed", input.display()))?;
+            for (res, out) in results.into_iter().zip(outs) {
+                file::save(&image::DynamicImage::ImageRgb8(res), out)?;
+            }
+            tracing::info!(
+                "{} -> {} ({}x{}) in {:.2?}",
+                input.display(),
+                output.display(),
+                img.width(),
+                img.height(),
+                t.elapsed()
+            );
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                for out in outs {
+                    multi.println(format!("wrote {}", out.display())).ok();
+                }
+            }
+            Err(e) if todo.len() > 1 => {
+                multi.println(format!("error: {e:#}")).ok();
+                failures.push(input.clone());
+            }
+            Err(e) => {
+                steps.finish_and_clear();
+                return Err(e);
+            }
+        }
+        if let Some(b) = &images {
+            b.inc(1);
+        }
+    }
+    steps.finish_and_clear();
+    if let Some(b) = images {
+        b.finish_and_clear();
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} images failed: {}",
+            failures.len(),
+            todo.len(),
+            failures
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The end-to-end restore path (`supir::restore`) on the tiny fixture model: it adds nothing to
+//! `batchify_sample`, the tiled VAE agrees with the whole-image VAE, and f16 / bf16 stay close to
+//! the f32 golden outputs.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module};
+use supir::color_fix::ColorFix;
+use supir::config::SupirConfig;
+use supir::fixture::{max_abs_diff, Case, Fixture};
+use supir::model::{DTypes, SupirModel};
+use supir::pipeline::batchify_sample;
+use supir::restore::{Precision, RestoreOptions, Restorer};
+use supir::sampler::{ReplayNoise, SamplerKind};
+use supir::tiled_vae::VaeTiling;
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/supir-tiny")
+}
+
+fn load(dtypes: DTypes) -> (Fixture, SupirConfig, SupirModel) {
+    let fx = Fixture::load(fixture_dir()).unwrap();
+    let cfg = SupirConfig::load(fx.config_path()).unwrap();
+    let model = SupirModel::load_with(&cfg, &[fx.weights_path()], dtypes, &Device::Cpu).unwrap();
+    (fx, cfg, model)
+}
+
+/// The case's `batchify_sample` kwargs as restore options (the mapping a caller writes).
+fn options_of(case: &Case, cfg: &SupirConfig) -> RestoreOptions {
+    let p = &case.params;
+    let f = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+    let b = |k: &str| p.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    let s = |k: &str, d: &str| {
+        p.get(k)
+            .and_then(|v| v.as_str())
+            .filter(|s| *s != "default")
+            .unwrap_or(d)
+            .to_string()
+    };
+    let mut o = RestoreOptions {
+        sampler: Some(
+            p["sampler"]
+                .as_str()
+                .unwrap()
+                .parse::<SamplerKind>()
+                .unwrap(),
+        ),
+        steps: f("num_steps", 100.0) as usize,
+        cfg_scale: f("cfg_scale", 4.0),
+        cfg_scale_start: f("cfg_scale_start", 1.0),
+        linear_cfg: b("use_linear_CFG"),
+        control_scale: f("control_scale", 1.0),
+        control_scale_start: f("control_scale_start", 0.0),
+        linear_control_scale: b("use_linear_control_scale"),
+        restoration_scale: f("restoration_scale", 4.0),
+        s_churn: f("s_churn", 0.0),
+        s_noise: f("s_noise", 1.003),
+        color_fix: s("color_fix_type", "None").parse::<ColorFix>().unwrap(),
+        caption: s("prompt", ""),
+        positive_prompt: s("p_p", &cfg.model.params.p_p),
+        negative_prompt: s("n_p", &cfg.model.params.n_p),
+        ..RestoreOptions::default()
+    };
+    if let Some(sp) = p.get("sampler_params") {
+        o.sampler_tile_size = sp
+            .get("tile_size")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize);
+        o.sampler_tile_stride = sp
+            .get("tile_stride")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize);
+    }
+    o
+}
+
+fn replay(fx: &Fixture, case: &Case) -> ReplayNoise {
+    let draws = case
+        .inputs
+        .iter()
+        .filter(|n| n.starts_with("noise_"))
+        .map(|n| (n.clone(), fx.input(case, n).unwrap()))
+        .collect();
+    ReplayNoise::from_named(draws).unwrap()
+}
+
+#[test]
+fn restore_options_path_equals_batchify_sample() {
+    let (fx, cfg, model) = load(DTypes::uniform(DType::F32));
+    let mut r = Restorer::from_model(cfg.clone(), model);
+    // One case is enough: the other kinds go through the same code (and `parity` covers them).
+    let cases = ["sample_edm_restore"];
+    for (i, name) in cases.iter().enumerate() {
+        let case = fx.case(name).unwrap();
+        let o = options_of(case, &cfg);
+        o.validate().unwrap();
+        let x = fx.input(case, "x").unwrap();
+        let so = o.sample_options(&cfg).unwrap();
+        let reference = batchify_sample(
+            &r.model,
+            &x,
+            &[o.caption.as_str()],
+            &so,
+            &mut replay(&fx, case),
+        )
+        .unwrap();
+        let mut calls = 0usize;
+        let mut rng = replay(&fx, case);
+        let out = r
+            .restore_tensor(&x, &o, &mut rng, Some(&mut || calls += 1))
+            .unwrap();
+        assert_eq!(rng.remaining(), 0, "{name}");
+        let (_, _, h, w) = x.dims4().unwrap();
+        // Network calls as counted for the progress bar (min size 0 keeps the size).
+        let sized = RestoreOptions {
+            min_size: 0,
+            ..o.clone()
+        };
+        assert_eq!(
+            calls,
+            r.network_calls(&sized, w as u32, h as u32).unwrap(),
+            "{name}"
+        );
+        let same = max_abs_diff(&out, &reference).unwrap();
+        let golden = fx.output(case, "samples").unwrap();
+        let err = max_abs_diff(&out, &golden).unwrap();
+        println!("{name}: vs batchify_sample {same:e}, vs official {err:e}");
+        assert_eq!(same, 0.0, "{name}");
+        assert!(err <= case.outputs[0].atol, "{name}: {err}");
+        if i + 1 == cases.len() {
+            // The text encoders can go once the prompts are encoded; the run stays the same.
+            r.drop_text_encoders();
+            let again = r
+                .restore_tensor(&x, &o, &mut replay(&fx, case), None)
+                .unwrap();
+            assert_eq!(max_abs_diff(&again, &out).unwrap(), 0.0);
+            let other = RestoreOptions {
+                caption: "another caption".into(),
+                ..o.clone()
+            };
+            let e = r
+                .restore_tensor(&x, &other, &mut replay(&fx, case), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("text encoders"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn image_path_sizes_seed_and_samples() {
+    let (_, cfg, model) = load(DTypes::uniform(DType::F32));
+    let mut r = Restorer::from_model(cfg, model);
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(40, 24, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 10) as u8, 90])
+    }));
+    let o = RestoreOptions {
+        steps: 2,
+        upscale: 1.5,
+        min_size: 64,
+        num_samples: 2,
+        seed: 5,
+        ..RestoreOptions::default()
+    };
+    let a = r.restore_image(&img, &o, None).unwrap();
+    assert_eq!(a.len(), 2);
+    assert!(a.iter().all(|i| i.dimensions() == (60, 36)));
+    assert_ne!(a[0], a[1], "two samples share their noise");
+    let b = r.restore_image(&img, &o, None).unwrap();
+    assert_eq!(a, b, "same seed, different output");
+}
+
+/// The official `VAEHook` (tilevae.py) on the tiny model, made by
+/// `scripts/tiled_vae_reference.py`: encoder tiles of 64 px (2 x 3 tiles of a 192 x 256 image),
+/// decoder tiles of 8 latent px (1 x 3 tiles of a 24 x 40 latent).
+#[test]
+fn tiled_vae_matches_the_official_tilevae() {
+    let (_, _, mut model) = load(DTypes::uniform(DType::F32));
+    let data = candle_core::safetensors::load(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiled_vae.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (x, z) = (&data["x"], &data["z"]);
+    let tiling = VaeTiling {
+        encoder_tile: 64,
+        decoder_tile: 8,
+    };
+    let vae = &mut model.vae;
+    let whole = (
+        vae.encoder.forward(x).unwrap(),
+        vae.denoise_encoder.as_ref().unwrap().forward(x).unwrap(),
+        vae.decoder.forward(z).unwrap(),
+    );
+    let enc = supir::tiled_vae::encode(&vae.encoder, x, tiling.encoder_tile).unwrap();
+    let denc = supir::tiled_vae::encode(
+        vae.denoise_encoder.as_ref().unwrap(),
+        x,
+        tiling.encoder_tile,
+    )
+    .unwrap();
+    let dec = supir::tiled_vae::decode(&vae.decoder, z, tiling.decoder_tile).unwrap();
+    for (name, ours, whole) in [
+        ("encoder", &enc, &whole.0),
+        ("denoise_encoder", &denc, &whole.1),
+        ("decoder", &dec, &whole.2),
+    ] {
+        let official = &data[&format!("{name}_tiled")];
+        let err = max_abs_diff(ours, official).unwrap();
+        let vs_whole = max_abs_diff(ours, whole).unwrap();
+        let scale = official
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        println!("{name}: tiled vs official tiled {err:.2e}, tiled vs whole {vs_whole:.2e} (max abs {scale:.2})");
+        assert!(err <= 1e-4 * scale.max(1.0), "{name}: {err}");
+    }
+    // Through the autoencoder: `tiling` switches the tiled path on, and below the threshold
+    // (long side <= tile + 2 pad) the tiled path is the whole-image path.
+    vae.tiling = Some(tiling);
+    let m = vae.encode_moments(x).unwrap();
+    assert_eq!(
+        max_abs_diff(&m, &vae.quant_conv.forward(&enc).unwrap()).unwrap(),
+        0.0
+    );
+    let small = x.narrow(2, 0, 64).unwrap().narrow(3, 0, 128).unwrap();
+    let tiled = vae.encode_moments(&small).unwrap();
+    vae.tiling = None;
+    assert_eq!(
+        max_abs_diff(&tiled, &vae.encode_moments(&small).unwrap()).unwrap(),
+        0.0
+    );
+}
+
+/// f16 diffusion (control + UNet) against the official f32 outputs, on an EDM and a DPM++2M case.
+/// (bf16 cannot run on candle's CPU backend, which has no bf16 matmul: a clear error.)
+#[test]
+fn half_precision_stays_close_to_f32() {
+    let (fx, cfg, model) = load(DTypes::new(DType::F16, DType::F32));
+    let mut r = Restorer::from_model(cfg.clone(), model);
+    for name in ["sample_edm_restore", "sample_dpmpp2m"] {
+        let case = fx.case(name).unwrap();
+        let o = options_of(case, &cfg);
+        let x = fx.input(case, "x").unwrap();
+        let s = r
+            .restore_tensor(&x, &o, &mut replay(&fx, case), None)
+            .unwrap();
+        let err = max_abs_diff(&s, &fx.output(case, "samples").unwrap()).unwrap();
+        println!(
+            "diffusion fp16: {name}: max abs err {err:.3e} (output max abs {:.2})",
+            case.outputs[0].max_abs
+        );
+        assert!(err < 0.05, "{name}: {err}");
+    }
+    let bf16 = RestoreOptions {
+        vae_precision: Precision::Bf16,
+        ..RestoreOptions::default()
+    };
+    let e = Restorer::load(cfg, &[fx.weights_path()], &bf16, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("bf16"), "{e}");
+}
