@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use ::supir::image_io::file;
+use ::supir::realesrgan::{RealEsrgan, Tiling, SCALE};
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
-use supir::image_io::file;
-use supir::realesrgan::{RealEsrgan, Tiling, SCALE};
 
 /// `scripts/realesrgan_reference.py`, run through `python3 -`.
 const REFERENCE_SCRIPT: &str = include_str!("../../../scripts/realesrgan_reference.py");
