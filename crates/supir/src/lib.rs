@@ -16,6 +16,7 @@ pub mod error;
 pub mod fixture;
 pub mod image_io;
 pub mod inspect;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod parity;

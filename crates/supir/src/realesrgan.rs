@@ -153,13 +153,15 @@ pub enum ConvEngine {
     Candle,
     /// Repacked 3x3 kernels on shifted-buffer GEMMs (CPU only; several times faster there).
     PackedCpu,
+    /// Winograd F(4x4, 3x3) ([`crate::kernels::winograd`]) in `PackedCpu`'s layout (CPU only).
+    Winograd,
 }
 
 impl ConvEngine {
     /// The fastest engine for `device`.
     pub fn for_device(device: &Device) -> Self {
         if device.is_cpu() {
-            Self::PackedCpu
+            Self::Winograd
         } else {
             Self::Candle
         }
@@ -229,7 +231,7 @@ struct CpuLayers {
 }
 
 impl CpuLayers {
-    fn new(vb: VarBuilder, cfg: &RrdbNetConfig) -> candle_core::Result<Self> {
+    fn new(vb: VarBuilder, cfg: &RrdbNetConfig, winograd: bool) -> candle_core::Result<Self> {
         let mut convs = cfg
             .convolutions()
             .into_iter()
@@ -237,7 +239,7 @@ impl CpuLayers {
                 let vb = vb.pp(key);
                 let w = vb.get(shape.to_vec(), "weight")?;
                 let b = vb.get(shape[0], "bias")?;
-                cpu::PackedConv::new(&w, &b)
+                cpu::PackedConv::new(&w, &b, winograd)
             })
             .collect::<candle_core::Result<Vec<_>>>()?
             .into_iter();
@@ -378,11 +380,11 @@ impl RrdbNet {
     ) -> candle_core::Result<Self> {
         let layers = match engine {
             ConvEngine::Candle => Layers::Candle(CandleLayers::new(vb, cfg)?),
-            ConvEngine::PackedCpu => {
+            ConvEngine::PackedCpu | ConvEngine::Winograd => {
                 if !vb.device().is_cpu() {
-                    candle_core::bail!("ConvEngine::PackedCpu needs CPU weights");
+                    candle_core::bail!("ConvEngine::{engine:?} needs CPU weights");
                 }
-                Layers::Cpu(CpuLayers::new(vb, cfg)?)
+                Layers::Cpu(CpuLayers::new(vb, cfg, engine == ConvEngine::Winograd)?)
             }
         };
         Ok(Self {
@@ -422,6 +424,32 @@ impl RrdbNet {
             Layers::Candle(l) => l.tail(feat),
             Layers::Cpu(l) => l.tail(feat),
         }
+    }
+}
+
+/// One 3x3 convolution of the `PackedCpu` engine on a fixed-size map, for kernel benchmarks
+/// (`examples/conv_bench.rs`).
+#[doc(hidden)]
+pub struct PackedConvBench {
+    conv: cpu::PackedConv,
+    src: cpu::Padded,
+    dst: cpu::Padded,
+}
+
+impl PackedConvBench {
+    /// `weight [cout, cin, 3, 3]`, `bias [cout]`, a zero `h` x `w` input.
+    pub fn new(weight: &Tensor, bias: &Tensor, h: usize, w: usize) -> candle_core::Result<Self> {
+        let conv = cpu::PackedConv::new(weight, bias, false)?;
+        let (src, dst) = (
+            cpu::Padded::zeros(h, w, conv.cin),
+            cpu::Padded::zeros(h, w, conv.cout),
+        );
+        Ok(Self { conv, src, dst })
+    }
+
+    pub fn run(&mut self) {
+        let (s, d) = (self.src.view(), self.dst.view());
+        cpu::conv(&self.conv, s, d, 0, cpu::Epilogue::NONE);
     }
 }
 

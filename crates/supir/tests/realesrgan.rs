@@ -80,11 +80,16 @@ fn engines_and_tail_strips_agree() {
     let x = pattern(11, 9);
     let mut fast = RealEsrgan::embedded_with(&Device::Cpu, ConvEngine::PackedCpu).unwrap();
     let candle = RealEsrgan::embedded_with(&Device::Cpu, ConvEngine::Candle).unwrap();
+    let wino = RealEsrgan::embedded_with(&Device::Cpu, ConvEngine::Winograd).unwrap();
     let a = fast.net().forward(&x).unwrap();
     let b = candle.net().forward(&x).unwrap();
     assert_eq!(a.dims(), [1, 3, 44, 36]);
     let d = max_abs(&a, &b);
     assert!(d < 1e-4, "PackedCpu vs Candle: max abs {d}");
+    let w = wino.net().forward(&x).unwrap();
+    let d = max_abs(&w, &b);
+    eprintln!("Winograd vs Candle: max abs {d}");
+    assert!(d < 1e-4, "Winograd vs Candle: max abs {d}");
     // Strips of 3 rows (with their halo) give the one-pass result.
     fast.net_mut().set_tail_rows(3);
     let c = fast.net().forward(&x).unwrap();

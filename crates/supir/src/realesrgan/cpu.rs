@@ -11,6 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::kernels::winograd::{self, Winograd3x3};
+
 /// Output rows (pixels) per GEMM chunk: the chunk's accumulator stays in cache across the taps.
 const CHUNK: usize = 256;
 
@@ -21,11 +23,14 @@ pub(crate) struct PackedConv {
     /// `[9][cin][cout]`, tap `t = ky * 3 + kx`.
     taps: Vec<f32>,
     bias: Vec<f32>,
+    /// The Winograd F(4x4, 3x3) form, used instead of the taps when present.
+    wino: Option<Box<Winograd3x3>>,
 }
 
 impl PackedConv {
-    /// From PyTorch-layout `weight [cout, cin, 3, 3]` and `bias [cout]`.
-    pub fn new(weight: &Tensor, bias: &Tensor) -> candle_core::Result<Self> {
+    /// From PyTorch-layout `weight [cout, cin, 3, 3]` and `bias [cout]`; with `winograd`, run by
+    /// the Winograd F(4x4, 3x3) kernel.
+    pub fn new(weight: &Tensor, bias: &Tensor, winograd: bool) -> candle_core::Result<Self> {
         let (cout, cin, kh, kw) = weight.dims4()?;
         if (kh, kw) != (3, 3) {
             candle_core::bail!("expected a 3x3 kernel, got {kh}x{kw}");
@@ -35,12 +40,18 @@ impl PackedConv {
             .permute((2, 3, 1, 0))?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let wino = if winograd {
+            Some(Box::new(Winograd3x3::from_tensors(weight, Some(bias))?))
+        } else {
+            None
+        };
         let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok(Self {
             cin,
             cout,
             taps,
             bias,
+            wino,
         })
     }
 }
@@ -182,6 +193,9 @@ pub(crate) fn conv(c: &PackedConv, src: View, dst: View, off: usize, epi: Epilog
     for (r, _) in [epi.residual, epi.outer].into_iter().flatten() {
         assert!(r.h == h && r.w == w && c.cout <= r.stride);
     }
+    if let Some(k) = &c.wino {
+        return conv_winograd(k, src, dst, off, epi);
+    }
     // Flat output range covering every interior pixel.
     let first = pw + 1;
     let end = h * pw + w + 1;
@@ -247,5 +261,47 @@ pub(crate) fn conv(c: &PackedConv, src: View, dst: View, off: usize, epi: Epilog
                 }
             }
         }
+    });
+}
+
+/// [`conv`] by the Winograd kernel: interior pixels only (the zero border is left as it is).
+fn conv_winograd(k: &Winograd3x3, src: View, dst: View, off: usize, epi: Epilogue) {
+    let (h, w) = (src.h, src.w);
+    let pw = w + 2;
+    // SAFETY: interior pixel (y, x) is flat index (y + 1) * pw + x + 1 of `src`, whose channels
+    // 0..cin are not written by this call (`conv` checked `off >= cin` for a shared map).
+    let input = unsafe {
+        winograd::Input::from_raw(
+            src.ptr.add((pw + 1) * src.stride),
+            h,
+            w,
+            pw * src.stride,
+            src.stride,
+        )
+    };
+    winograd::conv(k, input, |y, x, v| {
+        let (dst, epi) = (dst, epi);
+        let p = (y + 1) * pw + x + 1;
+        for (c, val) in v.iter_mut().enumerate() {
+            let mut x = *val;
+            if let Some(slope) = epi.leaky {
+                x = x.max(x * slope);
+            }
+            // SAFETY: pixel p is inside the residual maps (same size, checked by `conv`).
+            unsafe {
+                if let Some((r, scale)) = epi.residual {
+                    x = x * scale + *r.ptr.add(p * r.stride + c);
+                }
+                if let Some((r, scale)) = epi.outer {
+                    x = x * scale + *r.ptr.add(p * r.stride + c);
+                }
+            }
+            *val = x;
+        }
+        // SAFETY: each pixel is visited once, so this write to dst's channels off..off+cout is
+        // the only access to them during the call.
+        unsafe {
+            std::ptr::copy_nonoverlapping(v.as_ptr(), dst.ptr.add(p * dst.stride + off), v.len())
+        };
     });
 }
