@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use ::supir::image_io::file;
-use ::supir::realesrgan::{RealEsrgan, Tiling, SCALE};
+use ::supir::realesrgan::{ConvEngine, RealEsrgan, Tiling, SCALE};
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
@@ -43,10 +43,30 @@ enum What {
         /// Skip the ncnn reference.
         #[arg(long)]
         no_reference: bool,
+        /// Convolution engine (default: the fastest for the CPU).
+        #[arg(long, value_enum)]
+        engine: Option<Engine>,
     },
     /// Every SUPIR network at one image size: text encoders, stage 1 (VAE), GLVControl and UNet
     /// per sampling step; with `--torch`, the official PyTorch code beside.
     Supir(Box<supir::SupirBenchArgs>),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Engine {
+    Candle,
+    Packed,
+    Winograd,
+}
+
+impl From<Engine> for ConvEngine {
+    fn from(e: Engine) -> Self {
+        match e {
+            Engine::Candle => ConvEngine::Candle,
+            Engine::Packed => ConvEngine::PackedCpu,
+            Engine::Winograd => ConvEngine::Winograd,
+        }
+    }
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -58,7 +78,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             tile,
             python,
             no_reference,
-        } => bench_realesrgan(size, reps.max(1), tile, &python, no_reference),
+            engine,
+        } => {
+            let engine = engine.map_or(ConvEngine::for_device(&Device::Cpu), Into::into);
+            bench_realesrgan(size, reps.max(1), tile, &python, no_reference, engine)
+        }
     }
 }
 
@@ -106,13 +130,14 @@ fn bench_realesrgan(
     tile: usize,
     python: &str,
     no_reference: bool,
+    engine: ConvEngine,
 ) -> anyhow::Result<()> {
     if size == 0 {
         bail!("--size must be at least 1");
     }
     let img = test_image(size);
     let mp = (size * size) as f64 / 1e6;
-    let model = RealEsrgan::embedded(&Device::Cpu)?;
+    let model = RealEsrgan::embedded_with(&Device::Cpu, engine)?;
     let tiling = Tiling {
         tile,
         ..Tiling::default()
@@ -131,7 +156,7 @@ fn bench_realesrgan(
         best = best.min(t.elapsed().as_secs_f64());
     }
     let mut rows = vec![Row {
-        name: format!("supir-rs (candle, CPU, f32, tile {tile})"),
+        name: format!("supir-rs ({engine:?}, CPU, f32, tile {tile})"),
         ms_per_mp: best * 1e3 / mp,
         best_s: best,
         peak_mib: peak_rss_kib().map(|k| k as f64 / 1024.0),

@@ -63,6 +63,10 @@ fn main() -> candle_core::Result<()> {
     if which != "rrdb" {
         shapes.extend(supir);
     }
+    // Tiles per Winograd chunk (default: the kernel's choice).
+    let chunk: Option<usize> = std::env::var("CONV_BENCH_CHUNK")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let threads = rayon::current_num_threads();
     println!("3x3 conv, f32, {threads} threads, {reps} runs; GFLOP/s (direct-conv FLOPs) from best wall | mean CPU time");
     println!(
@@ -104,7 +108,8 @@ fn main() -> candle_core::Result<()> {
         cell('w', &mut || {
             for img in src.chunks_exact(h * w * cin) {
                 let out = OutPtr(dst.as_mut_ptr());
-                winograd::conv(&k, Input::new(img, h, w, w * cin, cin, cin), |y, x, v| {
+                let input = Input::new(img, h, w, w * cin, cin, cin);
+                winograd::conv_chunked(&k, input, chunk.unwrap_or(0), |y, x, v| {
                     // SAFETY: each pixel is written once, inside `dst`.
                     unsafe {
                         std::ptr::copy_nonoverlapping(

@@ -172,11 +172,13 @@ impl Input {
     }
 }
 
-/// Tiles per chunk: the chunk's transformed input and output (`36 · tiles · (cin + cout)` f32)
-/// in about 768 KiB (half of a 2 MiB L2 or all of a 1 MiB one), between 8 and 128 tiles.
-fn default_chunk(cin: usize, cout: usize) -> usize {
-    let t = (768 * 1024 / 4) / (NXI * (cin + cout));
-    (t.clamp(8, 128) / 8) * 8
+/// Tiles per chunk (measured on a 2-core Zen 4, `examples/conv_bench.rs`): 16 while a `U_ξ`
+/// (`cin · coutp` f32) fits in 64 KiB, so the chunk's `V` and `M` stay in L2; 64 for larger
+/// layers, where reading `U` (36 `U_ξ` per chunk) costs more than missing L2 on `V` and `M`.
+/// At most `tiles / threads`, so every thread gets work.
+fn default_chunk(cin: usize, coutp: usize, tiles: usize) -> usize {
+    let t = if cin * coutp <= 16 * 1024 { 16 } else { 64 };
+    t.min(tiles.div_ceil(rayon::current_num_threads())).max(1)
 }
 
 /// `epi(y, x, v)` for every output pixel, with `v[co] = bias[co] + Σ conv` (`cout` values, which
@@ -185,10 +187,10 @@ pub fn conv<F>(k: &Winograd3x3, x: Input, epi: F)
 where
     F: Fn(usize, usize, &mut [f32]) + Sync,
 {
-    conv_chunked(k, x, default_chunk(k.cin, k.cout), epi)
+    conv_chunked(k, x, 0, epi)
 }
 
-/// [`conv`] with `chunk` tiles per GEMM batch.
+/// [`conv`] with `chunk` tiles per GEMM batch (0: the default).
 pub fn conv_chunked<F>(k: &Winograd3x3, x: Input, chunk: usize, epi: F)
 where
     F: Fn(usize, usize, &mut [f32]) + Sync,
@@ -198,6 +200,11 @@ where
     if tiles == 0 {
         return;
     }
+    let chunk = if chunk == 0 {
+        default_chunk(k.cin, k.coutp, tiles)
+    } else {
+        chunk
+    };
     let chunk = chunk.clamp(1, tiles);
     let (cin, cout, coutp) = (k.cin, k.cout, k.coutp);
     (0..tiles.div_ceil(chunk)).into_par_iter().for_each(|ci| {

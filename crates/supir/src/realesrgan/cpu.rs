@@ -20,7 +20,7 @@ const CHUNK: usize = 256;
 pub(crate) struct PackedConv {
     pub cin: usize,
     pub cout: usize,
-    /// `[9][cin][cout]`, tap `t = ky * 3 + kx`.
+    /// `[9][cin][cout]`, tap `t = ky * 3 + kx` (empty when `wino` is set).
     taps: Vec<f32>,
     bias: Vec<f32>,
     /// The Winograd F(4x4, 3x3) form, used instead of the taps when present.
@@ -35,11 +35,16 @@ impl PackedConv {
         if (kh, kw) != (3, 3) {
             candle_core::bail!("expected a 3x3 kernel, got {kh}x{kw}");
         }
-        let taps = weight
-            .to_dtype(DType::F32)?
-            .permute((2, 3, 1, 0))?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        // The Winograd form replaces the taps (4x their size: 36 against 9 per cin x cout).
+        let taps = if winograd {
+            Vec::new()
+        } else {
+            weight
+                .to_dtype(DType::F32)?
+                .permute((2, 3, 1, 0))?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+        };
         let wino = if winograd {
             Some(Box::new(Winograd3x3::from_tensors(weight, Some(bias))?))
         } else {
