@@ -402,6 +402,8 @@ pub struct ShapeSource {
     /// Shapes answered by `get_unchecked` (a module that reads its sizes off the weights).
     known: Arc<HashMap<String, Vec<usize>>>,
     requested: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
+    /// Keys asked for with a shape more than once (a module building a weight twice).
+    repeated: Arc<Mutex<Vec<String>>>,
 }
 
 impl ShapeSource {
@@ -410,12 +412,18 @@ impl ShapeSource {
         Self {
             known: Arc::new(known),
             requested: Arc::default(),
+            repeated: Arc::default(),
         }
     }
 
     /// Every `(key, shape)` asked for so far.
     pub fn requested(&self) -> BTreeMap<String, Vec<usize>> {
         self.requested.lock().expect("poisoned").clone()
+    }
+
+    /// Keys requested with a shape more than once, in request order.
+    pub fn repeated(&self) -> Vec<String> {
+        self.repeated.lock().expect("poisoned").clone()
     }
 
     /// A var builder over this source (clone the source first to read the record afterwards).
@@ -440,6 +448,12 @@ impl SimpleBackend for ShapeSource {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if self.requested.lock().expect("poisoned").contains_key(name) {
+            self.repeated
+                .lock()
+                .expect("poisoned")
+                .push(name.to_string());
+        }
         self.record(name, s.dims());
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }

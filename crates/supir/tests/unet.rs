@@ -3,15 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use supir::config::SupirConfig;
 use supir::control::GLVControl;
 use supir::fixture::{max_abs_diff, Fixture};
+use supir::inspect::full_size_keys;
 use supir::unet::LightGLVUNet;
+use supir::weights::ShapeSource;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -110,67 +110,25 @@ fn unet_cs05_matches_official() {
     unet_case("unet_cs05");
 }
 
-/// Records every requested (name, shape); hands out broadcast zeros (no allocation).
-struct ShapeRecorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let prev = self
-            .0
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), s.dims().to_vec());
-        if let Some(prev) = prev {
-            candle_core::bail!("{name} requested twice ({prev:?})");
-        }
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("unchecked get of {name}")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        false
-    }
-}
-
 #[test]
 fn full_size_requests_exactly_the_official_keys() {
     let cfg = SupirConfig::load(fixtures().join("official/SUPIR_v0.yaml")).unwrap();
-    let seen = Arc::new(Mutex::new(BTreeMap::new()));
-    let vb = VarBuilder::from_backend(
-        Box::new(ShapeRecorder(seen.clone())),
-        DType::F32,
-        Device::Cpu,
-    );
+    let official = full_size_keys();
+    let src = ShapeSource::new(official.clone().into_iter().collect());
+    let vb = src.clone().into_var_builder(DType::F32, &Device::Cpu);
     let p = &cfg.model.params;
     GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params).unwrap();
     LightGLVUNet::new(vb.pp("model.diffusion_model"), &p.network_config.params).unwrap();
-    let got = seen.lock().unwrap().clone();
-
-    let tsv = std::fs::read_to_string(fixtures().join("supir-v0-keys.tsv")).unwrap();
-    let want: BTreeMap<String, Vec<usize>> = tsv
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            l.starts_with("model.diffusion_model.") || l.starts_with("model.control_model.")
-        })
-        .map(|l| {
-            let (k, s) = l.split_once('\t').expect("key<TAB>shape");
-            let shape = s
-                .split(',')
-                .filter(|d| !d.is_empty())
-                .map(|d| d.trim().parse().unwrap())
-                .collect();
-            (k.to_string(), shape)
+    assert!(
+        src.repeated().is_empty(),
+        "requested twice: {:?}",
+        src.repeated()
+    );
+    let got = src.requested();
+    let want: BTreeMap<String, Vec<usize>> = official
+        .into_iter()
+        .filter(|(k, _)| {
+            k.starts_with("model.diffusion_model.") || k.starts_with("model.control_model.")
         })
         .collect();
 

@@ -2,14 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use supir::config::SupirConfig;
 use supir::fixture::{max_abs_diff, Case, Fixture};
+use supir::inspect::full_size_keys;
 use supir::vae::{AutoencoderKL, DiagonalGaussian};
+use supir::weights::ShapeSource;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -110,67 +110,27 @@ fn diagonal_gaussian_sample_and_clamp() {
     assert!((s[1] - (-2.0 + (-15f32).exp())).abs() < 1e-6);
 }
 
-/// Records every requested (name, shape) and hands back a broadcast zero (no allocation).
-struct ShapeRecorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
-
-impl SimpleBackend for ShapeRecorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let prev = self
-            .0
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), s.dims().to_vec());
-        if prev.is_some() {
-            candle_core::bail!("`{name}` requested twice");
-        }
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("unchecked get of `{name}`: the shape must be known")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
-}
-
 #[test]
 fn full_size_vae_requests_exactly_the_official_keys() {
     let cfg = SupirConfig::load(fixtures().join("official/SUPIR_v0.yaml")).unwrap();
-    let seen = Arc::new(Mutex::new(BTreeMap::new()));
-    let backend: Box<dyn SimpleBackend> = Box::new(ShapeRecorder(seen.clone()));
-    let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
+    let official = full_size_keys();
+    let src = ShapeSource::new(official.clone().into_iter().collect());
+    let vb = src.clone().into_var_builder(DType::F32, &Device::Cpu);
     AutoencoderKL::new(
         vb.pp("first_stage_model"),
         &cfg.model.params.first_stage_config.params,
         true,
     )
     .unwrap();
-    let seen = seen.lock().unwrap().clone();
-
-    let tsv = std::fs::read_to_string(fixtures().join("supir-v0-keys.tsv")).unwrap();
-    let expected: BTreeMap<String, Vec<usize>> = tsv
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let (key, shape) = line.split_once('\t')?;
-            key.starts_with("first_stage_model.").then(|| {
-                let dims = shape
-                    .split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(|d| d.trim().parse().unwrap())
-                    .collect();
-                (key.to_string(), dims)
-            })
-        })
+    assert!(
+        src.repeated().is_empty(),
+        "requested twice: {:?}",
+        src.repeated()
+    );
+    let seen = src.requested();
+    let expected: BTreeMap<String, Vec<usize>> = official
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("first_stage_model."))
         .collect();
     assert!(!expected.is_empty());
 

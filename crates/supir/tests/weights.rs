@@ -160,6 +160,10 @@ fn shape_source_records_requests_without_allocating() {
     assert_eq!(big.dtype(), DType::F16);
     let rec = src.requested();
     assert_eq!(rec.get("huge.weight"), Some(&vec![40_000, 40_000]));
+    assert!(src.repeated().is_empty());
+    vb.get(3, "small.bias").unwrap();
+    vb.get(3, "small.bias").unwrap();
+    assert_eq!(src.repeated(), ["small.bias"]);
 }
 
 /// Torch zip checkpoints made by `scripts/make_torch_ckpt_fixtures.py` (torch.save).
