@@ -2,8 +2,10 @@
 //! SDXL UNet encoder (time/label embeddings, input blocks, middle block) whose first block output
 //! is offset by a conv of the LQ latent. Keys under `model.control_model`.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::layers::Conv2d;
 
 use crate::config::UNetParams;
 use crate::unet::{conv2d, UNetTrunk};

@@ -17,6 +17,7 @@ pub mod fixture;
 pub mod image_io;
 pub mod inspect;
 pub mod kernels;
+pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod parity;

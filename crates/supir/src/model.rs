@@ -123,9 +123,10 @@ impl SupirModel {
         })
     }
 
-    /// The dtype of the VAE weights (stage 1, decoding).
+    /// The dtype the VAE computes in (stage 1, decoding): its weights' dtype, or f32 on the CPU
+    /// ([`crate::layers::compute_dtype`]).
     pub fn vae_dtype(&self) -> DType {
-        self.vae.quant_conv.weight().dtype()
+        crate::layers::compute_dtype(self.vae.quant_conv.weight().dtype(), &self.device())
     }
 
     /// The device the weights live on.
@@ -133,14 +134,21 @@ impl SupirModel {
         self.vae.quant_conv.weight().device().clone()
     }
 
-    /// The dtype of control + UNet (the sampler's network calls).
+    /// The dtype control + UNet compute in (the sampler's network calls): their weights'
+    /// dtype, or f32 on the CPU ([`crate::layers::compute_dtype`]).
     pub fn diffusion_dtype(&self) -> DType {
-        self.unet.dtype()
+        crate::layers::compute_dtype(self.unet.dtype(), &self.device())
+    }
+
+    /// The dtypes the weights are held in.
+    pub fn weight_dtypes(&self) -> (DType, DType) {
+        (self.unet.dtype(), self.vae.quant_conv.weight().dtype())
     }
 }
 
-/// Compute dtypes of the model's parts. The official code offers f32 / f16 / bf16 for the
-/// diffusion part and f32 / bf16 for the VAE (f16 gives NaNs there).
+/// Weight dtypes of the model's parts. The official code offers f32 / f16 / bf16 for the
+/// diffusion part and f32 / bf16 for the VAE (f16 gives NaNs there). On a GPU the part computes
+/// in that dtype; on the CPU the weights stay in it and every layer computes in f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DTypes {
     /// Control + UNet.

@@ -391,18 +391,6 @@ impl Restorer {
         dev: &Device,
     ) -> Result<Self> {
         opts.validate()?;
-        if dev.is_cpu() {
-            for (name, p) in [
-                ("diffusion", opts.diffusion_precision),
-                ("vae", opts.vae_precision),
-            ] {
-                if p == Precision::Bf16 {
-                    return Err(opt_err(format!(
-                        "{name} precision bf16: candle's CPU backend has no bf16 matrix product; use fp32 (or fp16 for the diffusion part) on the CPU"
-                    )));
-                }
-            }
-        }
         let mut model = SupirModel::load_with(&cfg, checkpoints, opts.dtypes(), dev)?;
         model.vae.tiling = opts.vae_tiling;
         Ok(Self::from_model(cfg, model))

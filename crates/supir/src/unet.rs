@@ -5,8 +5,10 @@
 //! shared with [`crate::control::GLVControl`], which is a trimmed copy of the encoder half
 //! ([`UNetTrunk`]).
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::layers::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 
 use crate::config::UNetParams;
 use crate::zero_sft::{ZeroCrossAttn, ZeroSFT};
@@ -36,7 +38,7 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// `normalization(ch)` of openaimodel (GroupNorm32): 32 groups, eps 1e-5, affine.
 pub(crate) fn group_norm32(channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(32, channels, 1e-5, vb)
+    GroupNorm::load(vb, 32, channels, 1e-5)
 }
 
 /// `k x k` convolution with "same" padding (`k / 2`) and the given stride, with bias.
@@ -47,12 +49,7 @@ pub(crate) fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_ch, out_ch, k, cfg, vb)
+    Conv2d::load(vb, in_ch, out_ch, k, stride, k / 2)
 }
 
 /// `[B, C, H, W]` -> `[B, H*W, C]` (contiguous).
@@ -92,7 +89,7 @@ impl ResBlock {
         Ok(Self {
             in_norm: group_norm32(in_ch, vb.pp("in_layers.0"))?,
             in_conv: conv2d(in_ch, out_ch, 3, 1, vb.pp("in_layers.2"))?,
-            emb_proj: candle_nn::linear(emb_ch, out_ch, vb.pp("emb_layers.1"))?,
+            emb_proj: Linear::load(vb.pp("emb_layers.1"), emb_ch, out_ch, true)?,
             out_norm: group_norm32(out_ch, vb.pp("out_layers.0"))?,
             out_conv: conv2d(out_ch, out_ch, 3, 1, vb.pp("out_layers.3"))?,
             skip,
@@ -101,7 +98,7 @@ impl ResBlock {
 
     /// `x`: `[B, in, H, W]`, `emb`: `[B, emb_ch]` -> `[B, out, H, W]`.
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = self.in_conv.forward(&self.in_norm.forward(x)?.silu()?)?;
+        let h = self.in_conv.forward(&self.in_norm.forward_silu(x)?)?;
         let e = self
             .emb_proj
             .forward(&emb.silu()?)?
@@ -109,7 +106,7 @@ impl ResBlock {
             .unsqueeze(3)?;
         let h = h.broadcast_add(&e)?;
         // out_layers: norm, SiLU, dropout (inference: identity), conv.
-        let h = self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)?;
+        let h = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
         match &self.skip {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,
@@ -182,21 +179,13 @@ impl CrossAttention {
         let inner = heads * dim_head;
         let ctx = context_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(ctx, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(ctx, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_q: Linear::load(vb.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::load(vb.pp("to_k"), ctx, inner, false)?,
+            to_v: Linear::load(vb.pp("to_v"), ctx, inner, false)?,
+            to_out: Linear::load(vb.pp("to_out.0"), inner, query_dim, true)?,
             heads,
             dim_head,
         })
-    }
-
-    /// `[B, N, inner]` -> `[B, heads, N, dim_head]` (contiguous).
-    fn split_heads(&self, t: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = t.dims3()?;
-        t.reshape((b, n, self.heads, self.dim_head))?
-            .transpose(1, 2)?
-            .contiguous()
     }
 
     /// `x`: `[B, N, query_dim]`, `context`: `[B, M, context_dim]` (or `None`: `x`) ->
@@ -205,15 +194,11 @@ impl CrossAttention {
         let (b, n, _) = x.dims3()?;
         let ctx = context.unwrap_or(x);
         let scale = 1.0 / (self.dim_head as f64).sqrt();
-        let q = self.split_heads(&(self.to_q.forward(x)? * scale)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        // [B, h, N, M]
-        let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let out = attn.matmul(&v)?; // [B, h, N, d]
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.dim_head))?;
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let out = layers::attention(&q, &k, &v, self.heads, scale)?;
+        debug_assert_eq!(out.dims(), [b, n, self.heads * self.dim_head]);
         self.to_out.forward(&out)
     }
 }
@@ -231,8 +216,8 @@ impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: Linear::load(vb.pp("net.0.proj"), dim, 2 * inner, true)?,
+            out: Linear::load(vb.pp("net.2"), inner, dim, true)?,
             inner,
         })
     }
@@ -265,7 +250,7 @@ impl BasicTransformerBlock {
         dim_head: usize,
         context_dim: usize,
     ) -> Result<Self> {
-        let ln = |name: &str| candle_nn::layer_norm(dim, 1e-5, vb.pp(name));
+        let ln = |name: &str| LayerNorm::load(vb.pp(name), dim, 1e-5);
         Ok(Self {
             attn1: CrossAttention::new(vb.pp("attn1"), dim, None, heads, dim_head)?,
             attn2: CrossAttention::new(vb.pp("attn2"), dim, Some(context_dim), heads, dim_head)?,
@@ -297,7 +282,7 @@ enum Proj {
 impl Proj {
     fn new(vb: VarBuilder, linear: bool, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(if linear {
-            Proj::Linear(candle_nn::linear(in_dim, out_dim, vb)?)
+            Proj::Linear(Linear::load(vb, in_dim, out_dim, true)?)
         } else {
             Proj::Conv(conv2d(in_dim, out_dim, 1, 1, vb)?)
         })
@@ -338,7 +323,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(32, in_ch, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::load(vb.pp("norm"), 32, in_ch, 1e-6)?,
             proj_in: Proj::new(vb.pp("proj_in"), use_linear, in_ch, inner)?,
             blocks,
             proj_out: Proj::new(vb.pp("proj_out"), use_linear, inner, in_ch)?,
@@ -493,8 +478,8 @@ impl UNetTrunk {
             candle_core::bail!("transformer_depth needs one entry per channel_mult level");
         }
         let time_embed = (
-            candle_nn::linear(mc, ted, vb.pp("time_embed.0"))?,
-            candle_nn::linear(ted, ted, vb.pp("time_embed.2"))?,
+            Linear::load(vb.pp("time_embed.0"), mc, ted, true)?,
+            Linear::load(vb.pp("time_embed.2"), ted, ted, true)?,
         );
         let label_emb = match cfg.num_classes.as_deref() {
             None => None,
@@ -503,8 +488,8 @@ impl UNetTrunk {
                     candle_core::Error::Msg("num_classes sequential needs adm_in_channels".into())
                 })?;
                 Some((
-                    candle_nn::linear(adm, ted, vb.pp("label_emb.0.0"))?,
-                    candle_nn::linear(ted, ted, vb.pp("label_emb.0.2"))?,
+                    Linear::load(vb.pp("label_emb.0.0"), adm, ted, true)?,
+                    Linear::load(vb.pp("label_emb.0.2"), ted, ted, true)?,
                 ))
             }
             Some(other) => candle_core::bail!("num_classes {other:?} is not supported"),

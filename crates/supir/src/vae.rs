@@ -10,7 +10,9 @@
 //! `AutoencoderKL::new(vb.pp("first_stage_model"), &cfg.model.params.first_stage_config.params, true)`.
 
 use candle_core::{bail, Module, Result, Tensor, D};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::layers::{self, Conv2d, GroupNorm};
 
 use crate::config::{DdConfig, FirstStageParams};
 use crate::tiled_vae::VaeTiling;
@@ -32,11 +34,18 @@ impl Module for Norm {
     }
 }
 
+impl Norm {
+    /// `silu(norm(x))` in one pass.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.gn.forward_silu(x)
+    }
+}
+
 fn normalize(channels: usize, vb: VarBuilder) -> Result<Norm> {
     let (groups, eps) = (32, 1e-6);
     let weight = vb.get(channels, "weight")?;
     let bias = vb.get(channels, "bias")?;
-    let gn = GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    let gn = GroupNorm::new(weight.clone(), bias.clone(), groups, eps)?;
     Ok(Norm {
         gn,
         weight,
@@ -48,16 +57,12 @@ fn normalize(channels: usize, vb: VarBuilder) -> Result<Norm> {
 
 /// 3x3 convolution, stride 1, zero padding 1 (shape-preserving).
 fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    conv2d(in_c, out_c, 3, cfg, vb)
+    Conv2d::load(vb, in_c, out_c, 3, 1, 1)
 }
 
 /// 1x1 convolution (a per-pixel linear map).
 fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv2d(in_c, out_c, 1, Conv2dConfig::default(), vb)
+    Conv2d::load(vb, in_c, out_c, 1, 1, 0)
 }
 
 /// Whether the config's `attn_type` builds the single-head spatial self-attention block.
@@ -102,8 +107,8 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.nin_shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,
@@ -112,29 +117,22 @@ impl Module for ResnetBlock {
 }
 
 /// `AttnBlock`: single-head self-attention over all `H*W` positions, channels as features.
-/// `q`, `k`, `v`, `proj_out` are 1x1 convs (`[C, C, 1, 1]` weights), applied here as `[C, C]`
-/// matrices on the channel-first `[B, C, H*W]` view so no transposed copies are made:
-/// `out = v · softmax(qᵀk / sqrt(C))ᵀ`, then `x + proj_out(out)`.
+/// `q`, `k`, `v`, `proj_out` are 1x1 convs; the attention runs on the channel-first
+/// `[B, C, H*W]` views so no transposed copies are made:
+/// `out[:, :, i] = Σ_j softmax_j(q_i · k_j / sqrt(C)) v_j`, then `x + proj_out(out)`.
 #[derive(Debug, Clone)]
 pub struct AttnBlock {
     pub(crate) norm: Norm,
-    /// (weight `[C, C]`, bias `[C, 1]`) for q, k, v, proj_out.
-    pub(crate) q: (Tensor, Tensor),
-    pub(crate) k: (Tensor, Tensor),
-    pub(crate) v: (Tensor, Tensor),
-    pub(crate) proj_out: (Tensor, Tensor),
+    pub(crate) q: Conv2d,
+    pub(crate) k: Conv2d,
+    pub(crate) v: Conv2d,
+    pub(crate) proj_out: Conv2d,
     pub(crate) channels: usize,
 }
 
 impl AttnBlock {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        let pointwise = |name: &str| -> Result<(Tensor, Tensor)> {
-            let vb = vb.pp(name);
-            let w = vb.get((channels, channels, 1, 1), "weight")?;
-            let b = vb.get(channels, "bias")?;
-            // [C, C, 1, 1] -> [C, C] and [C] -> [C, 1]: views, no copy.
-            Ok((w.squeeze(3)?.squeeze(2)?, b.unsqueeze(1)?))
-        };
+        let pointwise = |name: &str| conv1x1(channels, channels, vb.pp(name));
         Ok(Self {
             norm: normalize(channels, vb.pp("norm"))?,
             q: pointwise("q")?,
@@ -145,26 +143,16 @@ impl AttnBlock {
         })
     }
 
-    /// 1x1 conv on `[B, C, N]`: `W · x + b` per batch item.
-    fn pointwise(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
-        w.broadcast_left(x.dim(0)?)?.matmul(x)?.broadcast_add(b)
-    }
-}
-
-impl AttnBlock {
     /// The attention on the normalised input `hn` (without the residual).
     pub(crate) fn attend(&self, hn: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = hn.dims4()?;
-        let hn = hn.reshape((b, c, h * w))?;
+        let flat = |t: Tensor| t.reshape((b, c, h * w));
+        let q = flat(self.q.forward(hn)?)?;
+        let k = flat(self.k.forward(hn)?)?;
+        let v = flat(self.v.forward(hn)?)?;
         let scale = 1.0 / (self.channels as f64).sqrt();
-        let q = (Self::pointwise(&hn, &self.q)? * scale)?;
-        let k = Self::pointwise(&hn, &self.k)?;
-        let v = Self::pointwise(&hn, &self.v)?;
-        // [B, N, C] x [B, C, N] -> [B, N(query), N(key)]
-        let attn = candle_nn::ops::softmax_last_dim(&q.t()?.matmul(&k)?)?;
-        // [B, C, N(key)] x [B, N(key), N(query)] -> [B, C, N(query)]
-        let out = v.matmul(&attn.t()?)?;
-        Self::pointwise(&out, &self.proj_out)?.reshape((b, c, h, w))
+        let out = layers::attention_channels(&q, &k, &v, scale)?;
+        self.proj_out.forward(&out.reshape((b, c, h, w))?)
     }
 }
 
@@ -183,12 +171,8 @@ pub struct Downsample {
 
 impl Downsample {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            stride: 2,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: Conv2d::load(vb.pp("conv"), channels, channels, 3, 2, 0)?,
         })
     }
 }
@@ -350,7 +334,7 @@ impl Module for Encoder {
             h = level.forward(&h)?;
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -427,7 +411,7 @@ impl Module for Decoder {
         for level in self.up.iter().rev() {
             h = level.forward(&h)?;
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

@@ -1,8 +1,10 @@
 //! SUPIR's connectors between the GLVControl hints and the UNet decoder
 //! (`ZeroSFT`, `ZeroCrossAttn` in `SUPIR/modules/SUPIR_v0.py`), keys under `project_modules.N`.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::layers::{Conv2d, GroupNorm};
 
 use crate::unet::{conv2d, from_tokens, group_norm32, to_tokens, CrossAttention};
 

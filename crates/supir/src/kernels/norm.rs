@@ -1,0 +1,163 @@
+//! GroupNorm (optionally fused with the SiLU that follows it in every ResBlock) on NCHW f32.
+//!
+//! `y = (x - mean_g) / sqrt(var_g + eps) · gamma[c] + beta[c]`, statistics over each group's
+//! `C/G · H·W` values (biased variance, as `torch.nn.GroupNorm`), then `y · sigmoid(y)` when
+//! fused. One read for the mean, one for the variance (two-pass, f64 sums), one write: the
+//! unfused candle form makes about eight passes over the map.
+
+use rayon::prelude::*;
+
+/// In place over `x` `[n][c][hw]`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+    eps: f64,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    silu: bool,
+    out: &mut [f32],
+) {
+    assert!(
+        groups > 0 && c.is_multiple_of(groups),
+        "group_norm: {c} channels, {groups} groups"
+    );
+    assert_eq!(x.len(), n * c * hw, "group_norm: input size");
+    assert_eq!(out.len(), x.len(), "group_norm: output size");
+    let cg = c / groups;
+    let glen = cg * hw;
+    if glen == 0 {
+        return;
+    }
+    out.par_chunks_mut(glen)
+        .zip(x.par_chunks(glen))
+        .enumerate()
+        .for_each(|(i, (dst, src))| {
+            let g = i % groups;
+            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / glen as f64;
+            let var = src
+                .iter()
+                .map(|&v| {
+                    let d = v as f64 - mean;
+                    d * d
+                })
+                .sum::<f64>()
+                / glen as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for ci in 0..cg {
+                let ch = g * cg + ci;
+                let gm = gamma.map_or(1.0, |w| w[ch] as f64);
+                let bt = beta.map_or(0.0, |b| b[ch] as f64);
+                // y = x·a + b
+                let a = (gm * rstd) as f32;
+                let b = (bt - mean * gm * rstd) as f32;
+                let s = &src[ci * hw..(ci + 1) * hw];
+                let d = &mut dst[ci * hw..(ci + 1) * hw];
+                if silu {
+                    for (o, &v) in d.iter_mut().zip(s) {
+                        let y = v * a + b;
+                        *o = y * sigmoid(y);
+                    }
+                } else {
+                    for (o, &v) in d.iter_mut().zip(s) {
+                        *o = v * a + b;
+                    }
+                }
+            }
+        });
+}
+
+/// `1 / (1 + e^-x)` with [`exp`].
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `e^x` to about 2 ulp in straight-line arithmetic (vectorises): `2^i · p(y)` after
+/// `x = i ln 2 + y`, `|y| <= ln2/2`, degree-6 Taylor polynomial; saturates outside ±87.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 87.0);
+    let i = (x * std::f32::consts::LOG2_E).round();
+    // Cody-Waite: y = x - i·ln2 with ln2 split so that i·LN2_HI is exact; |y| <= ln2/2.
+    let y = x - i * 0.693_145_75 - i * 1.428_606_8e-6;
+    let p = 1.0
+        + y * (1.0
+            + y * (0.5
+                + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
+    let bits = ((i as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_close_to_std() {
+        let mut worst = 0.0f32;
+        let mut x = -87.0f32;
+        while x < 87.0 {
+            let r = (exp(x) - x.exp()).abs() / x.exp();
+            worst = worst.max(r);
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
+        assert!(sigmoid(-200.0) >= 0.0 && sigmoid(200.0) <= 1.0);
+    }
+
+    #[test]
+    fn group_norm_matches_formula() {
+        let (n, c, hw, groups) = (2, 6, 10, 3);
+        let x: Vec<f32> = (0..n * c * hw)
+            .map(|i| ((i * 37 % 101) as f32) / 9.0 - 3.0)
+            .collect();
+        let gamma: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.25).collect();
+        let beta: Vec<f32> = (0..c).map(|i| i as f32 * 0.1 - 0.2).collect();
+        for silu in [false, true] {
+            let mut out = vec![0.0; x.len()];
+            group_norm(
+                &x,
+                n,
+                c,
+                hw,
+                groups,
+                1e-5,
+                Some(&gamma),
+                Some(&beta),
+                silu,
+                &mut out,
+            );
+            let cg = c / groups;
+            for b in 0..n {
+                for g in 0..groups {
+                    let s = &x[(b * c + g * cg) * hw..(b * c + (g + 1) * cg) * hw];
+                    let mean = s.iter().map(|&v| v as f64).sum::<f64>() / s.len() as f64;
+                    let var =
+                        s.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / s.len() as f64;
+                    for ci in 0..cg {
+                        let ch = g * cg + ci;
+                        for p in 0..hw {
+                            let i = (b * c + ch) * hw + p;
+                            let mut y = (x[i] as f64 - mean) / (var + 1e-5).sqrt()
+                                * gamma[ch] as f64
+                                + beta[ch] as f64;
+                            if silu {
+                                y /= 1.0 + (-y).exp();
+                            }
+                            assert!(
+                                (out[i] as f64 - y).abs() < 2e-6,
+                                "{silu} {i}: {} vs {y}",
+                                out[i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

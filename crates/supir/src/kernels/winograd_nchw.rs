@@ -1,0 +1,283 @@
+//! Winograd F(4x4, 3x3) convolution (stride 1, zero padding 1) on NCHW f32 maps with its 36
+//! products as BLAS GEMMs (Lavin & Gray 2016; same matrices as [`super::winograd`]).
+//!
+//! `Y = Aᵀ [ U ⊙ V ] A` per 4x4 output tile, with `U = G g Gᵀ` (filter) and `V = Bᵀ d B`
+//! (6x6 input patch). For each of the 36 positions `ξ`:
+//! `M_ξ [cout x tiles] = U_ξ [cout x cin] · V_ξ [cin x tiles]` (one sgemm), so the NCHW planes
+//! are read and written directly: the input transform walks each input plane, the output
+//! transform writes each output plane. Tiles of all images in the batch are processed together,
+//! in chunks that bound the `V`/`M` buffers. `U` is transformed per call (a few percent of the
+//! GEMM work), so no second copy of the weights is kept.
+
+use rayon::prelude::*;
+
+use super::blas::sgemm_slices;
+use super::conv::ConvShape;
+
+/// Floats of `V` + `M` per chunk of tiles.
+const CHUNK_BUDGET: usize = 12 << 20;
+/// Tiles per transform step (vector lanes).
+const LN: usize = 8;
+
+type Lanes = [f32; LN];
+
+/// `[36][cout][cin]` filter transforms `U = G g Gᵀ` of `weight [cout][cin][3][3]`.
+fn filter_transform(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut u = vec![0.0f32; 36 * cout * cin];
+    let plane = cout * cin;
+    let up = SyncPtr(u.as_mut_ptr());
+    (0..plane).into_par_iter().for_each(|kc| {
+        let g = &weight[kc * 9..kc * 9 + 9];
+        // G g (6x3) then (G g) Gᵀ (6x6).
+        let col = |a: f32, b: f32, c: f32| -> [f32; 6] {
+            [
+                a / 4.0,
+                -(a + b + c) / 6.0,
+                -(a - b + c) / 6.0,
+                a / 24.0 + b / 12.0 + c / 6.0,
+                a / 24.0 - b / 12.0 + c / 6.0,
+                c,
+            ]
+        };
+        let c0 = col(g[0], g[3], g[6]);
+        let c1 = col(g[1], g[4], g[7]);
+        let c2 = col(g[2], g[5], g[8]);
+        for r in 0..6 {
+            let row = col(c0[r], c1[r], c2[r]);
+            for (j, v) in row.iter().enumerate() {
+                // SAFETY: index (r*6+j)*plane + kc is unique to this kc and within 36*plane.
+                unsafe { *up.get().add((r * 6 + j) * plane + kc) = *v };
+            }
+        }
+    });
+    u
+}
+
+/// `Bᵀ d` on six lane vectors.
+#[inline(always)]
+fn bt(d: &[Lanes; 6]) -> [Lanes; 6] {
+    let mut r = [[0.0f32; LN]; 6];
+    for l in 0..LN {
+        let (d0, d1, d2, d3, d4, d5) = (d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]);
+        r[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+        r[1][l] = -4.0 * (d1 + d2) + d3 + d4;
+        r[2][l] = 4.0 * (d1 - d2) - d3 + d4;
+        r[3][l] = -2.0 * (d1 - d3) - d2 + d4;
+        r[4][l] = 2.0 * (d1 - d3) - d2 + d4;
+        r[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+    r
+}
+
+/// `Aᵀ m` on six lane vectors.
+#[inline(always)]
+fn at(m: &[Lanes; 6]) -> [Lanes; 4] {
+    let mut y = [[0.0f32; LN]; 4];
+    for l in 0..LN {
+        let (m0, m1, m2, m3, m4, m5) = (m[0][l], m[1][l], m[2][l], m[3][l], m[4][l], m[5][l]);
+        let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        y[0][l] = m0 + s12 + s34;
+        y[1][l] = d12 + 2.0 * d34;
+        y[2][l] = s12 + 4.0 * s34;
+        y[3][l] = d12 + 8.0 * d34 + m5;
+    }
+    y
+}
+
+/// Geometry of the tiles of one call.
+#[derive(Clone, Copy)]
+struct Tiles {
+    h: usize,
+    w: usize,
+    /// Tiles per row and per image.
+    tw: usize,
+    per_img: usize,
+}
+
+impl Tiles {
+    /// (image, top row, left column) of global tile `t`.
+    fn origin(&self, t: usize) -> (usize, usize, usize) {
+        let (img, r) = (t / self.per_img, t % self.per_img);
+        (img, (r / self.tw) * 4, (r % self.tw) * 4)
+    }
+}
+
+/// `V[ξ][c][j] = (Bᵀ d B)_ξ` for the tiles `t0 + j`, `j < nb`, of input channel `c` (row stride
+/// `ld` of `V`'s `[c][tiles]` blocks).
+fn input_transform(
+    x: &[f32],
+    cin: usize,
+    g: Tiles,
+    t0: usize,
+    nb: usize,
+    v: &mut [f32],
+    ld: usize,
+) {
+    let vp = SyncPtr(v.as_mut_ptr());
+    let xi_stride = cin * ld;
+    (0..cin).into_par_iter().for_each(|c| {
+        let mut j = 0;
+        while j < nb {
+            let lanes = LN.min(nb - j);
+            // d[row][col][lane]
+            let mut d = [[[0.0f32; LN]; 6]; 6];
+            for l in 0..lanes {
+                let (img, y0, x0) = g.origin(t0 + j + l);
+                let plane = &x[(img * cin + c) * g.h * g.w..][..g.h * g.w];
+                for (r, drow) in d.iter_mut().enumerate() {
+                    let iy = y0 as isize + r as isize - 1;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..][..g.w];
+                    for (col, dv) in drow.iter_mut().enumerate() {
+                        let ix = x0 as isize + col as isize - 1;
+                        if ix >= 0 && ix < g.w as isize {
+                            dv[l] = src[ix as usize];
+                        }
+                    }
+                }
+            }
+            // Rows: Bᵀ d, column by column; then columns: (Bᵀ d) B, row by row.
+            let mut t = [[[0.0f32; LN]; 6]; 6];
+            for col in 0..6 {
+                let cv = [
+                    d[0][col], d[1][col], d[2][col], d[3][col], d[4][col], d[5][col],
+                ];
+                let r = bt(&cv);
+                for row in 0..6 {
+                    t[row][col] = r[row];
+                }
+            }
+            for (row, trow) in t.iter().enumerate() {
+                let r = bt(trow);
+                for (col, rv) in r.iter().enumerate() {
+                    let xi = row * 6 + col;
+                    // SAFETY: V[xi][c][j..j+lanes] belongs to this c only and is in bounds.
+                    unsafe {
+                        let dst = vp.get().add(xi * xi_stride + c * ld + j);
+                        std::ptr::copy_nonoverlapping(rv.as_ptr(), dst, lanes);
+                    }
+                }
+            }
+            j += LN;
+        }
+    });
+}
+
+/// `out[img][k]` tile pixels `= bias[k] + (Aᵀ M A)` for the tiles `t0 + j`, `j < nb`.
+#[allow(clippy::too_many_arguments)]
+fn output_transform(
+    m: &[f32],
+    cout: usize,
+    g: Tiles,
+    t0: usize,
+    nb: usize,
+    ld: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let op = SyncPtr(out.as_mut_ptr());
+    let xi_stride = cout * ld;
+    (0..cout).into_par_iter().for_each(|k| {
+        let b = bias.map_or(0.0, |b| b[k]);
+        let mut j = 0;
+        while j < nb {
+            let lanes = LN.min(nb - j);
+            let mut mv = [[[0.0f32; LN]; 6]; 6];
+            for (xi, dst) in mv.iter_mut().flatten().enumerate() {
+                let src = &m[xi * xi_stride + k * ld + j..][..lanes];
+                dst[..lanes].copy_from_slice(src);
+            }
+            // Aᵀ M (4x6) then (Aᵀ M) A (4x4).
+            let mut t = [[[0.0f32; LN]; 6]; 4];
+            for col in 0..6 {
+                let cv = [
+                    mv[0][col], mv[1][col], mv[2][col], mv[3][col], mv[4][col], mv[5][col],
+                ];
+                let r = at(&cv);
+                for row in 0..4 {
+                    t[row][col] = r[row];
+                }
+            }
+            for (row, trow) in t.iter().enumerate() {
+                let y = at(trow);
+                for l in 0..lanes {
+                    let (img, y0, x0) = g.origin(t0 + j + l);
+                    let oy = y0 + row;
+                    if oy >= g.h {
+                        continue;
+                    }
+                    let base = (img * cout + k) * g.h * g.w + oy * g.w;
+                    for (col, yv) in y.iter().enumerate() {
+                        let ox = x0 + col;
+                        if ox < g.w {
+                            // SAFETY: pixel (img, k, oy, ox) is written by this k only.
+                            unsafe { *op.get().add(base + ox) = yv[l] + b };
+                        }
+                    }
+                }
+            }
+            j += LN;
+        }
+    });
+}
+
+/// 3x3, stride 1, padding 1 convolution; shapes as [`super::conv::conv2d`].
+pub fn conv3x3(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    assert!(
+        s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1,
+        "Winograd: 3x3/s1/p1 only"
+    );
+    let (cin, cout) = (s.cin, s.cout);
+    let tw = s.w.div_ceil(4);
+    let g = Tiles {
+        h: s.h,
+        w: s.w,
+        tw,
+        per_img: s.h.div_ceil(4) * tw,
+    };
+    let nt = s.n * g.per_img;
+    let u = filter_transform(weight, cout, cin);
+    let tc = (CHUNK_BUDGET / (36 * (cin + cout))).clamp(LN, nt.next_multiple_of(LN));
+    let tc = tc.next_multiple_of(LN);
+    let mut v = vec![0.0f32; 36 * cin * tc];
+    let mut m = vec![0.0f32; 36 * cout * tc];
+    let mut t0 = 0;
+    while t0 < nt {
+        let nb = tc.min(nt - t0);
+        input_transform(x, cin, g, t0, nb, &mut v, tc);
+        for xi in 0..36 {
+            sgemm_slices(
+                false,
+                false,
+                cout,
+                nb,
+                cin,
+                1.0,
+                &u[xi * cout * cin..(xi + 1) * cout * cin],
+                cin,
+                &v[xi * cin * tc..(xi + 1) * cin * tc],
+                tc,
+                0.0,
+                &mut m[xi * cout * tc..(xi + 1) * cout * tc],
+                tc,
+            );
+        }
+        output_transform(&m, cout, g, t0, nb, tc, bias, out);
+        t0 += nb;
+    }
+}
+
+/// A raw pointer shared by the workers of one call, each writing its own elements.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: every use writes disjoint elements within one call.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}

@@ -1,0 +1,417 @@
+//! The networks' building layers — `Linear`, `Conv2d`, `GroupNorm` (+ fused SiLU), `LayerNorm`
+//! and multi-head attention — as `torch.nn` defines them, with weights by their official names.
+//!
+//! Each layer keeps its weights in the dtype they were loaded in (the storage dtype: f32, f16 or
+//! bf16) and computes in the dtype of its input, casting the weight per call when they differ.
+//! On the CPU the models run in f32 ([`compute_dtype`]), so f16/bf16 weights halve the memory
+//! while every product accumulates in f32. CPU f32 calls go to [`crate::kernels`] (BLAS GEMMs,
+//! Winograd convolutions, fused norms, blocked attention); every other device/dtype runs
+//! candle's own ops, so a CUDA path needs nothing from here. `SUPIR_KERNELS=candle` forces
+//! candle's ops on the CPU too (comparisons).
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Result, Storage, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::kernels::{attention as attn, conv, norm};
+
+/// The activations' dtype for weights stored in `storage` on `dev`: f32 on the CPU (f16/bf16
+/// weights are widened per layer), the storage dtype elsewhere.
+pub fn compute_dtype(storage: DType, dev: &Device) -> DType {
+    if dev.is_cpu() {
+        DType::F32
+    } else {
+        storage
+    }
+}
+
+/// Whether `x` takes the [`crate::kernels`] path.
+fn fast(x: &Tensor) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    let on = *ENABLED.get_or_init(|| {
+        !std::env::var("SUPIR_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("candle"))
+    });
+    on && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Runs `f` on the f32 elements of a contiguous CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (o0, o1) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("layers: tensor not contiguous".into()))?;
+    match &*storage {
+        Storage::Cpu(cs) => Ok(f(&cs.as_slice::<f32>()?[o0..o1])),
+        _ => candle_core::bail!("layers: CPU tensor expected"),
+    }
+}
+
+/// [`with_f32`] on an optional tensor.
+fn with_opt_f32<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
+    match t {
+        Some(t) => with_f32(t, |s| f(Some(s))),
+        None => Ok(f(None)),
+    }
+}
+
+fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+// ---------------------------------------------------------------------------- Linear
+
+/// `torch.nn.Linear`: `y = x Wᵀ + b`, `weight [out, in]`, on the last dimension of `x`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// `weight` (and `bias` when `with_bias`) under `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if with_bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        if x.dim(D::Minus1)? != in_dim {
+            candle_core::bail!(
+                "linear: input {:?} has last dimension != {in_dim}",
+                x.shape()
+            );
+        }
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank >= 1") = out_dim;
+        if !fast(x) {
+            let w = self.weight.to_dtype(x.dtype())?;
+            let y = x.broadcast_matmul(&w.t()?)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+                None => Ok(y),
+            };
+        }
+        let m = x.elem_count() / in_dim;
+        let mut out = vec![0.0f32; m * out_dim];
+        with_f32(x, |xs| {
+            with_f32(&self.weight, |w| {
+                with_opt_f32(self.bias.as_ref(), |b| {
+                    let beta = if let Some(b) = b {
+                        for row in out.chunks_exact_mut(out_dim) {
+                            row.copy_from_slice(b);
+                        }
+                        1.0
+                    } else {
+                        0.0
+                    };
+                    crate::kernels::blas::sgemm_slices(
+                        false, true, m, out_dim, in_dim, 1.0, xs, in_dim, w, in_dim, beta,
+                        &mut out, out_dim,
+                    );
+                })
+            })
+        })???;
+        cpu_tensor(out, &shape)
+    }
+}
+
+// ---------------------------------------------------------------------------- Conv2d
+
+/// `torch.nn.Conv2d` (groups 1, zero padding): `weight [out, in, k, k]`, NCHW.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Self {
+        Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        }
+    }
+
+    /// `k x k` convolution with bias under `vb`.
+    pub fn load(
+        vb: VarBuilder,
+        in_ch: usize,
+        out_ch: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_ch, in_ch, k, k), "weight")?,
+            bias: Some(vb.get(out_ch, "bias")?),
+            stride,
+            padding,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `[B, in, H, W]` -> `[B, out, H', W']`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (cout, cin, kh, kw) = self.weight.dims4()?;
+        let (n, c, h, w) = x.dims4()?;
+        if c != cin {
+            candle_core::bail!("conv2d: input has {c} channels, the weight {cin}");
+        }
+        if !fast(x) {
+            let wt = self.weight.to_dtype(x.dtype())?;
+            let cfg = candle_nn::Conv2dConfig {
+                padding: self.padding,
+                stride: self.stride,
+                ..Default::default()
+            };
+            let y = candle_nn::Conv2d::new(wt, None, cfg);
+            let y = candle_core::Module::forward(&y, x)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?.reshape((1, cout, 1, 1))?),
+                None => Ok(y),
+            };
+        }
+        let s = conv::ConvShape {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            stride: self.stride,
+            pad: self.padding,
+        };
+        if h + 2 * self.padding < kh || w + 2 * self.padding < kw {
+            candle_core::bail!("conv2d: {h}x{w} map smaller than the {kh}x{kw} kernel");
+        }
+        let (oh, ow) = s.out_hw();
+        let mut out = vec![0.0f32; n * cout * oh * ow];
+        with_f32(x, |xs| {
+            with_f32(&self.weight, |wt| {
+                with_opt_f32(self.bias.as_ref(), |b| {
+                    conv::conv2d(&s, xs, wt, b, &mut out)
+                })
+            })
+        })???;
+        cpu_tensor(out, &[n, cout, oh, ow])
+    }
+}
+
+// ---------------------------------------------------------------------------- norms
+
+/// `torch.nn.GroupNorm(groups, channels, eps, affine=True)` on `[B, C, ...]`.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(gamma: Tensor, beta: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let channels = gamma.dim(0)?;
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!(
+                "group norm: {channels} channels not divisible into {groups} groups"
+            );
+        }
+        Ok(Self {
+            gamma,
+            beta,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!(
+                "group norm: {channels} channels not divisible into {groups} groups"
+            );
+        }
+        Ok(Self {
+            gamma: vb.get(channels, "weight")?,
+            beta: vb.get(channels, "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// `silu(group_norm(x))` in one pass (the `in_layers` / `out_layers` of every ResBlock).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        if dims.len() < 3 || dims[1] != self.gamma.dim(0)? {
+            candle_core::bail!(
+                "group norm: input {dims:?}, {} channels",
+                self.gamma.dim(0)?
+            );
+        }
+        let (n, c) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        if !fast(x) {
+            let dt = x.dtype();
+            let xf = x.to_dtype(DType::F32)?.reshape((n, self.groups, ()))?;
+            let mean = xf.mean_keepdim(2)?;
+            let xc = xf.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(2)?;
+            let y = xc
+                .broadcast_div(&(var + self.eps)?.sqrt()?)?
+                .reshape((n, c, hw))?;
+            let g = self.gamma.to_dtype(DType::F32)?.reshape((1, c, 1))?;
+            let b = self.beta.to_dtype(DType::F32)?.reshape((1, c, 1))?;
+            let y = y.broadcast_mul(&g)?.broadcast_add(&b)?;
+            let y = if silu { y.silu()? } else { y };
+            return y.reshape(dims)?.to_dtype(dt);
+        }
+        let mut out = vec![0.0f32; x.elem_count()];
+        with_f32(x, |xs| {
+            with_f32(&self.gamma, |g| {
+                with_f32(&self.beta, |b| {
+                    norm::group_norm(
+                        xs,
+                        n,
+                        c,
+                        hw,
+                        self.groups,
+                        self.eps,
+                        Some(g),
+                        Some(b),
+                        silu,
+                        &mut out,
+                    )
+                })
+            })
+        })???;
+        cpu_tensor(out, &dims)
+    }
+}
+
+/// `torch.nn.LayerNorm(dim, eps)` on the last dimension (candle's fused op, weights cast to the
+/// input's dtype).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight.to_dtype(dt)?,
+            &self.bias.to_dtype(dt)?,
+            self.eps as f32,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------- attention
+
+/// `softmax(scale · q kᵀ) v` per head on token-major `q [B, N, h·d]`, `k`/`v` `[B, M, h·d]` ->
+/// `[B, N, h·d]` (the UNet's `CrossAttention` between its projections).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, n, hd) = q.dims3()?;
+    let (_, m, _) = k.dims3()?;
+    if hd % heads != 0 {
+        candle_core::bail!("attention: width {hd} not divisible by {heads} heads");
+    }
+    let d = hd / heads;
+    if !fast(q) {
+        let split =
+            |t: &Tensor, len: usize| t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous();
+        let (qh, kh, vh) = (split(&(q * scale)?, n)?, split(k, m)?, split(v, m)?);
+        let a = candle_nn::ops::softmax_last_dim(&qh.matmul(&kh.t()?)?)?;
+        return a.matmul(&vh)?.transpose(1, 2)?.reshape((b, n, hd));
+    }
+    let s = attn::AttnShape { b, n, m, heads, d };
+    let mut out = vec![0.0f32; b * n * hd];
+    with_f32(q, |qs| {
+        with_f32(k, |ks| {
+            with_f32(v, |vs| {
+                attn::attention(&s, attn::Layout::Tokens, scale as f32, qs, ks, vs, &mut out)
+            })
+        })
+    })???;
+    cpu_tensor(out, &[b, n, hd])
+}
+
+/// Single-head attention on channel-major maps `q`, `k`, `v` `[B, C, N]` -> `[B, C, N]`:
+/// `out[:, :, i] = Σ_j softmax_j(scale · q_i · k_j) v_j` (the VAE's `AttnBlock`).
+pub fn attention_channels(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, c, n) = q.dims3()?;
+    if !fast(q) {
+        let a = candle_nn::ops::softmax_last_dim(&(q.t()?.matmul(k)? * scale)?)?;
+        return v.matmul(&a.t()?);
+    }
+    let s = attn::AttnShape {
+        b,
+        n,
+        m: n,
+        heads: 1,
+        d: c,
+    };
+    let mut out = vec![0.0f32; b * c * n];
+    with_f32(q, |qs| {
+        with_f32(k, |ks| {
+            with_f32(v, |vs| {
+                attn::attention(
+                    &s,
+                    attn::Layout::Channels,
+                    scale as f32,
+                    qs,
+                    ks,
+                    vs,
+                    &mut out,
+                )
+            })
+        })
+    })???;
+    cpu_tensor(out, &[b, c, n])
+}
