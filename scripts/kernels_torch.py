@@ -51,7 +51,7 @@ def fmt(shape):
 def group_norm(shape, eps):
     x = torch.randn(*shape)
     g = torch.nn.GroupNorm(32, shape[1], eps=eps)
-    return f"group_norm {fmt(shape)}", ("bytes", 8.0 * x.numel()), lambda: g(x)
+    return f"group_norm+silu {fmt(shape)}", ("bytes", 8.0 * x.numel()), lambda: F.silu(g(x))
 
 
 def layer_norm(shape):

@@ -4,14 +4,16 @@
 //!
 //! usage: cargo run --release -p supir --example kernels -- [reps] [filter]
 //!
-//! Prints one line per op: name, best seconds of `reps` (default 5, after one warm-up), and the
-//! rate: GFLOP/s for matmuls, convolutions and attention, GB/s (bytes read + written once) for
-//! normalisations and element-wise ops.
+//! Prints one line per op: name, then for candle's stock op and for ours (`supir::layers`, the
+//! path the models take) the best seconds of `reps` (default 5, after one warm-up) and the rate:
+//! GFLOP/s for matmuls, convolutions and attention, GB/s (bytes read + written once) for
+//! normalisations. Ops the models run through candle have no `ours` column.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+use supir::layers;
 
 fn randn(shape: &[usize]) -> Result<Tensor> {
     Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
@@ -34,46 +36,64 @@ enum Work {
     Bytes(f64),
 }
 
+type Run = Box<dyn FnMut() -> Result<Tensor>>;
+
 struct Op {
     name: String,
     work: Work,
-    run: Box<dyn FnMut() -> Result<Tensor>>,
+    run: Run,
+    ours: Option<Run>,
 }
 
 fn conv3x3(b: usize, cin: usize, cout: usize, hw: usize) -> Result<Op> {
     let x = randn(&[b, cin, hw, hw])?;
-    let conv = Conv2d::new(
+    let (w, bias) = (
         (randn(&[cout, cin, 3, 3])? * (1.0 / (9.0 * cin as f64).sqrt()))?,
-        Some(randn(&[cout])?),
+        randn(&[cout])?,
+    );
+    let conv = Conv2d::new(
+        w.clone(),
+        Some(bias.clone()),
         Conv2dConfig {
             padding: 1,
             ..Default::default()
         },
     );
+    let ours = layers::Conv2d::new(w, Some(bias), 1, 1);
+    let x2 = x.clone();
     Ok(Op {
         name: format!("conv3x3 {cin}->{cout} {hw}x{hw} b{b}"),
         work: Work::Flop(2.0 * (b * cout * hw * hw * cin * 9) as f64),
         run: Box::new(move || conv.forward(&x)),
+        ours: Some(Box::new(move || ours.forward(&x2))),
     })
 }
 
 fn matmul(m: usize, k: usize, n: usize) -> Result<Op> {
     let (a, w) = (randn(&[m, k])?, randn(&[k, n])?);
+    // Ours: the same product as a bias-free Linear with the transposed weight.
+    let lin = layers::Linear::new(w.t()?.contiguous()?, None);
+    let a2 = a.clone();
     Ok(Op {
         name: format!("matmul {m}x{k} @ {k}x{n}"),
         work: Work::Flop(2.0 * (m * k * n) as f64),
         run: Box::new(move || a.matmul(&w)),
+        ours: Some(Box::new(move || lin.forward(&a2))),
     })
 }
 
 /// `candle_nn::Linear` on `[b, n, k]` tokens: the transposed-weight batched matmul the UNet runs.
 fn linear(b: usize, n: usize, k: usize, out: usize) -> Result<Op> {
     let x = randn(&[b, n, k])?;
-    let lin = Linear::new(randn(&[out, k])?, Some(randn(&[out])?));
+    let (w, bias) = (randn(&[out, k])?, randn(&[out])?);
+    let lin = Linear::new(w.clone(), Some(bias.clone()));
+    let ours = layers::Linear::new(w, Some(bias));
+    let x2 = x.clone();
     Ok(Op {
         name: format!("linear [{b},{n},{k}] -> {out}"),
         work: Work::Flop(2.0 * (b * n * k * out) as f64),
         run: Box::new(move || lin.forward(&x)),
+        ours: Some(Box::new(move || ours.forward(&x2))),
     })
 }
 
@@ -82,6 +102,13 @@ fn attention(b: usize, heads: usize, n: usize, m: usize, d: usize) -> Result<Op>
     let q = randn(&[b, heads, n, d])?;
     let k = randn(&[b, heads, m, d])?;
     let v = randn(&[b, heads, m, d])?;
+    // Ours on the token-major [b, n, heads*d] projections.
+    let tok = |t: &Tensor, len: usize| {
+        t.transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, len, heads * d))
+    };
+    let (qt, kt, vt) = (tok(&q, n)?, tok(&k, m)?, tok(&v, m)?);
     Ok(Op {
         name: format!("attention b{b} h{heads} {n}x{m} d{d}"),
         work: Work::Flop(4.0 * (b * heads * n * m * d) as f64),
@@ -89,23 +116,27 @@ fn attention(b: usize, heads: usize, n: usize, m: usize, d: usize) -> Result<Op>
             let attn = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
             attn.matmul(&v)
         }),
+        ours: Some(Box::new(move || {
+            layers::attention(&qt, &kt, &vt, heads, 1.0)
+        })),
     })
 }
 
 fn group_norm(shape: &[usize], eps: f64) -> Result<Op> {
     let x = randn(shape)?;
     let c = shape[1];
-    let gn = GroupNorm::new(
+    let (g, bt) = (
         Tensor::ones(c, DType::F32, &Device::Cpu)?,
         Tensor::zeros(c, DType::F32, &Device::Cpu)?,
-        c,
-        32,
-        eps,
-    )?;
+    );
+    let gn = GroupNorm::new(g.clone(), bt.clone(), c, 32, eps)?;
+    let ours = layers::GroupNorm::new(g, bt, 32, eps)?;
+    let x2 = x.clone();
     Ok(Op {
-        name: format!("group_norm {shape:?}"),
+        name: format!("group_norm+silu {shape:?}"),
         work: Work::Bytes(8.0 * x.elem_count() as f64),
-        run: Box::new(move || gn.forward(&x)),
+        run: Box::new(move || gn.forward(&x)?.silu()),
+        ours: Some(Box::new(move || ours.forward_silu(&x2))),
     })
 }
 
@@ -121,6 +152,7 @@ fn layer_norm(shape: &[usize]) -> Result<Op> {
         name: format!("layer_norm {shape:?}"),
         work: Work::Bytes(8.0 * x.elem_count() as f64),
         run: Box::new(move || ln.forward(&x)),
+        ours: None,
     })
 }
 
@@ -130,6 +162,7 @@ fn silu(shape: &[usize]) -> Result<Op> {
         name: format!("silu {shape:?}"),
         work: Work::Bytes(8.0 * x.elem_count() as f64),
         run: Box::new(move || x.silu()),
+        ours: None,
     })
 }
 
@@ -144,6 +177,7 @@ fn geglu(b: usize, n: usize, inner: usize) -> Result<Op> {
             let gate = p.narrow(D::Minus1, inner, inner)?;
             a * gate.gelu_erf()?
         }),
+        ours: None,
     })
 }
 
@@ -153,6 +187,7 @@ fn add(shape: &[usize]) -> Result<Op> {
         name: format!("add {shape:?}"),
         work: Work::Bytes(12.0 * x.elem_count() as f64),
         run: Box::new(move || &x + &y),
+        ours: None,
     })
 }
 
@@ -164,6 +199,7 @@ fn to_tokens(shape: &[usize]) -> Result<Op> {
         name: format!("transpose-copy {shape:?}"),
         work: Work::Bytes(8.0 * x.elem_count() as f64),
         run: Box::new(move || x.reshape((b, c, hw))?.transpose(1, 2)?.contiguous()),
+        ours: None,
     })
 }
 
@@ -211,17 +247,26 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let reps = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(5);
     let filter = args.get(2).cloned().unwrap_or_default();
-    println!("op\tbest_s\trate");
+    println!("sgemm: {}", supir::kernels::blas::backend_name());
+    println!("op\tcandle_s\tcandle_rate\tours_s\tours_rate");
     for mut op in ops()? {
         if !op.name.contains(&filter) {
             continue;
         }
-        let s = best(reps, &mut op.run)?;
-        let rate = match op.work {
+        let rate = |s: f64| match op.work {
             Work::Flop(f) => format!("{:.1} GFLOP/s", f / s / 1e9),
             Work::Bytes(b) => format!("{:.1} GB/s", b / s / 1e9),
         };
-        println!("{}\t{s:.5}\t{rate}", op.name);
+        let s = best(reps, &mut op.run)?;
+        let (c_s, c_r) = (format!("{s:.5}"), rate(s));
+        let (o_s, o_r) = match op.ours.as_mut() {
+            Some(f) => {
+                let s = best(reps, f)?;
+                (format!("{s:.5}"), rate(s))
+            }
+            None => ("-".into(), "-".into()),
+        };
+        println!("{}\t{c_s}\t{c_r}\t{o_s}\t{o_r}", op.name);
     }
     Ok(())
 }

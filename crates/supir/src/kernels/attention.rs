@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::blas::sgemm_slices;
+use super::blas::sgemm_st;
 use super::norm::exp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub enum Layout {
     Channels,
 }
 
-/// Score floats per block (16 MiB).
+/// Score floats per block, per worker (16 MiB).
 const SCORE_BUDGET: usize = 4 << 20;
 
 /// Shapes of one attention call.
@@ -67,108 +67,162 @@ pub fn attention_blocked(
         return;
     }
     let block = block.clamp(1, s.n.max(1));
-    let mut scores = vec![0.0f32; block * s.m];
-    for bi in 0..s.b {
-        let qb = &q[bi * s.n * hd..(bi + 1) * s.n * hd];
-        let kb = &k[bi * s.m * hd..(bi + 1) * s.m * hd];
-        let vb = &v[bi * s.m * hd..(bi + 1) * s.m * hd];
-        let ob = &mut out[bi * s.n * hd..(bi + 1) * s.n * hd];
-        for h in 0..s.heads {
-            let mut q0 = 0;
-            while q0 < s.n {
-                let nq = block.min(s.n - q0);
-                let sc = &mut scores[..nq * s.m];
-                match layout {
-                    Layout::Tokens => {
-                        // S = scale · Q_h[q0..] K_hᵀ: Q rows at stride hd, column offset h·d.
-                        let off = q0 * hd + h * s.d;
-                        sgemm_slices(
-                            false,
-                            true,
-                            nq,
-                            s.m,
-                            s.d,
-                            scale,
-                            &qb[off..],
-                            hd,
-                            &kb[h * s.d..],
-                            hd,
-                            0.0,
-                            sc,
-                            s.m,
-                        );
-                    }
-                    Layout::Channels => {
-                        // Q_h is [d][n]: S = scale · Q_h[:, q0..]ᵀ K_h.
-                        let off = h * s.d * s.n + q0;
-                        sgemm_slices(
-                            true,
-                            false,
-                            nq,
-                            s.m,
-                            s.d,
-                            scale,
-                            &qb[off..],
-                            s.n,
-                            &kb[h * s.d * s.m..],
-                            s.m,
-                            0.0,
-                            sc,
-                            s.m,
-                        );
-                    }
-                }
-                softmax_rows(sc, s.m);
-                match layout {
-                    Layout::Tokens => {
-                        // O_h[q0..] = S V_h.
-                        sgemm_slices(
-                            false,
-                            false,
-                            nq,
-                            s.d,
-                            s.m,
-                            1.0,
-                            sc,
-                            s.m,
-                            &vb[h * s.d..],
-                            hd,
-                            0.0,
-                            &mut ob[q0 * hd + h * s.d..],
-                            hd,
-                        );
-                    }
-                    Layout::Channels => {
-                        // O_h[:, q0..] = V_h Sᵀ ([d][m] · [m][nq]).
-                        sgemm_slices(
-                            false,
-                            true,
-                            s.d,
-                            nq,
-                            s.m,
-                            1.0,
-                            &vb[h * s.d * s.m..],
-                            s.m,
-                            sc,
-                            s.m,
-                            0.0,
-                            &mut ob[h * s.d * s.n + q0..],
-                            s.n,
-                        );
-                    }
-                }
-                q0 += nq;
+    let (qp, kp, vp, op) = (
+        Ptr(q.as_ptr() as *mut f32),
+        Ptr(k.as_ptr() as *mut f32),
+        Ptr(v.as_ptr() as *mut f32),
+        Ptr(out.as_mut_ptr()),
+    );
+    // One task per (batch item, head), each with its own score block; single-threaded GEMMs.
+    (0..s.b * s.heads).into_par_iter().for_each_init(
+        || vec![0.0f32; block * s.m],
+        |scores, task| {
+            let (bi, h) = (task / s.heads, task % s.heads);
+            // SAFETY: q/k/v are only read; this task writes only head h of batch item bi.
+            unsafe {
+                let qb = qp.get().add(bi * s.n * hd);
+                let kb = kp.get().add(bi * s.m * hd);
+                let vb = vp.get().add(bi * s.m * hd);
+                let ob = op.get().add(bi * s.n * hd);
+                head(s, layout, scale, h, block, qb, kb, vb, ob, scores);
             }
+        },
+    );
+}
+
+/// One head of one batch item, query block by query block.
+///
+/// # Safety
+/// `qb`, `kb`, `vb`, `ob` point at the batch item's `q`, `k`, `v`, `out` (sizes as in
+/// [`attention_blocked`]); only head `h` of `ob` is written.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head(
+    s: &AttnShape,
+    layout: Layout,
+    scale: f32,
+    h: usize,
+    block: usize,
+    qb: *const f32,
+    kb: *const f32,
+    vb: *const f32,
+    ob: *mut f32,
+    scores: &mut [f32],
+) {
+    let hd = s.heads * s.d;
+    let mut q0 = 0;
+    while q0 < s.n {
+        let nq = block.min(s.n - q0);
+        let sc = scores[..nq * s.m].as_mut_ptr();
+        match layout {
+            // S = scale · Q_h[q0..] K_hᵀ: Q rows at stride hd, column offset h·d.
+            Layout::Tokens => sgemm_st(
+                false,
+                true,
+                nq,
+                s.m,
+                s.d,
+                scale,
+                qb.add(q0 * hd + h * s.d),
+                hd,
+                kb.add(h * s.d),
+                hd,
+                0.0,
+                sc,
+                s.m,
+            ),
+            // Q_h is [d][n]: S = scale · Q_h[:, q0..]ᵀ K_h.
+            Layout::Channels => sgemm_st(
+                true,
+                false,
+                nq,
+                s.m,
+                s.d,
+                scale,
+                qb.add(h * s.d * s.n + q0),
+                s.n,
+                kb.add(h * s.d * s.m),
+                s.m,
+                0.0,
+                sc,
+                s.m,
+            ),
         }
+        for row in scores[..nq * s.m].chunks_exact_mut(s.m) {
+            softmax(row);
+        }
+        let sc = scores[..nq * s.m].as_ptr();
+        match layout {
+            // O_h[q0..] = S V_h.
+            Layout::Tokens => sgemm_st(
+                false,
+                false,
+                nq,
+                s.d,
+                s.m,
+                1.0,
+                sc,
+                s.m,
+                vb.add(h * s.d),
+                hd,
+                0.0,
+                ob.add(q0 * hd + h * s.d),
+                hd,
+            ),
+            // O_h[:, q0..] = V_h Sᵀ ([d][m] · [m][nq]).
+            Layout::Channels => sgemm_st(
+                false,
+                true,
+                s.d,
+                nq,
+                s.m,
+                1.0,
+                vb.add(h * s.d * s.m),
+                s.m,
+                sc,
+                s.m,
+                0.0,
+                ob.add(h * s.d * s.n + q0),
+                s.n,
+            ),
+        }
+        q0 += nq;
     }
 }
 
-/// Numerically stable softmax of each row of length `m`, in place.
-fn softmax_rows(s: &mut [f32], m: usize) {
-    s.par_chunks_mut(m).for_each(|row| {
-        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for v in row.iter_mut() {
+/// A pointer shared by the tasks of one call.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+
+impl Ptr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: tasks read q/k/v and write disjoint heads of out.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+super::avx2_dispatch! {
+    /// Numerically stable softmax of one row, in place (16-lane max and sum).
+    fn softmax(row: &mut [f32]) {
+        let mut mx = [f32::NEG_INFINITY; 16];
+        let mut it = row.chunks_exact(16);
+        for c in &mut it {
+            for l in 0..16 {
+                mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
+            }
+        }
+        let mx = it.remainder().iter().chain(mx.iter()).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut acc = [0.0f32; 16];
+        let mut it = row.chunks_exact_mut(16);
+        for c in &mut it {
+            for l in 0..16 {
+                c[l] = exp(c[l] - mx);
+                acc[l] += c[l];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for v in it.into_remainder() {
             *v = exp(*v - mx);
             sum += *v;
         }
@@ -176,7 +230,7 @@ fn softmax_rows(s: &mut [f32], m: usize) {
         for v in row.iter_mut() {
             *v *= inv;
         }
-    });
+    }
 }
 
 /// Plain attention in f64 (tests).

@@ -6,8 +6,13 @@
 //! without it) while a machine with OpenBLAS gets its AVX-512 kernels (about 2x the `gemm`
 //! crate on the bench shapes, `supir bench kernels`).
 //!
+//! Threads: OpenBLAS is set to one thread and [`sgemm`] splits a large product into row or
+//! column blocks over rayon's pool, so all parallel work shares one pool (OpenBLAS's own
+//! workers spin after each call and would take the cores the next rayon loop needs).
+//! [`sgemm_st`] is the single-threaded call for use inside parallel loops.
+//!
 //! Environment: `SUPIR_BLAS=off` forces the fallback; `SUPIR_BLAS=/path/libopenblas.so` picks
-//! a library; `OPENBLAS_NUM_THREADS` is honoured by OpenBLAS itself.
+//! a library.
 
 use std::sync::OnceLock;
 
@@ -81,6 +86,11 @@ fn load() -> Option<Blas> {
             let s = unsafe { std::ffi::CStr::from_ptr(f()) };
             name = format!("{path} ({})", s.to_string_lossy().trim());
         }
+        type SetThreadsFn = unsafe extern "C" fn(i32);
+        if let Ok(f) = unsafe { lib.get::<SetThreadsFn>(b"openblas_set_num_threads\0") } {
+            // SAFETY: plain setter of the library's thread count.
+            unsafe { f(1) };
+        }
         tracing::debug!("sgemm from {name}");
         return Some(Blas {
             sgemm,
@@ -104,15 +114,81 @@ pub fn have_openblas() -> bool {
     blas().is_some()
 }
 
+/// Products below this many multiply-adds run on one thread.
+const SPLIT_MIN: usize = 1 << 22;
+
 /// Row-major `C[m×n] = alpha · op(A) · op(B) + beta · C`, `op(A)` `m×k`, `op(B)` `k×n`;
 /// `ta`/`tb` say that `A` is stored `k×m` / `B` `n×k`. `lda`, `ldb`, `ldc` are row strides.
-/// With `beta == 0` `C` is not read.
+/// With `beta == 0` `C` is not read. Large products are split over rayon's threads (blocks of
+/// rows of `C`, or of columns when `C` is wide).
 ///
 /// # Safety
 /// The pointers must cover the matrices their shapes and strides describe, and `C` must not
 /// overlap `A` or `B`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m * n * k < SPLIT_MIN || blas().is_none() {
+        // The gemm crate parallelises by itself.
+        return sgemm_st(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+    let (a, b, c) = (Ptr(a as *mut f32), Ptr(b as *mut f32), Ptr(c));
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    // Blocks of a multiple of 16 rows/columns, about one per thread.
+    let step = len.div_ceil(threads).next_multiple_of(16).min(len);
+    use rayon::prelude::*;
+    (0..len.div_ceil(step)).into_par_iter().for_each(|i| {
+        let (p0, p1) = (i * step, ((i + 1) * step).min(len));
+        let (a, b, c) = (a.get(), b.get(), c.get());
+        // SAFETY: the blocks of C are disjoint; A/B offsets stay inside the caller's extents.
+        unsafe {
+            if by_rows {
+                let a0 = if ta { a.add(p0) } else { a.add(p0 * lda) };
+                let c0 = c.add(p0 * ldc);
+                sgemm_st(ta, tb, p1 - p0, n, k, alpha, a0, lda, b, ldb, beta, c0, ldc);
+            } else {
+                let b0 = if tb { b.add(p0 * ldb) } else { b.add(p0) };
+                let c0 = c.add(p0);
+                sgemm_st(ta, tb, m, p1 - p0, k, alpha, a, lda, b0, ldb, beta, c0, ldc);
+            }
+        }
+    });
+}
+
+/// A pointer handed to the workers of one [`sgemm`] call.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+
+impl Ptr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: the workers write disjoint blocks of C and only read A and B.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+/// [`sgemm`] on the calling thread only (inside parallel loops).
+///
+/// # Safety
+/// As [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_st(
     ta: bool,
     tb: bool,
     m: usize,
@@ -172,7 +248,11 @@ pub unsafe fn sgemm(
         false,
         false,
         false,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        if m * n * k < SPLIT_MIN || rayon::current_thread_index().is_some() {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        },
     );
 }
 
@@ -191,6 +271,80 @@ pub fn sgemm_slices(
     ldb: usize,
     beta: f32,
     c: &mut [f32],
+    ldc: usize,
+) {
+    check(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    // SAFETY: the extents were checked; `c` is a unique borrow.
+    unsafe {
+        sgemm(
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            alpha,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            ldb,
+            beta,
+            c.as_mut_ptr(),
+            ldc,
+        )
+    }
+}
+
+/// Safe [`sgemm_st`] on slices (inside parallel loops).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_slices_st(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    check(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    // SAFETY: the extents were checked; `c` is a unique borrow.
+    unsafe {
+        sgemm_st(
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            alpha,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            ldb,
+            beta,
+            c.as_mut_ptr(),
+            ldc,
+        )
+    }
+}
+
+/// Panics unless the slices cover the matrices their shapes and strides describe.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &[f32],
     ldc: usize,
 ) {
     let need = |rows: usize, cols: usize, ld: usize| {
@@ -214,24 +368,6 @@ pub fn sgemm_slices(
         n <= ldc.max(1) && c.len() >= need(m, n, ldc),
         "sgemm: C too small"
     );
-    // SAFETY: the extents were checked above; `c` is a unique borrow.
-    unsafe {
-        sgemm(
-            ta,
-            tb,
-            m,
-            n,
-            k,
-            alpha,
-            a.as_ptr(),
-            lda,
-            b.as_ptr(),
-            ldb,
-            beta,
-            c.as_mut_ptr(),
-            ldc,
-        )
-    }
 }
 
 #[cfg(test)]

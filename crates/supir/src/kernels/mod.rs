@@ -13,3 +13,32 @@ pub mod conv;
 pub mod norm;
 pub mod winograd;
 pub mod winograd_nchw;
+
+/// Defines `fn $name(args)` whose body is compiled twice, plain and with AVX2+FMA enabled, and
+/// picks the AVX2 build at run time when the CPU has it (the crate is built for baseline
+/// x86-64, so without this the element-wise loops stay on 4-wide SSE2).
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])* $vis fn $name($($a: $t),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn generic($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($a: $t),*) {
+                    generic($($a),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features the function was compiled for.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            generic($($a),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;

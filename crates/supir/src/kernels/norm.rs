@@ -37,37 +37,67 @@ pub fn group_norm(
         .enumerate()
         .for_each(|(i, (dst, src))| {
             let g = i % groups;
-            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / glen as f64;
-            let var = src
-                .iter()
-                .map(|&v| {
-                    let d = v as f64 - mean;
-                    d * d
-                })
-                .sum::<f64>()
-                / glen as f64;
-            let rstd = 1.0 / (var + eps).sqrt();
-            for ci in 0..cg {
-                let ch = g * cg + ci;
-                let gm = gamma.map_or(1.0, |w| w[ch] as f64);
-                let bt = beta.map_or(0.0, |b| b[ch] as f64);
-                // y = x·a + b
-                let a = (gm * rstd) as f32;
-                let b = (bt - mean * gm * rstd) as f32;
-                let s = &src[ci * hw..(ci + 1) * hw];
-                let d = &mut dst[ci * hw..(ci + 1) * hw];
-                if silu {
-                    for (o, &v) in d.iter_mut().zip(s) {
-                        let y = v * a + b;
-                        *o = y * sigmoid(y);
-                    }
-                } else {
-                    for (o, &v) in d.iter_mut().zip(s) {
-                        *o = v * a + b;
-                    }
+            normalize_group(src, dst, hw, g * cg, eps, gamma, beta, silu);
+        });
+}
+
+super::avx2_dispatch! {
+    /// One group (`cg` channels of `hw` values from channel `c0`): statistics, then the affine
+    /// map and the optional SiLU.
+    fn normalize_group(
+        src: &[f32],
+        dst: &mut [f32],
+        hw: usize,
+        c0: usize,
+        eps: f64,
+        gamma: Option<&[f32]>,
+        beta: Option<&[f32]>,
+        silu: bool,
+    ) {
+        let glen = src.len();
+        let mean = lane_sum(src, |v| v) / glen as f64;
+        let m32 = mean as f32;
+        let var = lane_sum(src, |v| (v - m32) * (v - m32)) / glen as f64;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (ci, (s, d)) in src.chunks_exact(hw).zip(dst.chunks_exact_mut(hw)).enumerate() {
+            let ch = c0 + ci;
+            let gm = gamma.map_or(1.0, |w| w[ch] as f64);
+            let bt = beta.map_or(0.0, |b| b[ch] as f64);
+            // y = x·a + b
+            let a = (gm * rstd) as f32;
+            let b = (bt - mean * gm * rstd) as f32;
+            if silu {
+                for (o, &v) in d.iter_mut().zip(s) {
+                    let y = v * a + b;
+                    *o = y * sigmoid(y);
+                }
+            } else {
+                for (o, &v) in d.iter_mut().zip(s) {
+                    *o = v * a + b;
                 }
             }
-        });
+        }
+    }
+}
+
+/// `Σ f(x)` with 16 f32 lanes over blocks of 256 values, each block's total added in f64
+/// (vectorises; the f32 partial sums hold 16 values each).
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0.0f64;
+    for block in x.chunks(256) {
+        let mut acc = [0.0f32; 16];
+        let mut it = block.chunks_exact(16);
+        for c in &mut it {
+            for l in 0..16 {
+                acc[l] += f(c[l]);
+            }
+        }
+        let mut t = it.remainder().iter().map(|&v| f(v) as f64).sum::<f64>();
+        t += acc.iter().map(|&a| a as f64).sum::<f64>();
+        total += t;
+    }
+    total
 }
 
 /// `1 / (1 + e^-x)` with [`exp`].
@@ -80,16 +110,22 @@ pub fn sigmoid(x: f32) -> f32 {
 /// `x = i ln 2 + y`, `|y| <= ln2/2`, degree-6 Taylor polynomial; saturates outside ±87.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 87.0);
-    let i = (x * std::f32::consts::LOG2_E).round();
+    // Selects rather than f32::clamp/max (whose NaN rules keep the loop scalar).
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 87.0 { 87.0 } else { x };
+    // Round x·log2(e) to the nearest integer i with the 1.5·2^23 trick: the sum's low mantissa
+    // bits hold i, so 2^i is built with integer ops (no float->int conversion, no libm call).
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let i = t - MAGIC;
     // Cody-Waite: y = x - i·ln2 with ln2 split so that i·LN2_HI is exact; |y| <= ln2/2.
     let y = x - i * 0.693_145_75 - i * 1.428_606_8e-6;
     let p = 1.0
         + y * (1.0
             + y * (0.5
                 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
-    let bits = ((i as i32 + 127) as u32) << 23;
-    p * f32::from_bits(bits)
+    let two_i = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
+    p * two_i
 }
 
 #[cfg(test)]

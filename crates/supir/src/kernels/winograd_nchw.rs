@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::blas::sgemm_slices;
+use super::blas::sgemm_slices_st;
 use super::conv::ConvShape;
 
 /// Floats of `V` + `M` per chunk of tiles.
@@ -247,23 +247,26 @@ pub fn conv3x3(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>, o
     while t0 < nt {
         let nb = tc.min(nt - t0);
         input_transform(x, cin, g, t0, nb, &mut v, tc);
-        for xi in 0..36 {
-            sgemm_slices(
-                false,
-                false,
-                cout,
-                nb,
-                cin,
-                1.0,
-                &u[xi * cout * cin..(xi + 1) * cout * cin],
-                cin,
-                &v[xi * cin * tc..(xi + 1) * cin * tc],
-                tc,
-                0.0,
-                &mut m[xi * cout * tc..(xi + 1) * cout * tc],
-                tc,
-            );
-        }
+        // The 36 products are independent: one single-threaded GEMM per task.
+        m.par_chunks_mut(cout * tc)
+            .enumerate()
+            .for_each(|(xi, mx)| {
+                sgemm_slices_st(
+                    false,
+                    false,
+                    cout,
+                    nb,
+                    cin,
+                    1.0,
+                    &u[xi * cout * cin..(xi + 1) * cout * cin],
+                    cin,
+                    &v[xi * cin * tc..(xi + 1) * cin * tc],
+                    tc,
+                    0.0,
+                    mx,
+                    tc,
+                );
+            });
         output_transform(&m, cout, g, t0, nb, tc, bias, out);
         t0 += nb;
     }
