@@ -19,7 +19,9 @@ pub mod winograd_nchw;
 /// x86-64, so without this the element-wise loops stay on 4-wide SSE2).
 macro_rules! avx2_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
-        $(#[$m])* $vis fn $name($($a: $t),*) {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($a: $t),*) {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn generic($($a: $t),*) $body
