@@ -123,10 +123,11 @@ pub struct SupirArgs {
     /// Tiled VAE decoder tile, latent pixels (implies --vae-tiles) [default: 64].
     #[arg(long, help_heading = "SUPIR size and memory")]
     decoder_tile: Option<usize>,
-    /// Precision of control + UNet: fp32, fp16 or bf16 (bf16 needs a GPU build) [default: fp32].
+    /// Precision of control + UNet weights: fp32, fp16 or bf16 (on the CPU half-precision
+    /// weights halve the memory and every layer computes in f32) [default: fp32].
     #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
     diffusion_dtype: Option<PrecisionArg>,
-    /// Precision of the VAE and text encoders: fp32 or bf16 (GPU build) [default: fp32].
+    /// Precision of the VAE and text encoder weights: fp32 or bf16 [default: fp32].
     #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
     vae_dtype: Option<PrecisionArg>,
 

@@ -197,9 +197,10 @@ pub struct RestoreOptions {
     pub sampler_tile_stride: Option<usize>,
     /// Tiled VAE (`use_tile_vae`, `encoder_tile_size`, `decoder_tile_size`); `None`: whole image.
     pub vae_tiling: Option<VaeTiling>,
-    /// Control + UNet precision (`diff_dtype`).
+    /// Control + UNet precision (`diff_dtype`): the weights' dtype; the compute dtype on a
+    /// GPU, f32 on the CPU ([`crate::layers::compute_dtype`]).
     pub diffusion_precision: Precision,
-    /// VAE (and text encoder) precision (`ae_dtype`): fp32 or bf16.
+    /// VAE (and text encoder) precision (`ae_dtype`): fp32 or bf16, as `diffusion_precision`.
     pub vae_precision: Precision,
 }
 

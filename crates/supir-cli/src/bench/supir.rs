@@ -341,14 +341,7 @@ pub fn run(a: SupirBenchArgs) -> Result<()> {
         avail = mem_available_gib().map_or("?".into(), |g| format!("{g:.1}")),
     );
 
-    let mut rows = match ours(&a, &cfg, &vb, dtype) {
-        Err(e) if dtype == DType::BF16 => {
-            return Err(
-                e.context("bf16: candle 0.11's CPU backend has no bf16 matmul inside conv2d")
-            )
-        }
-        r => r?,
-    };
+    let mut rows = ours(&a, &cfg, &vb, dtype)?;
     drop(vb);
 
     let mut torch_header = None;
@@ -449,6 +442,8 @@ fn ours(a: &SupirBenchArgs, cfg: &SupirConfig, vb: &VarBuilder, dtype: DType) ->
     let dev = Device::Cpu;
     let (wu, reps) = (a.warmup, a.reps);
     let (s, l) = (a.size, a.size / 8);
+    // Weights stay in `dtype`; the CPU computes in f32.
+    let dtype = supir::layers::compute_dtype(dtype, &dev);
     let mut rows = Vec::new();
 
     if a.stages.contains(&Stage::Text) {
