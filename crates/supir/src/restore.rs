@@ -420,7 +420,7 @@ impl RestoreOptions {
         let so = self.sample_options(cfg)?;
         if !so.sampler.is_tiled() {
             return Err(opt_err(format!(
-                "the sampler is {}, which does not tile the latent; choose TiledRestoreEDMSampler or TiledRestoreDPMPP2MSampler",
+                "the sampler is {}, which does not tile the latent; choose a tiled sampler (TiledRestoreEDMSampler or TiledRestoreDPMPP2MSampler)",
                 so.sampler.official_name()
             )));
         }
