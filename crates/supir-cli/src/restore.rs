@@ -17,8 +17,8 @@ pub struct RestoreArgs {
     /// Input image, or a folder whose images (png, jpg, webp, tif) are all processed.
     input: PathBuf,
     /// Output image (format from the extension), or the output folder for a folder input.
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short, long, required_unless_present = "list_tiles")]
+    output: Option<PathBuf>,
     /// Backend; `auto` runs SUPIR when its weights are configured, else the embedded Real-ESRGAN.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
@@ -164,11 +164,23 @@ fn check_output(out: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    if args.supir.list_tiles {
+        return restore_supir::list_tiles(&args.input, &args.supir, args.supir_models.as_deref());
+    }
+    let output = args.output.as_deref().context("--output is required")?;
     let backend = choose_backend(args.backend, args.supir_models.as_deref(), &args.supir)?;
     if !(args.outscale.is_finite() && args.outscale > 0.0) {
         bail!("--outscale {}: must be a positive number", args.outscale);
     }
-    let jobs = plan(&args.input, &args.output)?;
+    if let Some(f) = &args.supir.tile_prompts {
+        if args.input.is_dir() {
+            bail!(
+                "--tile-prompts {}: the prompts describe the tiles of one image; give one input image, not a folder",
+                f.display()
+            );
+        }
+    }
+    let jobs = plan(&args.input, output)?;
     for (_, out) in &jobs {
         check_output(out)?;
     }
@@ -178,6 +190,12 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             restore_supir::run(&jobs, &args.supir, &spec, folder)
         }
         Backend::RealEsrgan => {
+            if let Some(f) = &args.supir.tile_prompts {
+                bail!(
+                    "--tile-prompts {}: per-tile prompts need the SUPIR backend; {SUPIR_HINT}",
+                    f.display()
+                );
+            }
             eprintln!("backend: Real-ESRGAN x4plus (embedded weights, CPU); {SUPIR_HINT}");
             let opts = UpscaleOptions {
                 tiling: Tiling {

@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use supir::color_fix::ColorFix;
 use supir::config::SupirConfig;
 use supir::image_io::file;
-use supir::restore::{Precision, Preset, RestoreOptions, Restorer, OFFICIAL_CONFIG};
+use supir::restore::{Precision, Preset, RestoreOptions, Restorer, TileLayout, OFFICIAL_CONFIG};
 use supir::sampler::SamplerKind;
 use supir::tiled_vae::VaeTiling;
 
@@ -88,6 +88,16 @@ pub struct SupirArgs {
     /// Description of the image, put before the positive prompt (the official code asks LLaVA).
     #[arg(long, help_heading = "SUPIR sampling")]
     caption: Option<String>,
+    /// Per-tile captions (the official local prompts), for the tiled samplers: tile j (in
+    /// `--list-tiles` order) gets caption j + the positive prompt, instead of --caption. FILE holds
+    /// one caption per line (blank lines skipped) or a JSON array of strings; one per tile. One
+    /// image, one sample.
+    #[arg(long, value_name = "FILE", help_heading = "SUPIR sampling")]
+    pub tile_prompts: Option<PathBuf>,
+    /// Print the tiled sampler's tiles of the input image (index and window in model-input
+    /// pixels, i.e. after --upscale / --min-size) and exit; needs no weights.
+    #[arg(long, help_heading = "SUPIR sampling")]
+    pub list_tiles: bool,
     /// Positive prompt appended to the caption [default: the official one].
     #[arg(long, help_heading = "SUPIR sampling")]
     positive_prompt: Option<String>,
@@ -271,9 +281,144 @@ impl SupirArgs {
         if let Some(p) = self.vae_dtype {
             o.vae_precision = p.into();
         }
+        if let Some(path) = &self.tile_prompts {
+            o.tile_prompts = read_tile_prompts(path)?;
+        }
         o.validate()?;
         Ok(o)
     }
+}
+
+/// The captions of a `--tile-prompts` file: a JSON array of strings when the text starts with
+/// `[`, else one caption per line (line ends and blank lines dropped).
+pub fn read_tile_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--tile-prompts {}", path.display()))?;
+    let prompts: Vec<String> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "--tile-prompts {}: not a JSON array of strings: {e}",
+                path.display()
+            )
+        })?
+    } else {
+        text.lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    if prompts.is_empty() {
+        bail!("--tile-prompts {}: no prompts in the file", path.display());
+    }
+    Ok(prompts)
+}
+
+/// The model config `--list-tiles` and the tile-prompt check use: the resolved weights' config,
+/// else `--model-config`, else the official one.
+fn config_for_tiles(args: &SupirArgs, supir_models: Option<&Path>) -> anyhow::Result<SupirConfig> {
+    match resolve(args, supir_models)? {
+        Some(spec) => spec.load_config(),
+        None => ModelSpec {
+            config: match &args.model_config {
+                Some(p) => ConfigSource::File(existing_file("--model-config", p)?),
+                None => ConfigSource::Official,
+            },
+            checkpoints: Vec::new(),
+        }
+        .load_config(),
+    }
+}
+
+/// The tiled sampler's layout over a `width x height` image; `what` (the flag and file) leads
+/// the error, which names the CLI's tiled samplers when the one chosen is not.
+fn tile_layout(
+    what: &str,
+    opts: &RestoreOptions,
+    cfg: &SupirConfig,
+    width: u32,
+    height: u32,
+) -> anyhow::Result<TileLayout> {
+    let sampler = opts.sample_options(cfg)?.sampler;
+    if !sampler.is_tiled() {
+        bail!(
+            "{what}: the sampler is {}, which does not tile the image; add --sampler tiled-edm or --sampler tiled-dpmpp2m",
+            sampler.official_name()
+        );
+    }
+    opts.tile_layout(cfg, width, height)
+        .with_context(|| what.to_string())
+}
+
+/// `--list-tiles`: the tiles of `input` under the options, as a table on stdout.
+pub fn list_tiles(
+    input: &Path,
+    args: &SupirArgs,
+    supir_models: Option<&Path>,
+) -> anyhow::Result<()> {
+    if input.is_dir() {
+        bail!(
+            "--list-tiles: {} is a folder; give one image",
+            input.display()
+        );
+    }
+    let opts = args.options()?;
+    let cfg = config_for_tiles(args, supir_models)?;
+    let img = file::load(input)?;
+    let what = format!("--list-tiles {}", input.display());
+    let layout = tile_layout(&what, &opts, &cfg, img.width(), img.height())?;
+    eprintln!(
+        "{}: {}x{} px, model input {}x{} px, latent {}x{}, {}: tile {} stride {} (latent px): {} tiles",
+        input.display(),
+        img.width(),
+        img.height(),
+        layout.width,
+        layout.height,
+        layout.latent_width,
+        layout.latent_height,
+        layout.sampler.official_name(),
+        layout.tile_size,
+        layout.tile_stride,
+        layout.tiles.len()
+    );
+    println!("tile\tx0\ty0\tx1\ty1");
+    for t in layout.pixel_windows() {
+        println!("{}\t{}\t{}\t{}\t{}", t.index, t.w0, t.h0, t.w1, t.h1);
+    }
+    Ok(())
+}
+
+/// With `--tile-prompts`: one image, and as many prompts as it has tiles (checked before the
+/// weights load).
+fn check_tile_prompt_count(
+    args: &SupirArgs,
+    opts: &RestoreOptions,
+    cfg: &SupirConfig,
+    input: &Path,
+    width: u32,
+    height: u32,
+) -> anyhow::Result<()> {
+    let Some(file) = &args.tile_prompts else {
+        return Ok(());
+    };
+    let what = format!("--tile-prompts {}", file.display());
+    let layout = tile_layout(&what, opts, cfg, width, height)?;
+    if layout.tiles.len() != opts.tile_prompts.len() {
+        bail!(
+            "--tile-prompts {}: {} prompts, but {} has {} tiles (model input {}x{} px = latent {}x{}, tile {} stride {} in latent px); list them with --list-tiles",
+            file.display(),
+            opts.tile_prompts.len(),
+            input.display(),
+            layout.tiles.len(),
+            layout.width,
+            layout.height,
+            layout.latent_width,
+            layout.latent_height,
+            layout.tile_size,
+            layout.tile_stride
+        );
+    }
+    Ok(())
 }
 
 /// What the SUPIR backend loads: a model config and the checkpoints (merged in order).
@@ -463,16 +608,17 @@ pub fn run(
         eprintln!("nothing to do: every output exists");
         return Ok(());
     }
+    let cfg = spec.load_config()?;
     // One image: read and size-check it before loading gigabytes of weights.
     let first = if todo.len() == 1 && !folder {
         let img = file::load(&todo[0].0)?;
         opts.model_size(img.width(), img.height())
             .with_context(|| todo[0].0.display().to_string())?;
+        check_tile_prompt_count(args, &opts, &cfg, &todo[0].0, img.width(), img.height())?;
         Some(img)
     } else {
         None
     };
-    let cfg = spec.load_config()?;
     let dev = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
     let where_ = if dev.is_cpu() { "CPU" } else { "GPU" };
     eprintln!("backend: SUPIR ({}), {where_}", spec.describe());

@@ -246,3 +246,150 @@ fn bad_input_one_line_error_nothing_written() {
     check(&o, "config.yaml");
     assert_eq!(files_in(&d), ["garbage.png", "good.png"]);
 }
+
+/// `--tile-prompts` (lines or JSON) on 2x2 latent tiles of a 64x64 input, `--list-tiles` with and
+/// without weights, and the refusals (count, untiled sampler, folder) before any weights load.
+#[test]
+fn tile_prompts_and_list_tiles() {
+    let d = tmpdir("tiles");
+    let input = d.join("in.png");
+    photo(&input, 64, 64);
+    const TILED: &[&str] = &[
+        "--sampler",
+        "tiled-edm",
+        "--sampler-tile",
+        "4",
+        "--sampler-stride",
+        "4",
+        "--seed",
+        "3",
+    ];
+    fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        [TILED, extra].concat()
+    }
+    let caption = "a photo of a cat";
+
+    // Listing: index and window in model-input pixels, row major.
+    let table = "tile\tx0\ty0\tx1\ty1\n0\t0\t0\t32\t32\n1\t32\t0\t64\t32\n2\t0\t32\t32\t64\n3\t32\t32\t64\t64\n";
+    let o = restore(&with(&[s(&input), "--list-tiles"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), table);
+    assert!(stderr(&o).contains("4 tiles"), "{}", stderr(&o));
+    let mut c = Command::new(env!("CARGO_BIN_EXE_supir"));
+    for v in ["SUPIR_MODELS", "SUPIR_SDXL", "SUPIR_CKPT", "SUPIR_CONFIG"] {
+        c.env_remove(v);
+    }
+    let o = c
+        .args(["restore", s(&input), "--list-tiles", "--min-size", "64"])
+        .args(TILED)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "without weights: {}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), table);
+
+    // Prompts equal to the caption: the caption's image, byte for byte.
+    let global = d.join("global.png");
+    let o = restore(&with(&[s(&input), "-o", s(&global), "--caption", caption]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let same_file = d.join("same.txt");
+    std::fs::write(&same_file, format!("{caption}\n").repeat(4) + "\n").unwrap();
+    let same = d.join("same.png");
+    let o = restore(&with(&[
+        s(&input),
+        "-o",
+        s(&same),
+        "--tile-prompts",
+        s(&same_file),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&global).unwrap(),
+        std::fs::read(&same).unwrap()
+    );
+
+    // A JSON array with another prompt for tile 2: another image.
+    let json = d.join("prompts.json");
+    std::fs::write(
+        &json,
+        serde_json::to_string(&[caption, caption, "a red brick wall", caption]).unwrap(),
+    )
+    .unwrap();
+    let other = d.join("other.png");
+    let o = restore(&with(&[
+        s(&input),
+        "-o",
+        s(&other),
+        "--tile-prompts",
+        s(&json),
+    ]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(
+        std::fs::read(&global).unwrap(),
+        std::fs::read(&other).unwrap()
+    );
+
+    // Refusals: one error line naming the file and the counts, nothing written.
+    let out = d.join("refused.png");
+    let check = |o: &Output, needles: &[&str]| {
+        let err = stderr(o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        for n in needles {
+            assert!(err.contains(n), "no `{n}` in: {err}");
+        }
+        assert!(!err.contains("backend: SUPIR"), "loaded the model: {err}");
+        assert!(!out.exists());
+    };
+    let three = d.join("three.txt");
+    std::fs::write(&three, "a\nb\r\nc\n").unwrap();
+    let o = restore(&with(&[
+        s(&input),
+        "-o",
+        s(&out),
+        "--tile-prompts",
+        s(&three),
+    ]));
+    check(
+        &o,
+        &[
+            "three.txt",
+            "3 prompts",
+            "4 tiles",
+            "latent 8x8",
+            "--list-tiles",
+        ],
+    );
+    let o = restore(&[
+        s(&input),
+        "-o",
+        s(&out),
+        "--tile-prompts",
+        s(&json),
+        "--sampler",
+        "edm",
+    ]);
+    check(
+        &o,
+        &["prompts.json", "RestoreEDMSampler", "--sampler tiled-edm"],
+    );
+    let bad_json = d.join("bad.json");
+    std::fs::write(&bad_json, "[\"a\", 3]").unwrap();
+    let o = restore(&with(&[
+        s(&input),
+        "-o",
+        s(&out),
+        "--tile-prompts",
+        s(&bad_json),
+    ]));
+    check(&o, &["bad.json", "JSON array of strings"]);
+    let folder = d.join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    photo(&folder.join("x.png"), 64, 64);
+    let o = restore(&with(&[
+        s(&folder),
+        "-o",
+        s(&d.join("folder-out")),
+        "--tile-prompts",
+        s(&json),
+    ]));
+    check(&o, &["prompts.json", "one input image"]);
+}

@@ -295,6 +295,31 @@ impl Conditioner {
         self.encode_ids(&clip_l, &openclip, sizes)
     }
 
+    /// `prepare_condition` with local prompts (one image): c of tile `j` from
+    /// `tile_captions[j] + p_p`, each `[1, ...]` and encoded on its own as the official loop does
+    /// (repeated captions once), and the shared uc from `n_p`. Returns `(c per tile, uc)`.
+    pub fn prepare_tile_condition(
+        &self,
+        tile_captions: &[&str],
+        p_p: &str,
+        n_p: &str,
+    ) -> Result<(Vec<Conditioning>, Conditioning)> {
+        if tile_captions.is_empty() {
+            return Err(Error::Option("no tile prompts".into()));
+        }
+        let sizes = SizeConditioning::default();
+        let mut done: std::collections::HashMap<&str, Conditioning> = Default::default();
+        let mut c = Vec::with_capacity(tile_captions.len());
+        for &caption in tile_captions {
+            if !done.contains_key(caption) {
+                let text = format!("{caption}{p_p}");
+                done.insert(caption, self.encode_texts(&[text.as_str()], &sizes)?);
+            }
+            c.push(done[caption].clone());
+        }
+        Ok((c, self.encode_texts(&[n_p], &sizes)?))
+    }
+
     /// SUPIR's `prepare_condition` for one prompt per image: c from `caption + p_p` (no
     /// separator), uc from `n_p`, sizes 1024 / 0 / 1024. Returns `(c, uc)`.
     pub fn prepare_condition(

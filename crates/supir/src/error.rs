@@ -45,6 +45,21 @@ pub enum Error {
         field: String,
         msg: String,
     },
+    #[error(
+        "{prompts} tile prompts for {tiles} tiles: a {image_w}x{image_h} px model input is a \
+         {latent_w}x{latent_h} latent, cut into tiles of {tile_size} at stride {tile_stride} \
+         (latent pixels); give one prompt per tile"
+    )]
+    TilePromptCount {
+        prompts: usize,
+        tiles: usize,
+        image_h: usize,
+        image_w: usize,
+        latent_h: usize,
+        latent_w: usize,
+        tile_size: usize,
+        tile_stride: usize,
+    },
     #[error("JPEG round trip at quality {quality}: {msg}")]
     Jpeg { quality: u8, msg: String },
 }

@@ -52,16 +52,90 @@ pub fn stage1(model: &SupirModel, x: &Tensor, rng: &mut dyn NoiseSource) -> Resu
     })
 }
 
+/// The positive (text) branch's conditioning: one for the whole latent, or one per tile of a
+/// tiled sampler (the official "local prompts", `prepare_condition` with a list of captions),
+/// indexed by [`TileWindow::index`]. Per-tile entries have one row each (batch of one image).
+#[derive(Debug, Clone)]
+pub enum PromptConditioning {
+    Global(Conditioning),
+    PerTile(Vec<Conditioning>),
+}
+
+impl From<Conditioning> for PromptConditioning {
+    fn from(c: Conditioning) -> Self {
+        Self::Global(c)
+    }
+}
+
+impl PromptConditioning {
+    /// The conditioning of `tile` (`None`: the untiled samplers, global conditioning only).
+    pub fn for_tile(&self, tile: Option<&TileWindow>) -> Result<&Conditioning> {
+        match (self, tile) {
+            (Self::Global(c), _) => Ok(c),
+            (Self::PerTile(v), Some(t)) => v.get(t.index).ok_or_else(|| {
+                Error::Option(format!(
+                    "tile #{} has no prompt ({} tile prompts)",
+                    t.index,
+                    v.len()
+                ))
+            }),
+            (Self::PerTile(_), None) => Err(Error::Option(
+                "per-tile prompts need a tiled sampler (the untiled one asked for the whole latent)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Checks per-tile prompts against the run, as the official code does (`bs=1` only, one prompt
+/// per latent tile) and refuses them with an untiled sampler. `x` is the model input
+/// `[B, 3, H, W]`; the latent is `H/8 x W/8`.
+pub fn check_tile_prompts(count: usize, x_dims: &[usize], o: &SampleOptions) -> Result<()> {
+    if !o.sampler.is_tiled() {
+        return Err(Error::Option(format!(
+            "per-tile prompts need a tiled sampler (TiledRestoreEDMSampler or TiledRestoreDPMPP2MSampler), not {}",
+            o.sampler.official_name()
+        )));
+    }
+    let &[b, _, h, w] = x_dims else {
+        return Err(Error::Option(format!(
+            "expected a [B, 3, H, W] image, got {x_dims:?}"
+        )));
+    };
+    if b != 1 {
+        return Err(Error::Option(format!(
+            "per-tile prompts take one image and one sample at a time (as the official code), got a batch of {b}"
+        )));
+    }
+    let (lh, lw) = (h / 8, w / 8);
+    let (tile_size, tile_stride) = (o.opts.tile_size, o.opts.tile_stride);
+    let tiles = crate::tiling::sliding_windows(lh, lw, tile_size, tile_stride)?.len();
+    if count != tiles {
+        return Err(Error::TilePromptCount {
+            prompts: count,
+            tiles,
+            image_h: h,
+            image_w: w,
+            latent_h: lh,
+            latent_w: lw,
+            tile_size,
+            tile_stride,
+        });
+    }
+    Ok(())
+}
+
 /// The CFG-guided denoiser of `batchify_sample`: `x` `[B, ...]` is doubled into `[uc, c]`, run
 /// through control + UNet at `sigma` with the control latent `z` (sliced to the tile), and
-/// combined by `guider` (`DiscreteDenoiserWithControl` + `LinearCFG`). The networks run in the
-/// model's diffusion dtype; the latent maths around them stays F32 (as under torch autocast).
-/// `on_call` runs after each network call (progress).
+/// combined by `guider` (`DiscreteDenoiserWithControl` + `LinearCFG`). With per-tile prompts,
+/// tile `j` uses `c[j]`; `uc` is shared. The networks run in the model's diffusion dtype; the
+/// latent maths around them stays F32 (as under torch autocast). `on_call` runs after each
+/// network call (progress).
 pub struct GuidedDenoiser<'a, 'f> {
     pub model: &'a SupirModel,
     /// The control latent `_z` of the whole image.
     pub z: &'a Tensor,
-    pub c: &'a Conditioning,
+    pub c: &'a PromptConditioning,
     pub uc: &'a Conditioning,
     pub guider: LinearCfg,
     pub on_call: Option<&'f mut dyn FnMut()>,
@@ -82,10 +156,11 @@ impl Denoise for GuidedDenoiser<'_, '_> {
             None => self.z.clone(),
         }
         .to_dtype(dt)?;
+        let c = self.c.for_tile(tile)?;
         let x = x.to_dtype(DType::F32)?;
         let x2 = Tensor::cat(&[&x, &x], 0)?;
-        let crossattn = Tensor::cat(&[&self.uc.crossattn, &self.c.crossattn], 0)?.to_dtype(dt)?;
-        let vector = Tensor::cat(&[&self.uc.vector, &self.c.vector], 0)?.to_dtype(dt)?;
+        let crossattn = Tensor::cat(&[&self.uc.crossattn, &c.crossattn], 0)?.to_dtype(dt)?;
+        let vector = Tensor::cat(&[&self.uc.vector, &c.vector], 0)?.to_dtype(dt)?;
         let control = Tensor::cat(&[&ctrl, &ctrl], 0)?;
         let sigmas = vec![sigma; 2 * b];
         let denoised =
@@ -138,23 +213,32 @@ pub fn sample_latent(
     let (c, uc) = model
         .conditioner
         .prepare_condition(captions, &o.p_p, &o.n_p)?;
-    sample_latent_with(model, x, &c, &uc, o, rng, None)
+    sample_latent_with(model, x, &c.into(), &uc, o, rng, None)
 }
 
 /// [`sample_latent`] with the conditioning already encoded (`c`, `uc` with one row per image of
 /// `x`; `o.p_p` / `o.n_p` are not used). Conditioning draws no random numbers, so the draws are
-/// those of [`sample_latent`]. `on_call` runs after each network call.
+/// those of [`sample_latent`]. Per-tile `c` is checked by [`check_tile_prompts`] before any
+/// work. `on_call` runs after each network call.
 pub fn sample_latent_with(
     model: &SupirModel,
     x: &Tensor,
-    c: &Conditioning,
+    c: &PromptConditioning,
     uc: &Conditioning,
     o: &SampleOptions,
     rng: &mut dyn NoiseSource,
     on_call: Option<&mut dyn FnMut()>,
 ) -> Result<SampleLatent> {
     let b = x.dim(0)?;
-    for (name, cond) in [("c", c), ("uc", uc)] {
+    let mut conds = vec![("uc", uc)];
+    match c {
+        PromptConditioning::Global(c) => conds.push(("c", c)),
+        PromptConditioning::PerTile(v) => {
+            check_tile_prompts(v.len(), x.dims(), o)?;
+            conds.extend(v.iter().map(|c| ("tile c", c)));
+        }
+    }
+    for (name, cond) in conds {
         if cond.crossattn.dim(0)? != b || cond.vector.dim(0)? != b {
             return Err(Error::Option(format!(
                 "conditioning {name} has {} rows for {b} images",

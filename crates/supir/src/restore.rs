@@ -19,10 +19,13 @@ use crate::conditioner::Conditioning;
 use crate::config::SupirConfig;
 use crate::image_io::convert;
 use crate::model::{DTypes, SupirModel};
-use crate::pipeline::{decode_and_fix, sample_latent_with, sampler_from_config, SampleOptions};
+use crate::pipeline::{
+    check_tile_prompts, decode_and_fix, sample_latent_with, sampler_from_config,
+    PromptConditioning, SampleOptions,
+};
 use crate::sampler::{NoiseSource, SamplerKind, SamplerOptions, SeededNoise};
 use crate::tiled_vae::VaeTiling;
-use crate::tiling::sliding_windows;
+use crate::tiling::{sliding_windows, TileWindow};
 use crate::{Error, Result};
 
 /// The official model config `options/SUPIR_v0.yaml` (SDXL base + SUPIR, `RestoreEDMSampler`).
@@ -184,6 +187,11 @@ pub struct RestoreOptions {
     pub num_samples: usize,
     /// Image description, prepended to the positive prompt (the official code's LLaVA caption).
     pub caption: String,
+    /// Per-tile captions for the tiled samplers (the official local prompts): tile `j` of
+    /// [`RestoreOptions::tile_layout`] is conditioned on `tile_prompts[j] + positive_prompt`
+    /// instead of `caption`; the negative prompt stays shared. Empty: `caption` everywhere.
+    /// One image and one sample at a time, one caption per tile.
+    pub tile_prompts: Vec<String>,
     /// Appended to the caption (`a_prompt` / `p_p`).
     pub positive_prompt: String,
     /// The unconditional branch's prompt (`n_prompt` / `n_p`).
@@ -231,6 +239,7 @@ impl RestoreOptions {
             seed: 1234,
             num_samples: 1,
             caption: String::new(),
+            tile_prompts: Vec::new(),
             positive_prompt: DEFAULT_POSITIVE_PROMPT.into(),
             negative_prompt: DEFAULT_NEGATIVE_PROMPT.into(),
             upscale: 1.0,
@@ -288,6 +297,12 @@ impl RestoreOptions {
         range("s_churn", self.s_churn, 0.0, 100.0)?;
         range("s_noise", self.s_noise, 0.0, 2.0)?;
         irange("samples", self.num_samples, 1, 16)?;
+        if !self.tile_prompts.is_empty() && self.num_samples != 1 {
+            return Err(opt_err(format!(
+                "tile prompts with {} samples: per-tile prompts take one sample at a time (as the official code)",
+                self.num_samples
+            )));
+        }
         range("upscale", self.upscale, 0.01, 32.0)?;
         irange("min size", self.min_size as usize, 0, 8192)?;
         if let Some(t) = self.sampler_tile_size {
@@ -374,12 +389,67 @@ impl RestoreOptions {
     }
 }
 
+/// The latent tiles of the tiled samplers over one image (what [`RestoreOptions::tile_prompts`]
+/// must match).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TileLayout {
+    pub sampler: SamplerKind,
+    /// The model input (the image after `PIL2Tensor`'s resize), pixels.
+    pub width: usize,
+    pub height: usize,
+    /// Latent size (`width / 8 x height / 8`) and the tile size / stride in latent pixels.
+    pub latent_width: usize,
+    pub latent_height: usize,
+    pub tile_size: usize,
+    pub tile_stride: usize,
+    /// Latent windows in sampling order (`index` 0, 1, ...: the order of the tile prompts).
+    pub tiles: Vec<TileWindow>,
+}
+
+impl TileLayout {
+    /// The tiles in model-input pixels (latent windows x 8), as the official Gradio demo cuts the
+    /// stage-1 image to caption each tile.
+    pub fn pixel_windows(&self) -> Vec<TileWindow> {
+        self.tiles.iter().map(|t| t.scaled(8)).collect()
+    }
+}
+
+impl RestoreOptions {
+    /// The tiles a `width x height` image is sampled in under these options and the model config
+    /// `cfg` (no weights needed). Errors unless the sampler is a tiled one.
+    pub fn tile_layout(&self, cfg: &SupirConfig, width: u32, height: u32) -> Result<TileLayout> {
+        let so = self.sample_options(cfg)?;
+        if !so.sampler.is_tiled() {
+            return Err(opt_err(format!(
+                "the sampler is {}, which does not tile the latent; choose a tiled sampler (TiledRestoreEDMSampler or TiledRestoreDPMPP2MSampler)",
+                so.sampler.official_name()
+            )));
+        }
+        let size = self.model_size(width, height)?;
+        let (w, h) = (size.width as usize, size.height as usize);
+        let (t, st) = (so.opts.tile_size, so.opts.tile_stride);
+        Ok(TileLayout {
+            sampler: so.sampler,
+            width: w,
+            height: h,
+            latent_width: w / 8,
+            latent_height: h / 8,
+            tile_size: t,
+            tile_stride: st,
+            tiles: sliding_windows(h / 8, w / 8, t, st)?,
+        })
+    }
+}
+
+/// The positive texts of a prompt set and whether they are per tile, with the negative prompt.
+type PromptKey = (bool, Vec<String>, String);
+
 /// The loaded model with its config and the encoded prompts.
 pub struct Restorer {
     pub model: SupirModel,
     pub cfg: SupirConfig,
-    /// `(caption + positive, negative)` and their one-row conditioning `(c, uc)`.
-    prompts: Option<((String, String), Conditioning, Conditioning)>,
+    /// The prompts and their one-row conditioning `(c, uc)` (c per tile with tile prompts).
+    prompts: Option<(PromptKey, PromptConditioning, Conditioning)>,
 }
 
 impl Restorer {
@@ -407,8 +477,18 @@ impl Restorer {
 
     /// Encodes the prompts of `opts` (kept for every later image with the same prompts).
     pub fn prepare_prompts(&mut self, opts: &RestoreOptions) -> Result<()> {
+        let per_tile = !opts.tile_prompts.is_empty();
+        let captions = if per_tile {
+            opts.tile_prompts.clone()
+        } else {
+            vec![opts.caption.clone()]
+        };
         let key = (
-            format!("{}{}", opts.caption, opts.positive_prompt),
+            per_tile,
+            captions
+                .iter()
+                .map(|c| format!("{c}{}", opts.positive_prompt))
+                .collect(),
             opts.negative_prompt.clone(),
         );
         if self.prompts.as_ref().is_some_and(|(k, _, _)| *k == key) {
@@ -419,11 +499,16 @@ impl Restorer {
                 "the prompts changed after the text encoders were dropped; load the model again",
             ));
         }
-        let (c, uc) = self.model.conditioner.prepare_condition(
-            &[opts.caption.as_str()],
-            &opts.positive_prompt,
-            &opts.negative_prompt,
-        )?;
+        let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+        let cond = &self.model.conditioner;
+        let (p, n) = (&opts.positive_prompt, &opts.negative_prompt);
+        let (c, uc) = if per_tile {
+            let (c, uc) = cond.prepare_tile_condition(&refs, p, n)?;
+            (PromptConditioning::PerTile(c), uc)
+        } else {
+            let (c, uc) = cond.prepare_condition(&refs, p, n)?;
+            (PromptConditioning::Global(c), uc)
+        };
         self.prompts = Some((key, c, uc));
         Ok(())
     }
@@ -469,13 +554,20 @@ impl Restorer {
             )));
         }
         let so = opts.sample_options(&self.cfg)?;
+        if !opts.tile_prompts.is_empty() {
+            check_tile_prompts(opts.tile_prompts.len(), x.dims(), &so)?;
+        }
         self.prepare_prompts(opts)?;
         let (_, c, uc) = self.prompts.as_ref().expect("prompts prepared");
         let n = opts.num_samples;
         let rep = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![t; n], 0)?) };
-        let c = Conditioning {
-            crossattn: rep(&c.crossattn)?,
-            vector: rep(&c.vector)?,
+        let c = match c {
+            PromptConditioning::Global(c) => PromptConditioning::Global(Conditioning {
+                crossattn: rep(&c.crossattn)?,
+                vector: rep(&c.vector)?,
+            }),
+            // One sample (validated): the rows are already right.
+            per_tile => per_tile.clone(),
         };
         let uc = Conditioning {
             crossattn: rep(&uc.crossattn)?,

@@ -6,8 +6,11 @@ use candle_core::{DType, Device, Tensor};
 use crate::{Error, Result};
 
 /// One tile of a `[B, C, H, W]` tensor: rows `h0..h1`, columns `w0..w1` (end exclusive).
+/// `index` is the tile's position in [`sliding_windows`] order (the `j` of the official loop,
+/// which picks the tile's local prompt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TileWindow {
+    pub index: usize,
     pub h0: usize,
     pub h1: usize,
     pub w0: usize,
@@ -21,6 +24,17 @@ impl TileWindow {
 
     pub fn width(&self) -> usize {
         self.w1 - self.w0
+    }
+
+    /// The same window scaled by `factor` (latent to image pixels: 8).
+    pub fn scaled(&self, factor: usize) -> TileWindow {
+        TileWindow {
+            index: self.index,
+            h0: self.h0 * factor,
+            h1: self.h1 * factor,
+            w0: self.w0 * factor,
+            w1: self.w1 * factor,
+        }
     }
 
     /// `t[:, :, h0:h1, w0:w1]` of a 4-D tensor.
@@ -67,13 +81,14 @@ pub fn sliding_windows(h: usize, w: usize, tile: usize, stride: usize) -> Result
     let cols = axis_origins(w, tile, stride);
     Ok(rows
         .iter()
-        .flat_map(|&h0| {
-            cols.iter().map(move |&w0| TileWindow {
-                h0,
-                h1: h0 + tile,
-                w0,
-                w1: w0 + tile,
-            })
+        .flat_map(|&h0| cols.iter().map(move |&w0| (h0, w0)))
+        .enumerate()
+        .map(|(index, (h0, w0))| TileWindow {
+            index,
+            h0,
+            h1: h0 + tile,
+            w0,
+            w1: w0 + tile,
         })
         .collect())
 }

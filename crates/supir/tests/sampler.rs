@@ -179,6 +179,18 @@ fn sliding_windows_edges() -> R<()> {
     assert_eq!(t.len(), 9);
     assert_eq!(origins(&t)[..4], [(0, 0), (0, 4), (0, 8), (4, 0)]);
     assert!(t.iter().all(|w| w.h1 == w.h0 + 8 && w.w1 == w.w0 + 8));
+    // `index` is the position in this order (it picks the tile's local prompt).
+    assert!(t.iter().enumerate().all(|(i, w)| w.index == i));
+    assert_eq!(
+        t[5].scaled(8),
+        TileWindow {
+            index: 5,
+            h0: 32,
+            h1: 96,
+            w0: 64,
+            w1: 128
+        }
+    );
     // last tile flush with the edge: h 10 -> 0, 2; w 8 -> 0 only
     assert_eq!(origins(&sliding_windows(10, 8, 8, 4)?), [(0, 0), (2, 0)]);
     // exact multiple: no extra tile
