@@ -9,7 +9,7 @@
 //! candle's own ops, so a CUDA path needs nothing from here. `SUPIR_KERNELS=candle` forces
 //! candle's ops on the CPU too (comparisons).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Result, Storage, Tensor, D};
 use candle_nn::VarBuilder;
@@ -134,12 +134,17 @@ impl Linear {
 // ---------------------------------------------------------------------------- Conv2d
 
 /// `torch.nn.Conv2d` (groups 1, zero padding): `weight [out, in, k, k]`, NCHW.
+///
+/// With f32 weights, a layer that runs as Winograd keeps its filter transforms after the first
+/// call (36/9 of the weight's size): the speed setting. Half-precision weights are transformed
+/// per call, keeping the memory at the weights' own size.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
+    winograd_u: Arc<OnceLock<Vec<f32>>>,
 }
 
 impl Conv2d {
@@ -149,6 +154,7 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            winograd_u: Arc::default(),
         }
     }
 
@@ -161,12 +167,12 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((out_ch, in_ch, k, k), "weight")?,
-            bias: Some(vb.get(out_ch, "bias")?),
+        Ok(Self::new(
+            vb.get((out_ch, in_ch, k, k), "weight")?,
+            Some(vb.get(out_ch, "bias")?),
             stride,
             padding,
-        })
+        ))
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -214,6 +220,21 @@ impl Conv2d {
         }
         let (oh, ow) = s.out_hw();
         let mut out = vec![0.0f32; n * cout * oh * ow];
+        if conv::choose(&s) == conv::ConvAlgo::Winograd && self.weight.dtype() == DType::F32 {
+            if self.winograd_u.get().is_none() {
+                let u = with_f32(&self.weight, |w| {
+                    crate::kernels::winograd_nchw::filter_transform(w, cout, cin)
+                })?;
+                let _ = self.winograd_u.set(u);
+            }
+            let u = self.winograd_u.get().expect("set above");
+            with_f32(x, |xs| {
+                with_opt_f32(self.bias.as_ref(), |b| {
+                    crate::kernels::winograd_nchw::conv3x3_transformed(&s, xs, u, b, &mut out)
+                })
+            })??;
+            return cpu_tensor(out, &[n, cout, oh, ow]);
+        }
         with_f32(x, |xs| {
             with_f32(&self.weight, |wt| {
                 with_opt_f32(self.bias.as_ref(), |b| {
@@ -414,4 +435,28 @@ pub fn attention_channels(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Res
         })
     })???;
     cpu_tensor(out, &[b, c, n])
+}
+
+// ---------------------------------------------------------------------------- activations
+
+/// GEGLU on the last dimension: `p [..., 2·inner]` = `[a, gate]` -> `a · gelu(gate)` (exact erf
+/// GELU) `[..., inner]`.
+pub fn geglu(p: &Tensor) -> Result<Tensor> {
+    let two = p.dim(D::Minus1)?;
+    if !two.is_multiple_of(2) {
+        candle_core::bail!("geglu: odd last dimension {two}");
+    }
+    let inner = two / 2;
+    if !fast(p) {
+        let a = p.narrow(D::Minus1, 0, inner)?;
+        let gate = p.narrow(D::Minus1, inner, inner)?;
+        return a * gate.gelu_erf()?;
+    }
+    let mut shape = p.dims().to_vec();
+    *shape.last_mut().expect("rank >= 1") = inner;
+    let mut out = vec![0.0f32; p.elem_count() / 2];
+    with_f32(p, |ps| {
+        crate::kernels::elementwise::geglu(ps, inner, &mut out)
+    })?;
+    cpu_tensor(out, &shape)
 }

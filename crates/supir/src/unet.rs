@@ -224,9 +224,8 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.proj.forward(x)?;
-        let a = p.narrow(D::Minus1, 0, self.inner)?;
-        let gate = p.narrow(D::Minus1, self.inner, self.inner)?;
-        self.out.forward(&(a * gate.gelu_erf()?)?)
+        debug_assert_eq!(p.dim(D::Minus1)?, 2 * self.inner);
+        self.out.forward(&layers::geglu(&p)?)
     }
 }
 

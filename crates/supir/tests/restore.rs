@@ -246,7 +246,11 @@ fn half_precision_stays_close_to_f32() {
     ] {
         let (fx, cfg, model) = load(dtypes);
         assert_eq!(model.weight_dtypes(), (dtypes.diffusion, dtypes.vae));
-        assert_eq!(model.diffusion_dtype(), DType::F32, "the CPU computes in f32");
+        assert_eq!(
+            model.diffusion_dtype(),
+            DType::F32,
+            "the CPU computes in f32"
+        );
         let mut r = Restorer::from_model(cfg.clone(), model);
         let mut seen = Vec::new();
         for name in [
@@ -280,7 +284,10 @@ fn half_precision_stays_close_to_f32() {
             );
             seen.push((err, mean));
         }
-        for (name, (err, mean)) in ["edm", "linear_control", "tiled", "dpmpp2m"].iter().zip(seen) {
+        for (name, (err, mean)) in ["edm", "linear_control", "tiled", "dpmpp2m"]
+            .iter()
+            .zip(seen)
+        {
             if dtypes.diffusion == DType::F16 {
                 // The fixture's weights are f16-exact: f16 storage must give the f32 result.
                 assert!(err < 1e-4, "{dtypes:?} {name}: {err}");

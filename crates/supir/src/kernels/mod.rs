@@ -10,6 +10,7 @@
 pub mod attention;
 pub mod blas;
 pub mod conv;
+pub mod elementwise;
 pub mod norm;
 pub mod winograd;
 pub mod winograd_nchw;

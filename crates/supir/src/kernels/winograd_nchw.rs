@@ -22,7 +22,7 @@ const LN: usize = 8;
 type Lanes = [f32; LN];
 
 /// `[36][cout][cin]` filter transforms `U = G g Gᵀ` of `weight [cout][cin][3][3]`.
-fn filter_transform(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+pub fn filter_transform(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = vec![0.0f32; 36 * cout * cin];
     let plane = cout * cin;
     let up = SyncPtr(u.as_mut_ptr());
@@ -225,11 +225,25 @@ fn output_transform(
 
 /// 3x3, stride 1, padding 1 convolution; shapes as [`super::conv::conv2d`].
 pub fn conv3x3(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    let u = filter_transform(weight, s.cout, s.cin);
+    conv3x3_transformed(s, x, &u, bias, out)
+}
+
+/// [`conv3x3`] with the filter transforms `u` ([`filter_transform`]) computed beforehand: at
+/// small maps the transform costs as much as the products, so layers with f32 weights keep it.
+pub fn conv3x3_transformed(
+    s: &ConvShape,
+    x: &[f32],
+    u: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     assert!(
         s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1,
         "Winograd: 3x3/s1/p1 only"
     );
     let (cin, cout) = (s.cin, s.cout);
+    assert_eq!(u.len(), 36 * cin * cout, "Winograd: filter transform size");
     let tw = s.w.div_ceil(4);
     let g = Tiles {
         h: s.h,
@@ -238,7 +252,6 @@ pub fn conv3x3(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>, o
         per_img: s.h.div_ceil(4) * tw,
     };
     let nt = s.n * g.per_img;
-    let u = filter_transform(weight, cout, cin);
     let tc = (CHUNK_BUDGET / (36 * (cin + cout))).clamp(LN, nt.next_multiple_of(LN));
     let tc = tc.next_multiple_of(LN);
     let mut v = vec![0.0f32; 36 * cin * tc];
