@@ -49,12 +49,15 @@ fn main() -> std::process::ExitCode {
     }
     // Keep freed activation buffers in the heap for reuse: by default glibc maps every block
     // over 32 MiB afresh and gives it back on free, so each layer's output costs a round of
-    // page faults and zeroing (measured: 16% of a UNet step in the kernel).
+    // page faults and zeroing (measured: 16% of a UNet step in the kernel). The library hands
+    // free pages back between phases (`supir::memory`). `SUPIR_MALLOC_DEFAULT=1` skips this.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc tuning before any allocation-heavy work or thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    if std::env::var_os("SUPIR_MALLOC_DEFAULT").is_none() {
+        // SAFETY: malloc tuning before any allocation-heavy work or thread starts.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
     }
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

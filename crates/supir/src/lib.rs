@@ -18,6 +18,7 @@ pub mod image_io;
 pub mod inspect;
 pub mod kernels;
 pub mod layers;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod parity;

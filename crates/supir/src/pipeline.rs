@@ -40,8 +40,11 @@ pub fn stage1(model: &SupirModel, x: &Tensor, rng: &mut dyn NoiseSource) -> Resu
     let s = model.scale_factor;
     let x = x.to_dtype(dt)?;
     let z = model.vae.denoise_encode_scaled_mode(&x, s)?;
+    crate::memory::release_free_heap();
     let x_stage1 = model.vae.decode_scaled(&z, s)?.to_dtype(DType::F32)?;
+    crate::memory::release_free_heap();
     let moments = model.vae.encode_moments(&x_stage1.to_dtype(dt)?)?;
+    crate::memory::release_free_heap();
     let post = crate::vae::DiagonalGaussian::from_moments(&moments)?;
     let noise = rng.randn(post.mean.dims(), post.mean.device())?;
     let z_stage1 = (post.sample(&noise.to_dtype(dt)?)? * s)?;
@@ -166,6 +169,7 @@ impl Denoise for GuidedDenoiser<'_, '_> {
         let denoised =
             self.model
                 .denoise(&x2, &sigmas, &crossattn, &vector, &control, control_scale)?;
+        crate::memory::release_free_heap();
         if let Some(f) = self.on_call.as_mut() {
             f();
         }

@@ -516,6 +516,7 @@ impl Restorer {
     /// Frees the text encoders; prompts already encoded stay usable.
     pub fn drop_text_encoders(&mut self) {
         self.model.conditioner.drop_text_encoders();
+        crate::memory::release_free_heap();
     }
 
     /// Network calls one image takes (for progress): steps, times the tiles of a tiled sampler.
@@ -575,7 +576,10 @@ impl Restorer {
         };
         let x = rep(&x.to_device(&self.model.device())?)?;
         let s = sample_latent_with(&self.model, &x, &c, &uc, &so, rng, on_call)?;
-        decode_and_fix(&self.model, &s, so.color_fix)
+        crate::memory::release_free_heap();
+        let out = decode_and_fix(&self.model, &s, so.color_fix);
+        crate::memory::release_free_heap();
+        out
     }
 
     /// Restores one decoded image: alpha flattened on white and 16-bit reduced to 8 as the
