@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::blas::sgemm_st;
 use super::norm::exp;
+use super::SyncPtr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -68,10 +69,10 @@ pub fn attention_blocked(
     }
     let block = block.clamp(1, s.n.max(1));
     let (qp, kp, vp, op) = (
-        Ptr(q.as_ptr() as *mut f32),
-        Ptr(k.as_ptr() as *mut f32),
-        Ptr(v.as_ptr() as *mut f32),
-        Ptr(out.as_mut_ptr()),
+        SyncPtr(q.as_ptr() as *mut f32),
+        SyncPtr(k.as_ptr() as *mut f32),
+        SyncPtr(v.as_ptr() as *mut f32),
+        SyncPtr(out.as_mut_ptr()),
     );
     // One task per (batch item, head), each with its own score block; single-threaded GEMMs.
     (0..s.b * s.heads).into_par_iter().for_each_init(
@@ -189,19 +190,6 @@ unsafe fn head(
     }
 }
 
-/// A pointer shared by the tasks of one call.
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-
-impl Ptr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: tasks read q/k/v and write disjoint heads of out.
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-
 super::avx2_dispatch! {
     /// Numerically stable softmax of one row, in place (16-lane max and sum).
     fn softmax(row: &mut [f32]) {
@@ -283,18 +271,7 @@ pub fn attention_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_noise as noise;
 
     #[test]
     fn blocked_attention_matches_reference() {

@@ -16,6 +16,8 @@
 
 use std::sync::OnceLock;
 
+use super::SyncPtr;
+
 /// `cblas_sgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)`.
 type SgemmFn = unsafe extern "C" fn(
     i32,
@@ -146,7 +148,7 @@ pub unsafe fn sgemm(
         // The gemm crate parallelises by itself.
         return sgemm_st(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
-    let (a, b, c) = (Ptr(a as *mut f32), Ptr(b as *mut f32), Ptr(c));
+    let (a, b, c) = (SyncPtr(a as *mut f32), SyncPtr(b as *mut f32), SyncPtr(c));
     let by_rows = m >= n;
     let len = if by_rows { m } else { n };
     // Blocks of a multiple of 16 rows/columns, about one per thread.
@@ -169,19 +171,6 @@ pub unsafe fn sgemm(
         }
     });
 }
-
-/// A pointer handed to the workers of one [`sgemm`] call.
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-
-impl Ptr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: the workers write disjoint blocks of C and only read A and B.
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
 
 /// [`sgemm`] on the calling thread only (inside parallel loops).
 ///
@@ -274,24 +263,9 @@ pub fn sgemm_slices(
     ldc: usize,
 ) {
     check(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     // SAFETY: the extents were checked; `c` is a unique borrow.
-    unsafe {
-        sgemm(
-            ta,
-            tb,
-            m,
-            n,
-            k,
-            alpha,
-            a.as_ptr(),
-            lda,
-            b.as_ptr(),
-            ldb,
-            beta,
-            c.as_mut_ptr(),
-            ldc,
-        )
-    }
+    unsafe { sgemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) }
 }
 
 /// Safe [`sgemm_st`] on slices (inside parallel loops).
@@ -312,24 +286,9 @@ pub fn sgemm_slices_st(
     ldc: usize,
 ) {
     check(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
+    let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     // SAFETY: the extents were checked; `c` is a unique borrow.
-    unsafe {
-        sgemm_st(
-            ta,
-            tb,
-            m,
-            n,
-            k,
-            alpha,
-            a.as_ptr(),
-            lda,
-            b.as_ptr(),
-            ldb,
-            beta,
-            c.as_mut_ptr(),
-            ldc,
-        )
-    }
+    unsafe { sgemm_st(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) }
 }
 
 /// Panics unless the slices cover the matrices their shapes and strides describe.

@@ -216,18 +216,7 @@ pub fn conv2d_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(crate) fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_noise as noise;
 
     fn check(algo: ConvAlgo, s: ConvShape, tol: f32) {
         let x = noise(s.n * s.cin * s.h * s.w, 1);

@@ -21,6 +21,8 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::SyncPtr;
+
 /// Output tile side.
 const TM: usize = 4;
 /// Input tile side (`TM + 3 - 1`).
@@ -766,37 +768,11 @@ pub fn conv2d_nchw(x: &Tensor, k: &Winograd3x3) -> candle_core::Result<Tensor> {
         .contiguous()
 }
 
-/// A raw output pointer shared by the threads of one convolution (disjoint writes).
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-
-impl SyncPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: only used for disjoint per-pixel writes within one `conv` call.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_noise as noise;
     use candle_core::Module;
-
-    /// Deterministic values in [-1, 1).
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     /// Max |winograd - candle conv2d| over max |candle conv2d|.
     fn rel_err(n: usize, cin: usize, cout: usize, h: usize, w: usize, chunk: usize) -> f32 {

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::blas::sgemm_slices_st;
 use super::conv::ConvShape;
+use super::SyncPtr;
 
 /// Floats of `V` + `M` per chunk of tiles.
 const CHUNK_BUDGET: usize = 12 << 20;
@@ -284,16 +285,3 @@ pub fn conv3x3_transformed(
         t0 += nb;
     }
 }
-
-/// A raw pointer shared by the workers of one call, each writing its own elements.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: every use writes disjoint elements within one call.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
