@@ -296,6 +296,48 @@ impl GroupNorm {
         self.run(x, true)
     }
 
+    /// The affine map (+ SiLU) with given statistics `mean`, `inv_std` `[B, groups, 1]` (F32),
+    /// e.g. gathered over the tiles of an image.
+    pub fn forward_with_stats(
+        &self,
+        x: &Tensor,
+        mean: &Tensor,
+        inv_std: &Tensor,
+        silu: bool,
+    ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (n, c) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        if !fast(x) {
+            let dt = x.dtype();
+            let v = x.to_dtype(DType::F32)?.reshape((n, self.groups, ()))?;
+            let y = v
+                .broadcast_sub(mean)?
+                .broadcast_mul(inv_std)?
+                .reshape((n, c, hw))?
+                .broadcast_mul(&self.gamma.to_dtype(DType::F32)?.reshape((1, c, 1))?)?
+                .broadcast_add(&self.beta.to_dtype(DType::F32)?.reshape((1, c, 1))?)?;
+            let y = if silu { y.silu()? } else { y };
+            return y.reshape(dims)?.to_dtype(dt);
+        }
+        let mut out = vec![0.0f32; x.elem_count()];
+        let groups = self.groups;
+        with_f32(x, |xs| {
+            with_f32(mean, |m| {
+                with_f32(inv_std, |r| {
+                    with_f32(&self.gamma, |g| {
+                        with_f32(&self.beta, |b| {
+                            norm::group_norm_with_stats(
+                                xs, n, c, hw, groups, m, r, g, b, silu, &mut out,
+                            )
+                        })
+                    })
+                })
+            })
+        })?????;
+        cpu_tensor(out, &dims)
+    }
+
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         if dims.len() < 3 || dims[1] != self.gamma.dim(0)? {

@@ -13,3 +13,26 @@ pub fn release_free_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// Resident memory of this process in GiB (`VmRSS`), `None` where `/proc` has no such line.
+pub fn rss_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / (1024.0 * 1024.0))
+}
+
+/// Logs the resident memory at a phase boundary (tracing debug level).
+pub fn trace_rss(phase: &str) {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        if let Some(g) = rss_gib() {
+            tracing::debug!("rss {g:.2} GiB: {phase}");
+        }
+    }
+}

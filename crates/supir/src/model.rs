@@ -66,10 +66,14 @@ impl SupirModel {
         control_scale: f64,
     ) -> Result<Tensor> {
         self.denoiser.denoise(x, sigmas, |xin, t| {
+            crate::memory::trace_rss("before GLVControl");
             let hints = self.control.forward(control, t, xin, crossattn, vector)?;
-            Ok(self
+            crate::memory::trace_rss("GLVControl done, hints held");
+            let out = self
                 .unet
-                .forward(xin, t, crossattn, vector, &hints, control_scale)?)
+                .forward(xin, t, crossattn, vector, &hints, control_scale)?;
+            crate::memory::trace_rss("UNet done");
+            Ok(out)
         })
     }
 

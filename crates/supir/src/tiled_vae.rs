@@ -123,20 +123,22 @@ pub fn split_tiles(
     out
 }
 
-/// Applies `f` to every tile.
-fn each(xs: &[Tensor], f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
-    xs.iter().map(f).collect()
+/// Applies `f` to every tile, consuming them: each input tile is freed as soon as its result
+/// exists, so a layer holds one set of tiles plus one tile (not two sets).
+fn each(xs: Vec<Tensor>, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    xs.into_iter().map(|x| f(&x)).collect()
 }
 
 /// `GroupNormParam`: GroupNorm of every tile with the pixel-weighted average of the tiles'
 /// per-group means and biased variances (`get_var_mean`, `summary`, `custom_group_norm`),
-/// computed in F32; the result keeps each tile's dtype.
-fn group_norm_tiles(norm: &Norm, xs: &[Tensor]) -> Result<Vec<Tensor>> {
+/// computed in F32; the result keeps each tile's dtype. `silu` applies the SiLU that follows
+/// every such norm in the VAE. Consumes the tiles (see [`each`]).
+fn group_norm_tiles(norm: &Norm, xs: Vec<Tensor>, silu: bool) -> Result<Vec<Tensor>> {
     let g = norm.groups;
     let mut means = Vec::with_capacity(xs.len());
     let mut vars = Vec::with_capacity(xs.len());
     let mut pixels = Vec::with_capacity(xs.len());
-    for x in xs {
+    for x in &xs {
         let (b, c, h, w) = x.dims4()?;
         let v = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
         let mean = v.mean_keepdim(2)?;
@@ -153,41 +155,31 @@ fn group_norm_tiles(norm: &Norm, xs: &[Tensor]) -> Result<Vec<Tensor>> {
         var = (var + (&vars[i] * (pixels[i] / total))?)?;
     }
     let inv_std = (var + norm.eps)?.sqrt()?.recip()?;
-    let weight = norm.weight.to_dtype(DType::F32)?;
-    let bias = norm.bias.to_dtype(DType::F32)?;
-    each(xs, |x| {
-        let (b, c, h, w) = x.dims4()?;
-        let v = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
-        let v = v
-            .broadcast_sub(&mean)?
-            .broadcast_mul(&inv_std)?
-            .reshape((b, c, h, w))?
-            .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
-        v.to_dtype(x.dtype())
-    })
+    each(xs, |x| norm.forward_with_stats(x, &mean, &inv_std, silu))
 }
 
 /// `resblock2task`: shortcut, norm1 (all tiles), SiLU, conv1, norm2 (all tiles), SiLU, conv2, add.
 fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
     let res = match &block.nin_shortcut {
-        Some(s) => each(&xs, |x| s.forward(x))?,
+        Some(s) => xs
+            .iter()
+            .map(|x| s.forward(x))
+            .collect::<Result<Vec<_>>>()?,
         None => xs.clone(),
     };
-    let h = group_norm_tiles(&block.norm1, &xs)?;
-    drop(xs);
-    let h = each(&h, |x| block.conv1.forward(&x.silu()?))?;
-    let h = group_norm_tiles(&block.norm2, &h)?;
-    let h = each(&h, |x| block.conv2.forward(&x.silu()?))?;
-    res.iter().zip(&h).map(|(r, h)| r + h).collect()
+    let h = group_norm_tiles(&block.norm1, xs, true)?;
+    let h = each(h, |x| block.conv1.forward(x))?;
+    let h = group_norm_tiles(&block.norm2, h, true)?;
+    let h = each(h, |x| block.conv2.forward(x))?;
+    res.into_iter().zip(h).map(|(r, h)| r + h).collect()
 }
 
 /// `attn2task`: norm (all tiles), attention within each tile, add.
 fn attn_tiles(attn: &AttnBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-    let h = group_norm_tiles(&attn.norm, &xs)?;
-    xs.iter()
-        .zip(&h)
-        .map(|(x, h)| x + attn.attend(h)?)
+    let h = group_norm_tiles(&attn.norm, xs.clone(), false)?;
+    xs.into_iter()
+        .zip(h)
+        .map(|(x, h)| x + attn.attend(&h)?)
         .collect()
 }
 
@@ -210,7 +202,7 @@ fn level_tiles<R: Module>(
         }
     }
     match &level.resample {
-        Some(r) => each(&xs, |x| r.forward(x)),
+        Some(r) => each(xs, |x| r.forward(x)),
         None => Ok(xs),
     }
 }
@@ -278,13 +270,13 @@ pub fn encode(enc: &Encoder, x: &Tensor, tile: usize) -> Result<Tensor> {
     }
     let f = factor(enc.down.len());
     run_tiled(x, tile, ENCODER_PAD, f, false, |xs| {
-        let mut xs = each(&xs, |t| enc.conv_in.forward(t))?;
+        let mut xs = each(xs, |t| enc.conv_in.forward(t))?;
         for level in &enc.down {
             xs = level_tiles(level, xs)?;
         }
         let xs = mid_tiles(&enc.mid, xs)?;
-        let xs = group_norm_tiles(&enc.norm_out, &xs)?;
-        each(&xs, |t| enc.conv_out.forward(&t.silu()?))
+        let xs = group_norm_tiles(&enc.norm_out, xs, true)?;
+        each(xs, |t| enc.conv_out.forward(t))
     })
 }
 
@@ -297,13 +289,13 @@ pub fn decode(dec: &Decoder, z: &Tensor, tile: usize) -> Result<Tensor> {
     }
     let f = factor(dec.up.len());
     run_tiled(z, tile, DECODER_PAD, f, true, |xs| {
-        let xs = each(&xs, |t| dec.conv_in.forward(t))?;
+        let xs = each(xs, |t| dec.conv_in.forward(t))?;
         let mut xs = mid_tiles(&dec.mid, xs)?;
         for level in dec.up.iter().rev() {
             xs = level_tiles(level, xs)?;
         }
-        let xs = group_norm_tiles(&dec.norm_out, &xs)?;
-        each(&xs, |t| dec.conv_out.forward(&t.silu()?))
+        let xs = group_norm_tiles(&dec.norm_out, xs, true)?;
+        each(xs, |t| dec.conv_out.forward(t))
     })
 }
 

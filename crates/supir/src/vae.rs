@@ -17,13 +17,11 @@ use crate::layers::{self, Conv2d, GroupNorm};
 use crate::config::{DdConfig, FirstStageParams};
 use crate::tiled_vae::VaeTiling;
 
-/// `Normalize`: GroupNorm with 32 groups, eps 1e-6, affine. Keeps its affine parameters so the
-/// tiled VAE can normalise with statistics gathered over all tiles.
+/// `Normalize`: GroupNorm with 32 groups, eps 1e-6, affine. The tiled VAE normalises with
+/// statistics gathered over all tiles ([`Norm::forward_with_stats`]).
 #[derive(Debug, Clone)]
 pub struct Norm {
     gn: GroupNorm,
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
     pub(crate) groups: usize,
     pub(crate) eps: f64,
 }
@@ -35,6 +33,17 @@ impl Module for Norm {
 }
 
 impl Norm {
+    /// The affine map (+ SiLU) with statistics gathered elsewhere (the tiled VAE).
+    pub(crate) fn forward_with_stats(
+        &self,
+        x: &Tensor,
+        mean: &Tensor,
+        inv_std: &Tensor,
+        silu: bool,
+    ) -> Result<Tensor> {
+        self.gn.forward_with_stats(x, mean, inv_std, silu)
+    }
+
     /// `silu(norm(x))` in one pass.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         self.gn.forward_silu(x)
@@ -45,14 +54,8 @@ fn normalize(channels: usize, vb: VarBuilder) -> Result<Norm> {
     let (groups, eps) = (32, 1e-6);
     let weight = vb.get(channels, "weight")?;
     let bias = vb.get(channels, "bias")?;
-    let gn = GroupNorm::new(weight.clone(), bias.clone(), groups, eps)?;
-    Ok(Norm {
-        gn,
-        weight,
-        bias,
-        groups,
-        eps,
-    })
+    let gn = GroupNorm::new(weight, bias, groups, eps)?;
+    Ok(Norm { gn, groups, eps })
 }
 
 /// 3x3 convolution, stride 1, zero padding 1 (shape-preserving).

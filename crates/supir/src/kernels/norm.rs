@@ -41,6 +41,74 @@ pub fn group_norm(
         });
 }
 
+/// The affine map (+ SiLU) of [`group_norm`] with given per-(item, group) statistics `mean`
+/// and `rstd = 1 / sqrt(var + eps)` (`[n][groups]`): the tiled VAE normalises each tile with
+/// statistics gathered over all tiles.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_with_stats(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    groups: usize,
+    mean: &[f32],
+    rstd: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    silu: bool,
+    out: &mut [f32],
+) {
+    assert!(
+        groups > 0 && c.is_multiple_of(groups),
+        "group_norm: {c} channels, {groups} groups"
+    );
+    assert_eq!(x.len(), n * c * hw, "group_norm: input size");
+    assert_eq!(out.len(), x.len(), "group_norm: output size");
+    assert!(
+        mean.len() == n * groups && rstd.len() == n * groups,
+        "group_norm: stats size"
+    );
+    let cg = c / groups;
+    let glen = cg * hw;
+    if glen == 0 {
+        return;
+    }
+    out.par_chunks_mut(glen)
+        .zip(x.par_chunks(glen))
+        .enumerate()
+        .for_each(|(i, (dst, src))| {
+            let g = i % groups;
+            for ci in 0..cg {
+                let ch = g * cg + ci;
+                let a = gamma[ch] * rstd[i];
+                let b = beta[ch] - mean[i] * a;
+                affine(
+                    &src[ci * hw..(ci + 1) * hw],
+                    &mut dst[ci * hw..(ci + 1) * hw],
+                    a,
+                    b,
+                    silu,
+                );
+            }
+        });
+}
+
+super::avx2_dispatch! {
+    /// `y = x·a + b`, then `y·sigmoid(y)` when `silu`.
+    fn affine(s: &[f32], d: &mut [f32], a: f32, b: f32, silu: bool) {
+        if silu {
+            for (o, &v) in d.iter_mut().zip(s) {
+                let y = v * a + b;
+                *o = y * sigmoid(y);
+            }
+        } else {
+            for (o, &v) in d.iter_mut().zip(s) {
+                *o = v * a + b;
+            }
+        }
+    }
+}
+
 super::avx2_dispatch! {
     /// One group (`cg` channels of `hw` values from channel `c0`): statistics, then the affine
     /// map and the optional SiLU.
@@ -144,6 +212,46 @@ mod tests {
         assert!(worst < 3e-7, "relative error {worst}");
         assert!((sigmoid(0.0) - 0.5).abs() < 1e-7);
         assert!(sigmoid(-200.0) >= 0.0 && sigmoid(200.0) <= 1.0);
+    }
+
+    #[test]
+    fn given_statistics_reproduce_group_norm() {
+        let (n, c, hw, groups) = (2, 8, 12, 4);
+        let x: Vec<f32> = (0..n * c * hw)
+            .map(|i| ((i * 29 % 97) as f32) / 7.0 - 5.0)
+            .collect();
+        let gamma: Vec<f32> = (0..c).map(|i| 1.0 - i as f32 * 0.1).collect();
+        let beta: Vec<f32> = (0..c).map(|i| i as f32 * 0.05).collect();
+        let glen = c / groups * hw;
+        let (mut mean, mut rstd) = (Vec::new(), Vec::new());
+        for g in x.chunks(glen) {
+            let m = g.iter().map(|&v| v as f64).sum::<f64>() / glen as f64;
+            let v = g.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / glen as f64;
+            mean.push(m as f32);
+            rstd.push((1.0 / (v + 1e-6).sqrt()) as f32);
+        }
+        for silu in [false, true] {
+            let mut a = vec![0.0; x.len()];
+            let mut b = vec![0.0; x.len()];
+            group_norm(
+                &x,
+                n,
+                c,
+                hw,
+                groups,
+                1e-6,
+                Some(&gamma),
+                Some(&beta),
+                silu,
+                &mut a,
+            );
+            group_norm_with_stats(
+                &x, n, c, hw, groups, &mean, &rstd, &gamma, &beta, silu, &mut b,
+            );
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 2e-6, "{silu}: {p} vs {q}");
+            }
+        }
     }
 
     #[test]
