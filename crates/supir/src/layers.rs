@@ -274,17 +274,26 @@ impl GroupNorm {
     }
 
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || !channels.is_multiple_of(groups) {
-            candle_core::bail!(
-                "group norm: {channels} channels not divisible into {groups} groups"
-            );
-        }
-        Ok(Self {
-            gamma: vb.get(channels, "weight")?,
-            beta: vb.get(channels, "bias")?,
+        Self::new(
+            vb.get(channels, "weight")?,
+            vb.get(channels, "bias")?,
             groups,
             eps,
-        })
+        )
+    }
+
+    /// `[n, c, h·w...]` of an input with this norm's channel count.
+    fn dims(&self, x: &Tensor) -> Result<(Vec<usize>, usize, usize, usize)> {
+        let dims = x.dims().to_vec();
+        if dims.len() < 3 || dims[1] != self.gamma.dim(0)? {
+            candle_core::bail!(
+                "group norm: input {dims:?}, {} channels",
+                self.gamma.dim(0)?
+            );
+        }
+        let (n, c) = (dims[0], dims[1]);
+        let hw = dims[2..].iter().product();
+        Ok((dims, n, c, hw))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -305,9 +314,7 @@ impl GroupNorm {
         inv_std: &Tensor,
         silu: bool,
     ) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (n, c) = (dims[0], dims[1]);
-        let hw: usize = dims[2..].iter().product();
+        let (dims, n, c, hw) = self.dims(x)?;
         if !fast(x) {
             let dt = x.dtype();
             let v = x.to_dtype(DType::F32)?.reshape((n, self.groups, ()))?;
@@ -339,29 +346,14 @@ impl GroupNorm {
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        if dims.len() < 3 || dims[1] != self.gamma.dim(0)? {
-            candle_core::bail!(
-                "group norm: input {dims:?}, {} channels",
-                self.gamma.dim(0)?
-            );
-        }
-        let (n, c) = (dims[0], dims[1]);
-        let hw: usize = dims[2..].iter().product();
+        let (dims, n, c, hw) = self.dims(x)?;
         if !fast(x) {
-            let dt = x.dtype();
+            // Candle ops: the statistics here, the affine map in `forward_with_stats`.
             let xf = x.to_dtype(DType::F32)?.reshape((n, self.groups, ()))?;
             let mean = xf.mean_keepdim(2)?;
-            let xc = xf.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim(2)?;
-            let y = xc
-                .broadcast_div(&(var + self.eps)?.sqrt()?)?
-                .reshape((n, c, hw))?;
-            let g = self.gamma.to_dtype(DType::F32)?.reshape((1, c, 1))?;
-            let b = self.beta.to_dtype(DType::F32)?.reshape((1, c, 1))?;
-            let y = y.broadcast_mul(&g)?.broadcast_add(&b)?;
-            let y = if silu { y.silu()? } else { y };
-            return y.reshape(dims)?.to_dtype(dt);
+            let var = xf.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?;
+            let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+            return self.forward_with_stats(x, &mean, &inv_std, silu);
         }
         let mut out = vec![0.0f32; x.elem_count()];
         with_f32(x, |xs| {

@@ -21,24 +21,28 @@ pub fn group_norm(
     silu: bool,
     out: &mut [f32],
 ) {
+    let cg = check(x, n, c, hw, groups, out);
+    if cg * hw == 0 {
+        return;
+    }
+    out.par_chunks_mut(cg * hw)
+        .zip(x.par_chunks(cg * hw))
+        .enumerate()
+        .for_each(|(i, (dst, src))| {
+            let g = i % groups;
+            normalize_group(src, dst, hw, g * cg, eps, gamma, beta, silu);
+        });
+}
+
+/// Checks the sizes of a group norm; returns the channels per group.
+fn check(x: &[f32], n: usize, c: usize, hw: usize, groups: usize, out: &[f32]) -> usize {
     assert!(
         groups > 0 && c.is_multiple_of(groups),
         "group_norm: {c} channels, {groups} groups"
     );
     assert_eq!(x.len(), n * c * hw, "group_norm: input size");
     assert_eq!(out.len(), x.len(), "group_norm: output size");
-    let cg = c / groups;
-    let glen = cg * hw;
-    if glen == 0 {
-        return;
-    }
-    out.par_chunks_mut(glen)
-        .zip(x.par_chunks(glen))
-        .enumerate()
-        .for_each(|(i, (dst, src))| {
-            let g = i % groups;
-            normalize_group(src, dst, hw, g * cg, eps, gamma, beta, silu);
-        });
+    c / groups
 }
 
 /// The affine map (+ SiLU) of [`group_norm`] with given per-(item, group) statistics `mean`
@@ -58,23 +62,16 @@ pub fn group_norm_with_stats(
     silu: bool,
     out: &mut [f32],
 ) {
-    assert!(
-        groups > 0 && c.is_multiple_of(groups),
-        "group_norm: {c} channels, {groups} groups"
-    );
-    assert_eq!(x.len(), n * c * hw, "group_norm: input size");
-    assert_eq!(out.len(), x.len(), "group_norm: output size");
+    let cg = check(x, n, c, hw, groups, out);
     assert!(
         mean.len() == n * groups && rstd.len() == n * groups,
         "group_norm: stats size"
     );
-    let cg = c / groups;
-    let glen = cg * hw;
-    if glen == 0 {
+    if cg * hw == 0 {
         return;
     }
-    out.par_chunks_mut(glen)
-        .zip(x.par_chunks(glen))
+    out.par_chunks_mut(cg * hw)
+        .zip(x.par_chunks(cg * hw))
         .enumerate()
         .for_each(|(i, (dst, src))| {
             let g = i % groups;
@@ -131,19 +128,9 @@ super::avx2_dispatch! {
             let ch = c0 + ci;
             let gm = gamma.map_or(1.0, |w| w[ch] as f64);
             let bt = beta.map_or(0.0, |b| b[ch] as f64);
-            // y = x·a + b
             let a = (gm * rstd) as f32;
             let b = (bt - mean * gm * rstd) as f32;
-            if silu {
-                for (o, &v) in d.iter_mut().zip(s) {
-                    let y = v * a + b;
-                    *o = y * sigmoid(y);
-                }
-            } else {
-                for (o, &v) in d.iter_mut().zip(s) {
-                    *o = v * a + b;
-                }
-            }
+            affine(s, d, a, b, silu);
         }
     }
 }
