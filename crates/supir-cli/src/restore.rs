@@ -273,11 +273,15 @@ fn run_realesrgan(jobs: &[(PathBuf, PathBuf)], opts: &UpscaleOptions) -> anyhow:
         }
     }
     bar.finish_and_clear();
+    folder_result(&failures, jobs.len())
+}
+
+/// The end of a folder run: an error listing the images that failed, if any.
+pub(crate) fn folder_result(failures: &[PathBuf], total: usize) -> anyhow::Result<()> {
     if !failures.is_empty() {
         bail!(
-            "{} of {} images failed: {}",
+            "{} of {total} images failed: {}",
             failures.len(),
-            jobs.len(),
             failures
                 .iter()
                 .map(|p| p.display().to_string())

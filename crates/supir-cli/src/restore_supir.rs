@@ -698,17 +698,5 @@ pub fn run(
     if let Some(b) = images {
         b.finish_and_clear();
     }
-    if !failures.is_empty() {
-        bail!(
-            "{} of {} images failed: {}",
-            failures.len(),
-            todo.len(),
-            failures
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    Ok(())
+    crate::restore::folder_result(&failures, todo.len())
 }
