@@ -108,15 +108,6 @@ fn test_image(size: usize) -> image::RgbImage {
     })
 }
 
-/// Peak resident set of this process (`VmHWM`), in KiB.
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 struct Row {
     name: String,
     ms_per_mp: f64,
@@ -159,7 +150,7 @@ fn bench_realesrgan(
         name: format!("supir-rs ({engine:?}, CPU, f32, tile {tile})"),
         ms_per_mp: best * 1e3 / mp,
         best_s: best,
-        peak_mib: peak_rss_kib().map(|k| k as f64 / 1024.0),
+        peak_mib: ::supir::memory::proc_kib("/proc/self/status", "VmHWM").map(|k| k / 1024.0),
     }];
     let note = if no_reference {
         "ncnn reference: skipped (--no-reference)".to_string()

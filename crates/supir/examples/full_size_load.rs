@@ -70,12 +70,7 @@ fn write_random(path: &Path) -> std::io::Result<()> {
 }
 
 fn vm_hwm_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    supir::memory::proc_kib("/proc/self/status", "VmHWM").unwrap_or(0.0) as u64
 }
 
 fn main() -> anyhow::Result<()> {

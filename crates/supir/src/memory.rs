@@ -14,18 +14,27 @@ pub fn release_free_heap() {
     }
 }
 
-/// Resident memory of this process in GiB (`VmRSS`), `None` where `/proc` has no such line.
-pub fn rss_gib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+/// A `key:` line in kB of a `/proc` file (`/proc/self/status`, `/proc/meminfo`), in KiB;
+/// `None` where there is no such file or line.
+pub fn proc_kib(file: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
         .trim()
         .trim_end_matches("kB")
         .trim()
         .parse()
-        .ok()?;
-    Some(kb / (1024.0 * 1024.0))
+        .ok()
+}
+
+/// Resident memory of this process in GiB (`VmRSS`).
+pub fn rss_gib() -> Option<f64> {
+    proc_kib("/proc/self/status", "VmRSS").map(|k| k / (1024.0 * 1024.0))
+}
+
+/// Peak resident memory of this process in GiB (`VmHWM`).
+pub fn peak_rss_gib() -> Option<f64> {
+    proc_kib("/proc/self/status", "VmHWM").map(|k| k / (1024.0 * 1024.0))
 }
 
 /// Logs the resident memory at a phase boundary (tracing debug level).

@@ -28,6 +28,7 @@ use candle_nn::VarBuilder;
 use supir::conditioner::Conditioner;
 use supir::config::SupirConfig;
 use supir::control::GLVControl;
+use supir::memory::peak_rss_gib;
 use supir::unet::LightGLVUNet;
 use supir::vae::AutoencoderKL;
 use supir::weights::{Checkpoint, RandomSource, WeightSource};
@@ -141,41 +142,14 @@ fn timing(times: &[f64], peak_gib: Option<f64>) -> Timing {
     }
 }
 
-/// Peak resident set (`VmHWM`) of this process, in GiB.
-fn peak_rss_gib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / (1024.0 * 1024.0))
-}
-
 fn mem_available_gib() -> Option<f64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: f64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / (1024.0 * 1024.0))
+    supir::memory::proc_kib("/proc/meminfo", "MemAvailable").map(|k| k / (1024.0 * 1024.0))
 }
 
 /// Starts a new peak-memory window: returns freed heap to the system and resets `VmHWM` to the
 /// current resident set (Linux `clear_refs` 5; silently nothing elsewhere).
 fn reset_peak() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the glibc allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    supir::memory::release_free_heap();
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
