@@ -826,7 +826,7 @@ impl LightGLVUNet {
                 h = block.forward(&h, &emb, &context)?;
             }
         }
-        self.out_conv.forward(&self.out_norm.forward(&h)?.silu()?)
+        self.out_conv.forward(&self.out_norm.forward_silu(&h)?)
     }
 }
 
