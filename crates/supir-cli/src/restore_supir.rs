@@ -11,7 +11,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use supir::color_fix::ColorFix;
 use supir::config::SupirConfig;
 use supir::image_io::file;
-use supir::restore::{Precision, Preset, RestoreOptions, Restorer, TileLayout, OFFICIAL_CONFIG};
+use supir::restore::{
+    Precision, Preset, Residency, RestoreOptions, Restorer, TileLayout, OFFICIAL_CONFIG,
+};
 use supir::sampler::SamplerKind;
 use supir::tiled_vae::VaeTiling;
 
@@ -140,6 +142,11 @@ pub struct SupirArgs {
     /// Precision of the VAE and text encoder weights: fp32 or bf16 [default: fp32].
     #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
     vae_dtype: Option<PrecisionArg>,
+    /// `staged`: GLVControl + UNet are read for sampling only and freed while the VAE runs
+    /// (lowest peak; a folder reads them again for each image). `resident`: everything stays
+    /// loaded (no re-reading, higher peak).
+    #[arg(long, value_enum, default_value_t = ResidencyArg::Staged, help_heading = "SUPIR size and memory")]
+    residency: ResidencyArg,
 
     /// Folder mode: redo images whose outputs exist (by default they are skipped).
     #[arg(long)]
@@ -190,6 +197,21 @@ enum PrecisionArg {
     Fp32,
     Fp16,
     Bf16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ResidencyArg {
+    Staged,
+    Resident,
+}
+
+impl From<ResidencyArg> for Residency {
+    fn from(r: ResidencyArg) -> Self {
+        match r {
+            ResidencyArg::Staged => Residency::Staged,
+            ResidencyArg::Resident => Residency::Resident,
+        }
+    }
 }
 
 impl From<PrecisionArg> for Precision {
@@ -281,6 +303,7 @@ impl SupirArgs {
         if let Some(p) = self.vae_dtype {
             o.vae_precision = p.into();
         }
+        o.residency = self.residency.into();
         if let Some(path) = &self.tile_prompts {
             o.tile_prompts = read_tile_prompts(path)?;
         }

@@ -20,37 +20,54 @@ pub struct SupirModel {
     /// `conditioner`: both text encoders and the size embeddings; the encoders can be dropped
     /// once the prompts are encoded.
     pub conditioner: Conditioner,
-    /// `model.control_model`.
-    pub control: GLVControl,
-    /// `model.diffusion_model`.
-    pub unet: LightGLVUNet,
+    /// `model.control_model` + `model.diffusion_model`; `None` while released
+    /// ([`SupirModel::release_diffusion`]) so the VAE phases run without them.
+    pub diffusion: Option<DiffusionNets>,
     /// `first_stage_model`, with `denoise_encoder`.
     pub vae: AutoencoderKL,
     pub denoiser: DiscreteDenoiser,
     pub scale_factor: f64,
+    dtypes: DTypes,
+}
+
+/// The two networks of a sampling step: GLVControl and the UNet it feeds (together most of the
+/// model's weights: 3.9 of its 4.7 G parameters at full size).
+pub struct DiffusionNets {
+    /// `model.control_model`.
+    pub control: GLVControl,
+    /// `model.diffusion_model`.
+    pub unet: LightGLVUNet,
+}
+
+impl DiffusionNets {
+    /// Builds both from `vb` at the root of the official state dict.
+    pub fn new(vb: VarBuilder, cfg: &SupirConfig) -> Result<Self> {
+        let p = &cfg.model.params;
+        Ok(Self {
+            control: GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)?,
+            unet: LightGLVUNet::new(vb.pp("model.diffusion_model"), &p.network_config.params)?,
+        })
+    }
+
+    /// Reads both from `checkpoints` (later files override earlier ones) in `dtype`.
+    pub fn load<P: AsRef<Path>>(
+        cfg: &SupirConfig,
+        checkpoints: &[P],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let vb = WeightSource::open(checkpoints)?.into_var_builder(dtype, dev);
+        let nets = Self::new(vb, cfg);
+        crate::memory::trace_rss("GLVControl + UNet loaded");
+        nets
+    }
 }
 
 impl SupirModel {
-    /// Builds every network from `vb` (the root of the official state dict).
+    /// Builds every network from `vb` (the root of the official state dict) in `vb`'s dtype.
     pub fn new(vb: VarBuilder, cfg: &SupirConfig) -> Result<Self> {
-        let p = &cfg.model.params;
-        let conditioner = Conditioner::new(&p.conditioner_config.params, vb.pp("conditioner"))?;
-        let vae = AutoencoderKL::new(
-            vb.pp("first_stage_model"),
-            &p.first_stage_config.params,
-            true,
-        )?;
-        let control =
-            GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)?;
-        let unet = LightGLVUNet::new(vb.pp("model.diffusion_model"), &p.network_config.params)?;
-        Ok(Self {
-            conditioner,
-            control,
-            unet,
-            vae,
-            denoiser: DiscreteDenoiser::new(&LegacyDdpm::default()),
-            scale_factor: p.scale_factor,
-        })
+        let dtypes = DTypes::uniform(vb.dtype());
+        Self::new_with(vb, cfg, dtypes)
     }
 
     /// `ControlWrapper` under `DiscreteDenoiserWithControl`: the denoised latent for `x` [B,4,h,w]
@@ -65,15 +82,25 @@ impl SupirModel {
         control: &Tensor,
         control_scale: f64,
     ) -> Result<Tensor> {
+        let nets = self.diffusion()?;
         self.denoiser.denoise(x, sigmas, |xin, t| {
             crate::memory::trace_rss("before GLVControl");
-            let hints = self.control.forward(control, t, xin, crossattn, vector)?;
+            let hints = nets.control.forward(control, t, xin, crossattn, vector)?;
             crate::memory::trace_rss("GLVControl done, hints held");
-            let out = self
+            let out = nets
                 .unet
                 .forward(xin, t, crossattn, vector, &hints, control_scale)?;
             crate::memory::trace_rss("UNet done");
             Ok(out)
+        })
+    }
+
+    /// GLVControl + UNet, or an error saying they are released.
+    pub fn diffusion(&self) -> Result<&DiffusionNets> {
+        self.diffusion.as_ref().ok_or_else(|| {
+            crate::Error::Option(
+                "GLVControl and the UNet are not loaded (released for the VAE phases)".into(),
+            )
         })
     }
 
@@ -99,8 +126,34 @@ impl SupirModel {
         Self::new_with(vb, cfg, dtypes)
     }
 
+    /// [`SupirModel::load_with`] without GLVControl and the UNet: their keys and shapes are
+    /// checked in the files, but they are read only by [`SupirModel::load_diffusion`].
+    pub fn load_without_diffusion<P: AsRef<Path>>(
+        cfg: &SupirConfig,
+        checkpoints: &[P],
+        dtypes: DTypes,
+        dev: &Device,
+    ) -> Result<Self> {
+        let check =
+            WeightSource::open(checkpoints)?.into_checking_var_builder(dtypes.diffusion, dev);
+        DiffusionNets::new(check, cfg)?;
+        let vb = WeightSource::open(checkpoints)?.into_var_builder(dtypes.vae, dev);
+        let mut model = Self::new_parts(vb, cfg, dtypes, false)?;
+        model.diffusion = None;
+        Ok(model)
+    }
+
     /// [`SupirModel::new`] with one dtype per part.
     pub fn new_with(vb: VarBuilder, cfg: &SupirConfig, dtypes: DTypes) -> Result<Self> {
+        Self::new_parts(vb, cfg, dtypes, true)
+    }
+
+    fn new_parts(
+        vb: VarBuilder,
+        cfg: &SupirConfig,
+        dtypes: DTypes,
+        with_diffusion: bool,
+    ) -> Result<Self> {
         let p = &cfg.model.params;
         let conditioner = Conditioner::new(
             &p.conditioner_config.params,
@@ -111,20 +164,46 @@ impl SupirModel {
             &p.first_stage_config.params,
             true,
         )?;
-        let vbd = vb.set_dtype(dtypes.diffusion);
-        let control = GLVControl::new(
-            vbd.pp("model.control_model"),
-            &p.control_stage_config.params,
-        )?;
-        let unet = LightGLVUNet::new(vbd.pp("model.diffusion_model"), &p.network_config.params)?;
+        let diffusion = if with_diffusion {
+            Some(DiffusionNets::new(vb.set_dtype(dtypes.diffusion), cfg)?)
+        } else {
+            None
+        };
         Ok(Self {
             conditioner,
-            control,
-            unet,
+            diffusion,
             vae,
             denoiser: DiscreteDenoiser::new(&LegacyDdpm::default()),
             scale_factor: p.scale_factor,
+            dtypes,
         })
+    }
+
+    /// Reads GLVControl + UNet from `checkpoints` in the model's diffusion weight dtype
+    /// (no-op when they are loaded).
+    pub fn load_diffusion<P: AsRef<Path>>(
+        &mut self,
+        cfg: &SupirConfig,
+        checkpoints: &[P],
+    ) -> Result<()> {
+        if self.diffusion.is_none() {
+            let dev = self.device();
+            self.diffusion = Some(DiffusionNets::load(
+                cfg,
+                checkpoints,
+                self.dtypes.diffusion,
+                &dev,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Frees GLVControl + UNet and hands the free heap back to the system.
+    pub fn release_diffusion(&mut self) {
+        if self.diffusion.take().is_some() {
+            crate::memory::release_free_heap();
+            crate::memory::trace_rss("GLVControl + UNet released");
+        }
     }
 
     /// The dtype the VAE computes in (stage 1, decoding): its weights' dtype, or f32 on the CPU
@@ -141,12 +220,22 @@ impl SupirModel {
     /// The dtype control + UNet compute in (the sampler's network calls): their weights'
     /// dtype, or f32 on the CPU ([`crate::layers::compute_dtype`]).
     pub fn diffusion_dtype(&self) -> DType {
-        crate::layers::compute_dtype(self.unet.dtype(), &self.device())
+        crate::layers::compute_dtype(self.dtypes.diffusion, &self.device())
     }
 
-    /// The dtypes the weights are held in.
-    pub fn weight_dtypes(&self) -> (DType, DType) {
-        (self.unet.dtype(), self.vae.quant_conv.weight().dtype())
+    /// The dtypes the weights are meant to be held in (also while GLVControl + UNet are
+    /// released).
+    pub fn dtypes(&self) -> DTypes {
+        self.dtypes
+    }
+
+    /// The dtypes the loaded weights are held in: `(UNet, VAE)`, the diffusion entry `None`
+    /// while released.
+    pub fn weight_dtypes(&self) -> (Option<DType>, DType) {
+        (
+            self.diffusion.as_ref().map(|d| d.unet.dtype()),
+            self.vae.quant_conv.weight().dtype(),
+        )
     }
 }
 

@@ -326,7 +326,7 @@ fn run_case(
         }
         "control" => {
             let m = model()?;
-            let hints = m.control.forward(
+            let hints = m.diffusion()?.control.forward(
                 &input("control")?,
                 &input("timesteps")?,
                 &input("xt")?,
@@ -341,10 +341,11 @@ fn run_case(
         }
         "unet" => {
             let m = model()?;
-            let hints = (0..m.unet.num_hints())
+            let unet = &m.diffusion()?.unet;
+            let hints = (0..unet.num_hints())
                 .map(|i| input(&format!("hint_{i:02}")))
                 .collect::<Result<Vec<_>>>()?;
-            let eps = m.unet.forward(
+            let eps = unet.forward(
                 &input("xt")?,
                 &input("timesteps")?,
                 &input("context")?,

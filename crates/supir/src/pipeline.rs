@@ -233,6 +233,19 @@ pub fn sample_latent_with(
     rng: &mut dyn NoiseSource,
     on_call: Option<&mut dyn FnMut()>,
 ) -> Result<SampleLatent> {
+    check_conditioning(x, c, uc, o)?;
+    let st = stage1(model, x, rng)?;
+    sample_from_stage1(model, st, c, uc, o, rng, on_call)
+}
+
+/// The checks [`sample_latent_with`] makes before any work: the sampler options, per-tile
+/// prompts against the tiles of `x`, one conditioning row per image.
+pub fn check_conditioning(
+    x: &Tensor,
+    c: &PromptConditioning,
+    uc: &Conditioning,
+    o: &SampleOptions,
+) -> Result<()> {
     let b = x.dim(0)?;
     let mut conds = vec![("uc", uc)];
     match c {
@@ -250,8 +263,23 @@ pub fn sample_latent_with(
             )));
         }
     }
+    Sampler::new(o.sampler, o.opts.clone())?;
+    Ok(())
+}
+
+/// Stage 3 of `batchify_sample` after [`stage1`]: the initial latent (the run's next draw) and
+/// the guided sampler. Needs GLVControl + UNet loaded; the VAE is not used.
+pub fn sample_from_stage1(
+    model: &SupirModel,
+    st: Stage1,
+    c: &PromptConditioning,
+    uc: &Conditioning,
+    o: &SampleOptions,
+    rng: &mut dyn NoiseSource,
+    on_call: Option<&mut dyn FnMut()>,
+) -> Result<SampleLatent> {
+    model.diffusion()?;
     let sampler = Sampler::new(o.sampler, o.opts.clone())?;
-    let st = stage1(model, x, rng)?;
     let noise = rng.randn(st.z.dims(), st.z.device())?;
     let mut den = GuidedDenoiser {
         model,

@@ -9,6 +9,7 @@
 //! encoders (they are not needed for sampling and hold about 1.4 G parameters).
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
@@ -20,8 +21,8 @@ use crate::config::SupirConfig;
 use crate::image_io::convert;
 use crate::model::{DTypes, SupirModel};
 use crate::pipeline::{
-    check_tile_prompts, decode_and_fix, sample_latent_with, sampler_from_config,
-    PromptConditioning, SampleOptions,
+    check_conditioning, check_tile_prompts, decode_and_fix, sample_from_stage1,
+    sampler_from_config, stage1, PromptConditioning, SampleOptions,
 };
 use crate::sampler::{NoiseSource, SamplerKind, SamplerOptions, SeededNoise};
 use crate::tiled_vae::VaeTiling;
@@ -108,6 +109,41 @@ impl FromStr for Preset {
                     "unknown preset `{s}` (expected default, quality, fidelity, lightning or lightning-fidelity)"
                 ))
             })
+    }
+}
+
+/// What stays in memory between the phases of a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Residency {
+    /// GLVControl + UNet are read for sampling only and freed while the VAE runs (stage 1,
+    /// final decode), so the big activations of the VAE never meet the big weights of the
+    /// sampler. One image reads every weight once, as `Resident` does; each further image
+    /// reads GLVControl + UNet again (about 3.9 G parameters).
+    #[default]
+    Staged,
+    /// Every network stays loaded from the first image to the last.
+    Resident,
+}
+
+impl fmt::Display for Residency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Staged => "staged",
+            Self::Resident => "resident",
+        })
+    }
+}
+
+impl FromStr for Residency {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "staged" => Ok(Self::Staged),
+            "resident" => Ok(Self::Resident),
+            _ => Err(opt_err(format!(
+                "unknown residency `{s}` (expected staged or resident)"
+            ))),
+        }
     }
 }
 
@@ -210,6 +246,8 @@ pub struct RestoreOptions {
     pub diffusion_precision: Precision,
     /// VAE (and text encoder) precision (`ae_dtype`): fp32 or bf16, as `diffusion_precision`.
     pub vae_precision: Precision,
+    /// Whether GLVControl + UNet stay loaded while the VAE runs.
+    pub residency: Residency,
 }
 
 impl Default for RestoreOptions {
@@ -249,6 +287,7 @@ impl RestoreOptions {
             vae_tiling: None,
             diffusion_precision: Precision::Fp32,
             vae_precision: Precision::Fp32,
+            residency: Residency::Staged,
         };
         let (cfg, start) = match preset {
             Preset::Default => {
@@ -450,28 +489,45 @@ pub struct Restorer {
     pub cfg: SupirConfig,
     /// The prompts and their one-row conditioning `(c, uc)` (c per tile with tile prompts).
     prompts: Option<(PromptKey, PromptConditioning, Conditioning)>,
+    /// The checkpoints GLVControl + UNet are read from again under [`Residency::Staged`];
+    /// empty for a model built by the caller (it then stays resident).
+    checkpoints: Vec<PathBuf>,
 }
 
 impl Restorer {
     /// Loads `checkpoints` (SDXL base first, then the SUPIR file; or one merged file) for the
-    /// model config `cfg` in the precisions of `opts`.
-    pub fn load<P: AsRef<std::path::Path>>(
+    /// model config `cfg` in the precisions of `opts`. Under [`Residency::Staged`] GLVControl +
+    /// UNet are only checked (keys, shapes) and read when the first image is sampled.
+    pub fn load<P: AsRef<Path>>(
         cfg: SupirConfig,
         checkpoints: &[P],
         opts: &RestoreOptions,
         dev: &Device,
     ) -> Result<Self> {
         opts.validate()?;
-        let mut model = SupirModel::load_with(&cfg, checkpoints, opts.dtypes(), dev)?;
+        let mut model = match opts.residency {
+            Residency::Staged => {
+                SupirModel::load_without_diffusion(&cfg, checkpoints, opts.dtypes(), dev)?
+            }
+            Residency::Resident => SupirModel::load_with(&cfg, checkpoints, opts.dtypes(), dev)?,
+        };
         model.vae.tiling = opts.vae_tiling;
-        Ok(Self::from_model(cfg, model))
+        let mut r = Self::from_model(cfg, model);
+        r.checkpoints = checkpoints
+            .iter()
+            .map(|p| p.as_ref().to_path_buf())
+            .collect();
+        Ok(r)
     }
 
+    /// Wraps a model built by the caller (GLVControl + UNet must be loaded; they stay so
+    /// whatever the residency).
     pub fn from_model(cfg: SupirConfig, model: SupirModel) -> Self {
         Self {
             model,
             cfg,
             prompts: None,
+            checkpoints: Vec::new(),
         }
     }
 
@@ -575,7 +631,20 @@ impl Restorer {
             vector: rep(&uc.vector)?,
         };
         let x = rep(&x.to_device(&self.model.device())?)?;
-        let s = sample_latent_with(&self.model, &x, &c, &uc, &so, rng, on_call)?;
+        check_conditioning(&x, &c, &uc, &so)?;
+        let staged = opts.residency == Residency::Staged && !self.checkpoints.is_empty();
+        if staged {
+            self.model.release_diffusion();
+        }
+        let st = stage1(&self.model, &x, rng)?;
+        crate::memory::release_free_heap();
+        if !self.checkpoints.is_empty() {
+            self.model.load_diffusion(&self.cfg, &self.checkpoints)?;
+        }
+        let s = sample_from_stage1(&self.model, st, &c, &uc, &so, rng, on_call)?;
+        if staged {
+            self.model.release_diffusion();
+        }
         crate::memory::release_free_heap();
         let out = decode_and_fix(&self.model, &s, so.color_fix);
         crate::memory::release_free_heap();

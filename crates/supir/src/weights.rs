@@ -346,6 +346,35 @@ impl WeightSource {
     }
 }
 
+impl WeightSource {
+    /// The stored meta of `name`, checked against the shape a module asks for.
+    fn checked(&self, name: &str, expected: &[usize]) -> Result<TensorMeta> {
+        let Some((file, key, meta)) = self.resolve(name) else {
+            return Err(Error::MissingKey {
+                key: name.to_string(),
+                expected: expected.to_vec(),
+                files: self.file_list(),
+            });
+        };
+        if meta.shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: file.path.clone(),
+                key,
+                expected: expected.to_vec(),
+                actual: meta.shape,
+            });
+        }
+        Ok(meta)
+    }
+
+    /// A var builder that checks every requested key and shape against the files without
+    /// reading them: each tensor is a zero-stride view of one zero. Building a network on it
+    /// validates the checkpoints for that network at no memory cost.
+    pub fn into_checking_var_builder(self, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(CheckOnly(self)), dtype, dev.clone())
+    }
+}
+
 impl SimpleBackend for WeightSource {
     fn get(
         &self,
@@ -355,21 +384,8 @@ impl SimpleBackend for WeightSource {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let Some((file, key, meta)) = self.resolve(name) else {
-            return Err(candle_core::Error::wrap(Error::MissingKey {
-                key: name.to_string(),
-                expected: s.dims().to_vec(),
-                files: self.file_list(),
-            }));
-        };
-        if meta.shape != s.dims() {
-            return Err(candle_core::Error::wrap(Error::ShapeMismatch {
-                path: file.path.clone(),
-                key,
-                expected: s.dims().to_vec(),
-                actual: meta.shape,
-            }));
-        }
+        self.checked(name, s.dims())
+            .map_err(candle_core::Error::wrap)?;
         self.get_unchecked(name, dtype, dev)
     }
 
@@ -390,6 +406,40 @@ impl SimpleBackend for WeightSource {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.resolve(name).is_some()
+    }
+}
+
+/// [`WeightSource::into_checking_var_builder`]'s backend.
+struct CheckOnly(WeightSource);
+
+impl SimpleBackend for CheckOnly {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .checked(name, s.dims())
+            .map_err(candle_core::Error::wrap)?;
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((_, _, meta)) = self.0.resolve(name) else {
+            return Err(candle_core::Error::wrap(Error::MissingKey {
+                key: name.to_string(),
+                expected: vec![],
+                files: self.0.file_list(),
+            }));
+        };
+        Tensor::zeros((), dtype, dev)?.broadcast_as(meta.shape)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use supir::config::SupirConfig;
-use supir::model::SupirModel;
+use supir::model::{DTypes, SupirModel};
 
 #[test]
 fn missing_and_misshapen_weights_are_clear_errors() {
@@ -28,12 +28,34 @@ fn missing_and_misshapen_weights_are_clear_errors() {
         "{err}"
     );
     assert!(err.contains(&format!("{:?}", original.dims())), "{err}");
+    // Staged loading reads GLVControl + UNet later but checks their keys now.
+    let err = SupirModel::load_without_diffusion(
+        &cfg,
+        &[&missing],
+        DTypes::uniform(DType::F32),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains(key) && err.contains("missing.safetensors"),
+        "{err}"
+    );
 
     // The same key supplied by a second file completes the model (later files extend earlier ones).
     let patch = tmp.join("patch.safetensors");
     let one = std::collections::HashMap::from([(key.to_string(), original.clone())]);
     candle_core::safetensors::save(&one, &patch).unwrap();
     assert!(SupirModel::load(&cfg, &[&missing, &patch], DType::F32, &Device::Cpu).is_ok());
+    let staged = SupirModel::load_without_diffusion(
+        &cfg,
+        &[&missing, &patch],
+        DTypes::uniform(DType::F32),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(staged.diffusion.is_none());
 
     let wrong = Tensor::zeros((3, 3), DType::F16, &Device::Cpu).unwrap();
     tensors.insert(key.to_string(), wrong);
@@ -51,5 +73,15 @@ fn missing_and_misshapen_weights_are_clear_errors() {
         err.contains("[3, 3]") && err.contains(&format!("{:?}", original.dims())),
         "{err}"
     );
+    let err = SupirModel::load_without_diffusion(
+        &cfg,
+        &[&misshapen],
+        DTypes::uniform(DType::F32),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("[3, 3]") && err.contains(key), "{err}");
     std::fs::remove_dir_all(&tmp).ok();
 }

@@ -10,7 +10,7 @@ use supir::config::SupirConfig;
 use supir::fixture::{max_abs_diff, Case, Fixture};
 use supir::model::{DTypes, SupirModel};
 use supir::pipeline::batchify_sample;
-use supir::restore::{RestoreOptions, Restorer};
+use supir::restore::{Residency, RestoreOptions, Restorer};
 use supir::sampler::{ReplayNoise, SamplerKind};
 use supir::tiled_vae::VaeTiling;
 
@@ -170,6 +170,43 @@ fn image_path_sizes_seed_and_samples() {
     assert_eq!(a, b, "same seed, different output");
 }
 
+/// Staged residency (GLVControl + UNet read for sampling only) gives the resident model's
+/// output bit for bit, image after image, and leaves the diffusion networks released.
+#[test]
+fn staged_residency_equals_resident() {
+    let fx = Fixture::load(fixture_dir()).unwrap();
+    let cfg = SupirConfig::load(fx.config_path()).unwrap();
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(48, 32, |x, y| {
+        image::Rgb([(x * 5) as u8, (y * 7) as u8, ((x + y) * 3) as u8])
+    }));
+    let mut outputs = Vec::new();
+    for residency in [Residency::Resident, Residency::Staged] {
+        let o = RestoreOptions {
+            steps: 2,
+            min_size: 64,
+            seed: 11,
+            residency,
+            ..RestoreOptions::default()
+        };
+        let mut r = Restorer::load(cfg.clone(), &[fx.weights_path()], &o, &Device::Cpu).unwrap();
+        assert_eq!(
+            r.model.diffusion.is_some(),
+            residency == Residency::Resident,
+            "{residency}: loaded at start"
+        );
+        let first = r.restore_image(&img, &o, None).unwrap();
+        let second = r.restore_image(&img, &o, None).unwrap();
+        assert_eq!(first, second, "{residency}: the second image differs");
+        assert_eq!(
+            r.model.diffusion.is_some(),
+            residency == Residency::Resident,
+            "{residency}: loaded after restoring"
+        );
+        outputs.push(first);
+    }
+    assert_eq!(outputs[0], outputs[1], "staged differs from resident");
+}
+
 /// The official `VAEHook` (tilevae.py) on the tiny model, made by
 /// `scripts/tiled_vae_reference.py`: encoder tiles of 64 px (2 x 3 tiles of a 192 x 256 image),
 /// decoder tiles of 8 latent px (1 x 3 tiles of a 24 x 40 latent).
@@ -245,7 +282,7 @@ fn half_precision_stays_close_to_f32() {
         DTypes::new(DType::BF16, DType::BF16),
     ] {
         let (fx, cfg, model) = load(dtypes);
-        assert_eq!(model.weight_dtypes(), (dtypes.diffusion, dtypes.vae));
+        assert_eq!(model.weight_dtypes(), (Some(dtypes.diffusion), dtypes.vae));
         assert_eq!(
             model.diffusion_dtype(),
             DType::F32,
