@@ -136,8 +136,9 @@ impl Linear {
 /// `torch.nn.Conv2d` (groups 1, zero padding): `weight [out, in, k, k]`, NCHW.
 ///
 /// With f32 weights, a layer that runs as Winograd keeps its filter transforms after the first
-/// call (36/9 of the weight's size): the speed setting. Half-precision weights are transformed
-/// per call, keeping the memory at the weights' own size.
+/// call (36/9 of the weight's size) up to [`conv::KEPT_FILTER_MAX_BYTES`]: the speed setting.
+/// Bigger layers and half-precision weights are transformed per call, keeping the memory at the
+/// weights' own size.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -220,7 +221,8 @@ impl Conv2d {
         }
         let (oh, ow) = s.out_hw();
         let mut out = vec![0.0f32; n * cout * oh * ow];
-        if conv::choose(&s) == conv::ConvAlgo::Winograd && self.weight.dtype() == DType::F32 {
+        let keep = self.weight.dtype() == DType::F32 && conv::keeps_filter(&s);
+        if keep && conv::choose(&s, true) == conv::ConvAlgo::Winograd {
             if self.winograd_u.get().is_none() {
                 let u = with_f32(&self.weight, |w| {
                     crate::kernels::winograd_nchw::filter_transform(w, cout, cin)

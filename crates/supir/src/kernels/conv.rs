@@ -51,17 +51,33 @@ pub enum ConvAlgo {
     Im2col,
 }
 
-/// The algorithm for `s`: Winograd for 3x3/s1/p1 once the map has enough 4x4 tiles per image
-/// to feed its 36 GEMMs; direct GEMM for pointwise convolutions; im2col otherwise.
-pub fn choose(s: &ConvShape) -> ConvAlgo {
+/// Most bytes of Winograd filter transforms a layer keeps (36/9 of its weight): up to it a
+/// layer with f32 weights transforms once and keeps `U` (SDXL's 640-channel level: up to
+/// 177 MB); above it (the 1280 x 1280 convolutions, 236 MB each, 22 of them in GLVControl +
+/// UNet) `U` is recomputed per call, keeping memory at the weights' size.
+pub const KEPT_FILTER_MAX_BYTES: usize = 192 << 20;
+
+/// Whether a layer `s` keeps its Winograd filter transforms ([`KEPT_FILTER_MAX_BYTES`]).
+pub fn keeps_filter(s: &ConvShape) -> bool {
+    36 * s.cin * s.cout * 4 <= KEPT_FILTER_MAX_BYTES
+}
+
+/// The algorithm for `s`: direct GEMM for pointwise convolutions; Winograd for 3x3/s1/p1 once
+/// the map has enough 4x4 tiles (all images) to pay for the transforms; im2col otherwise.
+/// `kept_filter`: the filter transforms are already computed (measured in
+/// `examples/conv_bench.rs`: with them Winograd wins from 16 tiles; computing them per call
+/// pays from 64 tiles, or from 32 with at least 512 input channels, e.g. SDXL's 1280-channel
+/// convolutions at 16x16, CFG batch 2: 68 ms against 83 ms for im2col).
+pub fn choose(s: &ConvShape, kept_filter: bool) -> ConvAlgo {
+    let tiles = s.h.div_ceil(4) * s.w.div_ceil(4) * s.n;
     if s.kh == 1 && s.kw == 1 && s.stride == 1 && s.pad == 0 {
         ConvAlgo::Gemm1x1
     } else if s.kh == 3
         && s.kw == 3
         && s.stride == 1
         && s.pad == 1
-        && s.h.div_ceil(4) * s.w.div_ceil(4) * s.n >= 64
         && s.cin >= 16
+        && (tiles >= 64 || (tiles >= 32 && s.cin >= 512) || (kept_filter && tiles >= 16))
     {
         ConvAlgo::Winograd
     } else {
@@ -72,7 +88,7 @@ pub fn choose(s: &ConvShape) -> ConvAlgo {
 /// `out = conv2d(x, weight, bias)`; `x` `[n][cin][h][w]`, `weight` `[cout][cin][kh][kw]`,
 /// `out` `[n][cout][oh][ow]`.
 pub fn conv2d(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
-    conv2d_with(choose(s), s, x, weight, bias, out)
+    conv2d_with(choose(s, false), s, x, weight, bias, out)
 }
 
 /// [`conv2d`] with a forced algorithm (benchmarks and tests; Winograd needs 3x3/s1/p1).
@@ -286,17 +302,39 @@ mod tests {
     #[test]
     fn chooser_picks_by_shape() {
         assert_eq!(
-            choose(&shape(2, 320, 64, 64, 320, 3, 1, 1)),
+            choose(&shape(2, 320, 64, 64, 320, 3, 1, 1), false),
+            ConvAlgo::Winograd
+        );
+        // SDXL's 1280-channel level at 16x16 (CFG batch 2): 32 tiles pay with many channels.
+        assert_eq!(
+            choose(&shape(2, 1280, 16, 16, 1280, 3, 1, 1), false),
             ConvAlgo::Winograd
         );
         assert_eq!(
-            choose(&shape(2, 320, 64, 64, 640, 1, 1, 0)),
+            choose(&shape(2, 128, 16, 16, 1280, 3, 1, 1), false),
+            ConvAlgo::Im2col
+        );
+        assert_eq!(
+            choose(&shape(1, 1280, 16, 16, 1280, 3, 1, 1), false),
+            ConvAlgo::Im2col
+        );
+        assert_eq!(
+            choose(&shape(1, 1280, 16, 16, 1280, 3, 1, 1), true),
+            ConvAlgo::Winograd
+        );
+        assert!(keeps_filter(&shape(2, 1920, 32, 32, 640, 3, 1, 1)));
+        assert!(!keeps_filter(&shape(2, 1280, 16, 16, 1280, 3, 1, 1)));
+        assert_eq!(
+            choose(&shape(2, 320, 64, 64, 640, 1, 1, 0), false),
             ConvAlgo::Gemm1x1
         );
         assert_eq!(
-            choose(&shape(2, 320, 64, 64, 320, 3, 2, 1)),
+            choose(&shape(2, 320, 64, 64, 320, 3, 2, 1), true),
             ConvAlgo::Im2col
         );
-        assert_eq!(choose(&shape(1, 4, 4, 4, 4, 3, 1, 1)), ConvAlgo::Im2col);
+        assert_eq!(
+            choose(&shape(1, 4, 4, 4, 4, 3, 1, 1), true),
+            ConvAlgo::Im2col
+        );
     }
 }

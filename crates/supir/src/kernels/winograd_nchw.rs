@@ -22,36 +22,85 @@ const LN: usize = 8;
 
 type Lanes = [f32; LN];
 
+/// Filters per block of [`filter_transform`]: its 36 outputs are written as runs of this many
+/// floats (whole cache lines instead of 36 scattered stores per filter).
+const FB: usize = 64;
+
 /// `[36][cout][cin]` filter transforms `U = G g Gᵀ` of `weight [cout][cin][3][3]`.
 pub fn filter_transform(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut u = vec![0.0f32; 36 * cout * cin];
     let plane = cout * cin;
+    assert_eq!(weight.len(), plane * 9, "Winograd: weight size");
+    let mut u = Vec::<f32>::with_capacity(36 * plane);
     let up = SyncPtr(u.as_mut_ptr());
-    (0..plane).into_par_iter().for_each(|kc| {
-        let g = &weight[kc * 9..kc * 9 + 9];
-        // G g (6x3) then (G g) Gᵀ (6x6).
-        let col = |a: f32, b: f32, c: f32| -> [f32; 6] {
-            [
-                a / 4.0,
-                -(a + b + c) / 6.0,
-                -(a - b + c) / 6.0,
-                a / 24.0 + b / 12.0 + c / 6.0,
-                a / 24.0 - b / 12.0 + c / 6.0,
-                c,
-            ]
+    (0..plane.div_ceil(FB)).into_par_iter().for_each(|blk| {
+        let kc0 = blk * FB;
+        let nb = FB.min(plane - kc0);
+        // g[tap][lane], taps in row-major order.
+        let mut g = [[0.0f32; FB]; 9];
+        for (l, w) in weight[kc0 * 9..(kc0 + nb) * 9].chunks_exact(9).enumerate() {
+            for (tap, v) in w.iter().enumerate() {
+                g[tap][l] = *v;
+            }
+        }
+        // G·(a, b, c)ᵀ for the 6 rows of G, lane by lane.
+        let col = |a: &[f32; FB], b: &[f32; FB], c: &[f32; FB]| -> [[f32; FB]; 6] {
+            let mut r = [[0.0f32; FB]; 6];
+            for l in 0..FB {
+                let (a, b, c) = (a[l], b[l], c[l]);
+                r[0][l] = a / 4.0;
+                r[1][l] = -(a + b + c) / 6.0;
+                r[2][l] = -(a - b + c) / 6.0;
+                r[3][l] = a / 24.0 + b / 12.0 + c / 6.0;
+                r[4][l] = a / 24.0 - b / 12.0 + c / 6.0;
+                r[5][l] = c;
+            }
+            r
         };
-        let c0 = col(g[0], g[3], g[6]);
-        let c1 = col(g[1], g[4], g[7]);
-        let c2 = col(g[2], g[5], g[8]);
+        // G g: one 6-vector per filter column.
+        let c0 = col(&g[0], &g[3], &g[6]);
+        let c1 = col(&g[1], &g[4], &g[7]);
+        let c2 = col(&g[2], &g[5], &g[8]);
         for r in 0..6 {
-            let row = col(c0[r], c1[r], c2[r]);
+            // (G g) Gᵀ, row r.
+            let row = col(&c0[r], &c1[r], &c2[r]);
             for (j, v) in row.iter().enumerate() {
-                // SAFETY: index (r*6+j)*plane + kc is unique to this kc and within 36*plane.
-                unsafe { *up.get().add((r * 6 + j) * plane + kc) = *v };
+                // SAFETY: U[r*6+j][kc0..kc0+nb] belongs to this block only and is within the
+                // capacity 36 * plane.
+                unsafe { stream_store(v.as_ptr(), up.get().add((r * 6 + j) * plane + kc0), nb) };
             }
         }
     });
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: orders the streaming stores above before the buffer is handed out.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+    // SAFETY: the blocks above wrote every one of the 36 * plane elements.
+    unsafe { u.set_len(36 * plane) };
     u
+}
+
+/// Copies `n` floats to `dst` with non-temporal stores where aligned (x86-64): `U` is written
+/// once and read much later, so bypassing the cache saves the read-for-ownership traffic.
+///
+/// # Safety
+/// `src` and `dst` must be valid for `n` floats and not overlap.
+#[inline(always)]
+unsafe fn stream_store(src: *const f32, dst: *mut f32, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        if (dst as usize).is_multiple_of(16) {
+            let mut i = 0;
+            while i + 4 <= n {
+                _mm_stream_ps(dst.add(i), _mm_loadu_ps(src.add(i)));
+                i += 4;
+            }
+            std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), n - i);
+            return;
+        }
+    }
+    std::ptr::copy_nonoverlapping(src, dst, n);
 }
 
 /// `Bᵀ d` on six lane vectors.
@@ -283,5 +332,46 @@ pub fn conv3x3_transformed(
             });
         output_transform(&m, cout, g, t0, nb, tc, bias, out);
         t0 += nb;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `U = G g Gᵀ` with the matrix `G` written out, in f64.
+    #[test]
+    fn filter_transform_matches_g_g_gt() {
+        let gm: [[f64; 3]; 6] = [
+            [1.0 / 4.0, 0.0, 0.0],
+            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+            [0.0, 0.0, 1.0],
+        ];
+        // 3 x 43 = 129 filters: two full blocks of FB and a partial one.
+        let (cout, cin) = (3, 43);
+        let w = super::super::test_noise(cout * cin * 9, 7);
+        let u = filter_transform(&w, cout, cin);
+        let plane = cout * cin;
+        for kc in 0..plane {
+            let g = &w[kc * 9..kc * 9 + 9];
+            for r in 0..6 {
+                for c in 0..6 {
+                    let mut want = 0.0f64;
+                    for a in 0..3 {
+                        for b in 0..3 {
+                            want += gm[r][a] * g[a * 3 + b] as f64 * gm[c][b];
+                        }
+                    }
+                    let got = u[(r * 6 + c) * plane + kc] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-6,
+                        "kc {kc} ({r},{c}): {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }
