@@ -108,27 +108,60 @@ impl Linear {
             };
         }
         let m = x.elem_count() / in_dim;
-        let mut out = vec![0.0f32; m * out_dim];
-        with_f32(x, |xs| {
+        let out = with_f32(x, |xs| {
             with_f32(&self.weight, |w| {
                 with_opt_f32(self.bias.as_ref(), |b| {
-                    let beta = if let Some(b) = b {
-                        for row in out.chunks_exact_mut(out_dim) {
-                            row.copy_from_slice(b);
-                        }
-                        1.0
-                    } else {
-                        0.0
-                    };
-                    crate::kernels::blas::sgemm_slices(
-                        false, true, m, out_dim, in_dim, 1.0, xs, in_dim, w, in_dim, beta,
-                        &mut out, out_dim,
-                    );
+                    gemm_rows(xs, w, b, m, in_dim, out_dim)
                 })
             })
         })???;
         cpu_tensor(out, &shape)
     }
+}
+
+/// `x [m, k] · wᵀ [k, n] (+ bias)` as a new `[m, n]` buffer, without zeroing it first: with a
+/// bias the rows start as copies of it (`beta = 1`); without one sgemm writes every element
+/// (`beta = 0`, `k > 0`) into the reserved buffer before its length is set.
+fn gemm_rows(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    use crate::kernels::blas;
+    assert!(
+        x.len() == m * k && w.len() == n * k,
+        "linear: operand sizes"
+    );
+    if let Some(b) = bias {
+        let mut out = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            out.extend_from_slice(b);
+        }
+        blas::sgemm_slices(false, true, m, n, k, 1.0, x, k, w, k, 1.0, &mut out, n);
+        return out;
+    }
+    if k == 0 || m == 0 || n == 0 {
+        return vec![0.0; m * n];
+    }
+    let mut out = Vec::<f32>::with_capacity(m * n);
+    // SAFETY: the operands cover their shapes (checked above); with beta = 0 sgemm writes all
+    // m·n elements of C (row stride n) and reads none before writing, so after the call the
+    // first m·n elements are initialised.
+    unsafe {
+        blas::sgemm(
+            false,
+            true,
+            m,
+            n,
+            k,
+            1.0,
+            x.as_ptr(),
+            k,
+            w.as_ptr(),
+            k,
+            0.0,
+            out.as_mut_ptr(),
+            n,
+        );
+        out.set_len(m * n);
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------- Conv2d

@@ -5,8 +5,9 @@
 //! phases — text encoders dropped, stage 1 done, sampling done — [`release_free_heap`] hands
 //! the free pages back, so the next phase starts from what is really in use.
 
-/// `malloc_trim(0)` on glibc; nothing elsewhere.
+/// Drops the kernels' pooled scratch ([`crate::kernels::scratch`]), then `malloc_trim(0)` on glibc.
 pub fn release_free_heap() {
+    crate::kernels::scratch::release();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of the glibc allocator.
     unsafe {

@@ -76,7 +76,7 @@ pub fn attention_blocked(
     );
     // One task per (batch item, head), each with its own score block; single-threaded GEMMs.
     (0..s.b * s.heads).into_par_iter().for_each_init(
-        || vec![0.0f32; block * s.m],
+        || super::scratch::take(block * s.m),
         |scores, task| {
             let (bi, h) = (task / s.heads, task % s.heads);
             // SAFETY: q/k/v are only read; this task writes only head h of batch item bi.

@@ -128,7 +128,8 @@ pub fn conv2d_with(
             continue;
         }
         let rows = (COL_BUDGET / (kdim * ow).max(1)).clamp(1, oh);
-        let mut cols = vec![0.0f32; kdim * rows * ow];
+        // im2col writes every column entry it uses (padding included).
+        let mut cols = super::scratch::take(kdim * rows * ow);
         let mut r0 = 0;
         while r0 < oh {
             let nr = rows.min(oh - r0);

@@ -4,6 +4,7 @@
 //! - [`conv`]: NCHW conv2d as GEMMs (pointwise, im2col, or [`winograd_nchw`] for 3x3);
 //! - [`norm`]: GroupNorm fused with SiLU, a vectorisable `exp`;
 //! - [`attention`]: multi-head attention in query blocks;
+//! - [`scratch`]: reusable work buffers, so per-call scratch is not zeroed every time;
 //! - [`winograd`]: channels-last Winograd F(4x4, 3x3) with its own micro-kernels
 //!   (Real-ESRGAN's engine).
 
@@ -12,6 +13,7 @@ pub mod blas;
 pub mod conv;
 pub mod elementwise;
 pub mod norm;
+pub mod scratch;
 pub mod winograd;
 pub mod winograd_nchw;
 

@@ -304,8 +304,9 @@ pub fn conv3x3_transformed(
     let nt = s.n * g.per_img;
     let tc = (CHUNK_BUDGET / (36 * (cin + cout))).clamp(LN, nt.next_multiple_of(LN));
     let tc = tc.next_multiple_of(LN);
-    let mut v = vec![0.0f32; 36 * cin * tc];
-    let mut m = vec![0.0f32; 36 * cout * tc];
+    // Stale scratch is fine: V's columns past `nb` and M are never read before written.
+    let mut v = super::scratch::take(36 * cin * tc);
+    let mut m = super::scratch::take(36 * cout * tc);
     let mut t0 = 0;
     while t0 < nt {
         let nb = tc.min(nt - t0);
