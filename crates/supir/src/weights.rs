@@ -347,15 +347,22 @@ impl WeightSource {
 }
 
 impl WeightSource {
+    /// [`WeightSource::resolve`], or the missing-key error (with the shape asked for, if any).
+    fn resolved(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<(&Checkpoint, String, TensorMeta)> {
+        self.resolve(name).ok_or_else(|| Error::MissingKey {
+            key: name.to_string(),
+            expected: expected.to_vec(),
+            files: self.file_list(),
+        })
+    }
+
     /// The stored meta of `name`, checked against the shape a module asks for.
     fn checked(&self, name: &str, expected: &[usize]) -> Result<TensorMeta> {
-        let Some((file, key, meta)) = self.resolve(name) else {
-            return Err(Error::MissingKey {
-                key: name.to_string(),
-                expected: expected.to_vec(),
-                files: self.file_list(),
-            });
-        };
+        let (file, key, meta) = self.resolved(name, expected)?;
         if meta.shape != expected {
             return Err(Error::ShapeMismatch {
                 path: file.path.clone(),
@@ -390,13 +397,7 @@ impl SimpleBackend for WeightSource {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some((file, key, _)) = self.resolve(name) else {
-            return Err(candle_core::Error::wrap(Error::MissingKey {
-                key: name.to_string(),
-                expected: vec![],
-                files: self.file_list(),
-            }));
-        };
+        let (file, key, _) = self.resolved(name, &[]).map_err(candle_core::Error::wrap)?;
         match file.load(&key, dtype, dev) {
             Ok(Some(t)) => Ok(t),
             Ok(None) => unreachable!("indexed key `{key}` vanished"),
@@ -428,13 +429,10 @@ impl SimpleBackend for CheckOnly {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some((_, _, meta)) = self.0.resolve(name) else {
-            return Err(candle_core::Error::wrap(Error::MissingKey {
-                key: name.to_string(),
-                expected: vec![],
-                files: self.0.file_list(),
-            }));
-        };
+        let (_, _, meta) = self
+            .0
+            .resolved(name, &[])
+            .map_err(candle_core::Error::wrap)?;
         Tensor::zeros((), dtype, dev)?.broadcast_as(meta.shape)
     }
 
