@@ -134,13 +134,12 @@ impl SupirModel {
         dtypes: DTypes,
         dev: &Device,
     ) -> Result<Self> {
-        let check =
-            WeightSource::open(checkpoints)?.into_checking_var_builder(dtypes.diffusion, dev);
-        DiffusionNets::new(check, cfg)?;
-        let vb = WeightSource::open(checkpoints)?.into_var_builder(dtypes.vae, dev);
-        let mut model = Self::new_parts(vb, cfg, dtypes, false)?;
-        model.diffusion = None;
-        Ok(model)
+        let src = WeightSource::open(checkpoints)?;
+        DiffusionNets::new(
+            src.clone().into_checking_var_builder(dtypes.diffusion, dev),
+            cfg,
+        )?;
+        Self::new_parts(src.into_var_builder(dtypes.vae, dev), cfg, dtypes, false)
     }
 
     /// [`SupirModel::new`] with one dtype per part.

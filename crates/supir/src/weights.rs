@@ -297,8 +297,10 @@ fn open_torch(path: &Path) -> Result<candle_core::pickle::PthTensors> {
 
 /// Several checkpoints seen as one state dict: a key in a later file overrides the same key in an
 /// earlier one (SDXL base first, then the SUPIR file), as the official `strict=False` loads do.
+/// Clones share the opened files.
+#[derive(Clone)]
 pub struct WeightSource {
-    files: Vec<Checkpoint>,
+    files: Arc<Vec<Checkpoint>>,
 }
 
 impl WeightSource {
@@ -307,7 +309,9 @@ impl WeightSource {
             .iter()
             .map(Checkpoint::open)
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { files })
+        Ok(Self {
+            files: Arc::new(files),
+        })
     }
 
     pub fn files(&self) -> &[Checkpoint] {
