@@ -59,7 +59,9 @@ impl GLVControl {
         let dtype = control.dtype();
         let (xt, context, y) = (
             xt.to_dtype(dtype)?,
-            context.to_dtype(dtype)?,
+            self.trunk
+                .context_memo
+                .canonical(&context.to_dtype(dtype)?)?,
             y.to_dtype(dtype)?,
         );
         let control = if self.input_upscale != 1.0 {

@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Device, Result, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::kernels::packed::{self, PackedWeight};
 use crate::kernels::{attention as attn, conv, norm};
 
 /// The activations' dtype for weights stored in `storage` on `dev`: f32 on the CPU (f16/bf16
@@ -28,11 +29,15 @@ pub fn compute_dtype(storage: DType, dev: &Device) -> DType {
 
 /// Whether `x` takes the [`crate::kernels`] path.
 fn fast(x: &Tensor) -> bool {
+    kernels_enabled() && x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// `SUPIR_KERNELS=candle` is not set.
+fn kernels_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    let on = *ENABLED.get_or_init(|| {
+    *ENABLED.get_or_init(|| {
         !std::env::var("SUPIR_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("candle"))
-    });
-    on && x.device().is_cpu() && x.dtype() == DType::F32
+    })
 }
 
 /// Runs `f` on the f32 elements of a contiguous CPU tensor.
@@ -63,15 +68,48 @@ fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
 // ---------------------------------------------------------------------------- Linear
 
 /// `torch.nn.Linear`: `y = x Wᵀ + b`, `weight [out, in]`, on the last dimension of `x`.
+///
+/// f32 weights on a CPU with AVX-512 are packed once at construction for
+/// [`packed`](crate::kernels::packed) (the same bytes in the micro-kernel's order; the BLAS
+/// would re-pack them on every call); other weights stay as loaded.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    weight: LinearWeight,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Loaded {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    Packed(Arc<PackedWeight>),
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        let packable = |t: &Tensor| {
+            t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && t.rank() <= 2
+        };
+        if kernels_enabled()
+            && packed::available()
+            && weight.rank() == 2
+            && packable(&weight)
+            && bias.as_ref().is_none_or(|b| b.rank() == 1 && packable(b))
+        {
+            let dims = weight.dims2().expect("rank 2");
+            let pack = with_f32(&weight, |w| {
+                with_opt_f32(bias.as_ref(), |b| PackedWeight::new(w, dims.0, dims.1, b))
+            });
+            if let Ok(Ok(p)) = pack {
+                return Self {
+                    weight: LinearWeight::Packed(Arc::new(p)),
+                };
+            }
+        }
+        Self {
+            weight: LinearWeight::Loaded { weight, bias },
+        }
     }
 
     /// `weight` (and `bias` when `with_bias`) under `vb`.
@@ -82,15 +120,32 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// `(out, in)`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            LinearWeight::Loaded { weight, .. } => weight.dims2(),
+            LinearWeight::Packed(p) => Ok((p.n(), p.k())),
+        }
+    }
+
+    /// The weight and bias as tensors (for a packed weight, unpacked anew).
+    fn tensors(&self) -> Result<(Tensor, Option<Tensor>)> {
+        match &self.weight {
+            LinearWeight::Loaded { weight, bias } => Ok((weight.clone(), bias.clone())),
+            LinearWeight::Packed(p) => Ok((
+                cpu_tensor(p.unpack_weight(), &[p.n(), p.k()])?,
+                p.bias()
+                    .map(|b| cpu_tensor(b.to_vec(), &[p.n()]))
+                    .transpose()?,
+            )),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out_dim, in_dim) = self.weight.dims2()?;
+        let (out_dim, in_dim) = self.dims()?;
         if x.dim(D::Minus1)? != in_dim {
             candle_core::bail!(
                 "linear: input {:?} has last dimension != {in_dim}",
@@ -99,23 +154,30 @@ impl Linear {
         }
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 1") = out_dim;
-        if !fast(x) {
-            let w = self.weight.to_dtype(x.dtype())?;
-            let y = x.broadcast_matmul(&w.t()?)?;
-            return match &self.bias {
-                Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
-                None => Ok(y),
-            };
+        let m = x.elem_count() / in_dim.max(1);
+        match &self.weight {
+            LinearWeight::Packed(p) if fast(x) => {
+                let out = with_f32(x, |xs| p.matmul(xs, m))?;
+                cpu_tensor(out, &shape)
+            }
+            LinearWeight::Loaded { weight, bias } if fast(x) => {
+                let out = with_f32(x, |xs| {
+                    with_f32(weight, |w| {
+                        with_opt_f32(bias.as_ref(), |b| gemm_rows(xs, w, b, m, in_dim, out_dim))
+                    })
+                })???;
+                cpu_tensor(out, &shape)
+            }
+            _ => {
+                let (weight, bias) = self.tensors()?;
+                let w = weight.to_dtype(x.dtype())?;
+                let y = x.broadcast_matmul(&w.t()?)?;
+                match &bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+                    None => Ok(y),
+                }
+            }
         }
-        let m = x.elem_count() / in_dim;
-        let out = with_f32(x, |xs| {
-            with_f32(&self.weight, |w| {
-                with_opt_f32(self.bias.as_ref(), |b| {
-                    gemm_rows(xs, w, b, m, in_dim, out_dim)
-                })
-            })
-        })???;
-        cpu_tensor(out, &shape)
     }
 }
 

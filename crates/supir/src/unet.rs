@@ -5,7 +5,9 @@
 //! shared with [`crate::control::GLVControl`], which is a trimmed copy of the encoder half
 //! ([`UNetTrunk`]).
 
-use candle_core::{DType, Result, Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::{DType, Result, Tensor, TensorId, D};
 use candle_nn::VarBuilder;
 
 use crate::layers::{self, Conv2d, GroupNorm, LayerNorm, Linear};
@@ -157,6 +159,11 @@ impl Upsample {
 
 /// Multi-head attention `CrossAttention` (attention.py): bias-free q/k/v projections, an output
 /// projection with bias (`to_out.0`), `softmax(q k^T / sqrt(dim_head)) v` per head.
+///
+/// On the text context ([`Self::remembering_context_kv`]) the keys and values depend on the
+/// prompt only, the same at every sampling step: they are kept for the last context tensor seen
+/// (by [`TensorId`]; the networks pass one canonical tensor per distinct context, see
+/// [`ContextMemo`]) and reused while it comes again.
 #[derive(Debug, Clone)]
 pub struct CrossAttention {
     to_q: Linear,
@@ -165,6 +172,63 @@ pub struct CrossAttention {
     to_out: Linear,
     heads: usize,
     dim_head: usize,
+    /// `Some` when the keys/values of the context are remembered.
+    context_kv: Option<KvMemo>,
+}
+
+/// `(context id, k, v)` of a cross-attention's last context.
+#[derive(Debug, Default)]
+struct KvMemo(Mutex<Option<(TensorId, Tensor, Tensor)>>);
+
+impl Clone for KvMemo {
+    /// A copy starts empty (the memo is a cache, not state).
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// The context tensor a network last saw, handed out again while the values stay the same, so
+/// that the cross-attentions' [`TensorId`]-keyed K/V memos hit across sampling steps (the
+/// sampler builds a new, equal context tensor at each step).
+#[derive(Debug, Default)]
+pub(crate) struct ContextMemo(Mutex<Option<Tensor>>);
+
+impl Clone for ContextMemo {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl ContextMemo {
+    /// The remembered tensor if `context` has its shape, dtype, device and bit-identical values;
+    /// else `context`, remembered from now on.
+    pub(crate) fn canonical(&self, context: &Tensor) -> Result<Tensor> {
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(prev) = memo.as_ref() {
+            if prev.id() == context.id() || same_bits(prev, context)? {
+                return Ok(prev.clone());
+            }
+        }
+        *memo = Some(context.clone());
+        Ok(context.clone())
+    }
+}
+
+/// Whether two tensors have the same shape, dtype, device and bit patterns.
+fn same_bits(a: &Tensor, b: &Tensor) -> Result<bool> {
+    if a.shape() != b.shape() || a.dtype() != b.dtype() || !a.device().same_device(b.device()) {
+        return Ok(false);
+    }
+    // Widening to f32 is exact, so equal f32 bits mean equal source bits.
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
+    Ok(bits(a)? == bits(b)?)
 }
 
 impl CrossAttention {
@@ -185,18 +249,38 @@ impl CrossAttention {
             to_out: Linear::load(vb.pp("to_out.0"), inner, query_dim, true)?,
             heads,
             dim_head,
+            context_kv: None,
         })
+    }
+
+    /// Remembers the keys/values of the last context (for a context that is fixed over the
+    /// sampling steps: the text).
+    pub fn remembering_context_kv(mut self) -> Self {
+        self.context_kv = Some(KvMemo::default());
+        self
     }
 
     /// `x`: `[B, N, query_dim]`, `context`: `[B, M, context_dim]` (or `None`: `x`) ->
     /// `[B, N, query_dim]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        let ctx = context.unwrap_or(x);
         let scale = 1.0 / (self.dim_head as f64).sqrt();
         let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
+        let (k, v) = match (context, &self.context_kv) {
+            (None, _) => (self.to_k.forward(x)?, self.to_v.forward(x)?),
+            (Some(ctx), None) => (self.to_k.forward(ctx)?, self.to_v.forward(ctx)?),
+            (Some(ctx), Some(memo)) => {
+                let mut memo = memo.0.lock().unwrap_or_else(|e| e.into_inner());
+                match memo.as_ref() {
+                    Some((id, k, v)) if *id == ctx.id() => (k.clone(), v.clone()),
+                    _ => {
+                        let (k, v) = (self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
+                        *memo = Some((ctx.id(), k.clone(), v.clone()));
+                        (k, v)
+                    }
+                }
+            }
+        };
         let out = layers::attention(&q, &k, &v, self.heads, scale)?;
         debug_assert_eq!(out.dims(), [b, n, self.heads * self.dim_head]);
         self.to_out.forward(&out)
@@ -252,7 +336,8 @@ impl BasicTransformerBlock {
         let ln = |name: &str| LayerNorm::load(vb.pp(name), dim, 1e-5);
         Ok(Self {
             attn1: CrossAttention::new(vb.pp("attn1"), dim, None, heads, dim_head)?,
-            attn2: CrossAttention::new(vb.pp("attn2"), dim, Some(context_dim), heads, dim_head)?,
+            attn2: CrossAttention::new(vb.pp("attn2"), dim, Some(context_dim), heads, dim_head)?
+                .remembering_context_kv(),
             ff: FeedForward::new(vb.pp("ff"), dim)?,
             norm1: ln("norm1")?,
             norm2: ln("norm2")?,
@@ -466,6 +551,8 @@ pub(crate) struct UNetTrunk {
     pub(crate) ch: usize,
     pub(crate) ds: usize,
     pub(crate) time_embed_dim: usize,
+    /// The text context of the last call (see [`ContextMemo`]).
+    pub(crate) context_memo: ContextMemo,
 }
 
 impl UNetTrunk {
@@ -550,6 +637,7 @@ impl UNetTrunk {
             ch,
             ds,
             time_embed_dim: ted,
+            context_memo: ContextMemo::default(),
         })
     }
 
@@ -785,7 +873,9 @@ impl LightGLVUNet {
         let dtype = hints[0].dtype();
         let (x, context, y) = (
             x.to_dtype(dtype)?,
-            context.to_dtype(dtype)?,
+            self.trunk
+                .context_memo
+                .canonical(&context.to_dtype(dtype)?)?,
             y.to_dtype(dtype)?,
         );
         let emb = self.trunk.embed(timesteps, Some(&y), dtype)?;
@@ -840,5 +930,77 @@ fn apply_sft(
     match connector {
         Connector::Sft(s) => s.forward(c, h, h_ori, control_scale),
         Connector::CrossAttn(_) => candle_core::bail!("expected a ZeroSFT connector"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Device;
+
+    use super::*;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v = crate::kernels::test_noise(n, seed);
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn cross_attention(remember: bool) -> CrossAttention {
+        let (q, c, inner) = (16, 24, 32);
+        let ts: HashMap<String, Tensor> = [
+            ("to_q.weight", randn(&[inner, q], 1)),
+            ("to_k.weight", randn(&[inner, c], 2)),
+            ("to_v.weight", randn(&[inner, c], 3)),
+            ("to_out.0.weight", randn(&[q, inner], 4)),
+            ("to_out.0.bias", randn(&[q], 5)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let vb = VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu);
+        let a = CrossAttention::new(vb, q, Some(c), 4, 8).unwrap();
+        if remember {
+            a.remembering_context_kv()
+        } else {
+            a
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.into_iter().map(f32::to_bits).collect()
+    }
+
+    #[test]
+    fn remembered_context_kv_gives_the_same_bits_and_follows_a_new_context() {
+        let (plain, memo) = (cross_attention(false), cross_attention(true));
+        let contexts = ContextMemo::default();
+        let x = randn(&[2, 5, 16], 6);
+        let ctx_a = randn(&[2, 7, 24], 7);
+        let ctx_b = randn(&[2, 7, 24], 8);
+        // A new tensor with ctx_a's values (as the sampler makes each step) maps to the first.
+        let ctx_a2 = Tensor::from_vec(
+            ctx_a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (2, 7, 24),
+            &Device::Cpu,
+        )
+        .unwrap();
+        // Expected canonical tensor per call: equal values map to the remembered tensor.
+        for (ctx, canonical) in [
+            (&ctx_a, &ctx_a),
+            (&ctx_a2, &ctx_a),
+            (&ctx_b, &ctx_b),
+            (&ctx_a, &ctx_a),
+        ] {
+            let canon = contexts.canonical(ctx).unwrap();
+            assert_eq!(canon.id(), canonical.id());
+            let want = plain.forward(&x, Some(ctx)).unwrap();
+            let got = memo.forward(&x, Some(&canon)).unwrap();
+            assert_eq!(bits(&got), bits(&want));
+            let kept = memo.context_kv.as_ref().unwrap().0.lock().unwrap();
+            assert_eq!(kept.as_ref().map(|m| m.0), Some(canon.id()));
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! - [`blas`]: row-major sgemm (OpenBLAS loaded at run time, else the `gemm` crate);
 //! - [`conv`]: NCHW conv2d as GEMMs (pointwise, im2col, or [`winograd_nchw`] for 3x3);
 //! - [`norm`]: GroupNorm fused with SiLU, a vectorisable `exp`;
+//! - [`packed`]: the linear layers' GEMM with the weight packed once (AVX-512);
 //! - [`attention`]: multi-head attention in query blocks;
 //! - [`scratch`]: reusable work buffers, so per-call scratch is not zeroed every time;
 //! - [`winograd`]: channels-last Winograd F(4x4, 3x3) with its own micro-kernels
@@ -13,6 +14,7 @@ pub mod blas;
 pub mod conv;
 pub mod elementwise;
 pub mod norm;
+pub mod packed;
 pub mod scratch;
 pub mod winograd;
 pub mod winograd_nchw;
