@@ -169,7 +169,6 @@ impl Denoise for GuidedDenoiser<'_, '_> {
         let denoised =
             self.model
                 .denoise(&x2, &sigmas, &crossattn, &vector, &control, control_scale)?;
-        crate::memory::release_free_heap();
         if let Some(f) = self.on_call.as_mut() {
             f();
         }

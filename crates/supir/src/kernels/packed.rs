@@ -8,10 +8,10 @@
 //!
 //! Loops as in BLIS (Goto's algorithm): the output is cut into `mc x nc` blocks run as rayon
 //! tasks; each walks `k` in steps of [`KC`] and runs the `MR x NR` micro-kernel (24 AVX-512
-//! accumulators) over `MR x KC` slices of `x`, read in place (no packing; a slice stays in L1
-//! across the `nc / NR` panels), and the weight block (`KC x nc`, kept in L2). Each output
-//! element is summed over `k` in order by one task, so results do not depend on the thread
-//! count.
+//! accumulators) over `MR x KC` slices of `x`, read in place (a slice stays in L1 across the
+//! `nc / NR` panels; copied out first only where its rows would alias in L1), and the weight block (`KC x nc`, streamed through L2). Each
+//! output element is summed over `k` in order by one task, so results do not depend on the
+//! thread count.
 //!
 //! Needs AVX-512F ([`available`]); elsewhere the layers keep the BLAS path.
 //! `SUPIR_PACKED=off` turns it off.
@@ -25,11 +25,12 @@ use super::SyncPtr;
 pub const NR: usize = 32;
 /// Rows of `x` per micro-kernel call (24 accumulators + 2 weight vectors + 1 broadcast).
 pub const MR: usize = 12;
-/// Depth of one pass over the weight block: `KC x NR` floats = 32 KiB per micro-panel.
-const KC: usize = 256;
+/// Depth of one pass over the weight block (an `MR x KC` slice of `x` is 24 KiB, in L1; 256 and
+/// 768 measured the same within noise, `examples/packed_bench.rs`).
+const KC: usize = 512;
 /// Largest block of output rows per task.
 const MC_MAX: usize = 144;
-/// Largest block of output columns per task (its weight block, `KC x NC_MAX`, is 512 KiB).
+/// Largest block of output columns per task (its weight block, `KC x NC_MAX`, is 1 MiB).
 const NC_MAX: usize = 512;
 
 /// Whether this CPU runs the packed kernel (AVX-512F) and `SUPIR_PACKED` does not turn it off.
@@ -196,30 +197,36 @@ impl PackedWeight {
     /// `c` must point at element `(i0, j0)` of an `m x n` output that this call may write.
     unsafe fn block(&self, x: &[f32], i0: usize, rows: usize, j0: usize, cols: usize, c: *mut f32) {
         thread_local! {
-            static TAIL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+            static ABUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
         let (n, k) = (self.n, self.k);
-        TAIL.with(|buf| {
-            let mut tail = buf.borrow_mut();
-            if tail.len() < MR * KC {
-                tail.resize(MR * KC, 0.0);
+        // Rows of `x` a multiple of 4 KiB apart fall in one L1 set (8 ways for 12 rows): such a
+        // slice is copied out first, as is the last, short one. The copy's row stride is padded
+        // off any power of two.
+        let alias = (k * 4) % 4096 == 0;
+        ABUF.with(|buf| {
+            let mut abuf = buf.borrow_mut();
+            let lda_buf = KC + 16;
+            if abuf.len() < MR * lda_buf {
+                abuf.resize(MR * lda_buf, 0.0);
             }
             for p0 in (0..k).step_by(KC) {
                 let kc = (k - p0).min(KC);
                 let first = p0 == 0;
                 for ip in 0..rows.div_ceil(MR) {
                     let mr = (rows - ip * MR).min(MR);
-                    // Whole micro-panels read `x` in place (row stride k); the last, short one
-                    // is copied with zero rows below it (row stride kc).
-                    let (a, lda) = if mr == MR {
+                    let (a, lda) = if mr == MR && !alias {
                         (x.as_ptr().add((i0 + ip * MR) * k + p0), k)
                     } else {
-                        tail[..MR * kc].fill(0.0);
-                        for r in 0..mr {
-                            let src = &x[(i0 + ip * MR + r) * k + p0..][..kc];
-                            tail[r * kc..][..kc].copy_from_slice(src);
+                        for r in 0..MR {
+                            let dst = &mut abuf[r * lda_buf..][..kc];
+                            if r < mr {
+                                dst.copy_from_slice(&x[(i0 + ip * MR + r) * k + p0..][..kc]);
+                            } else {
+                                dst.fill(0.0);
+                            }
                         }
-                        (tail.as_ptr(), kc)
+                        (abuf.as_ptr(), lda_buf)
                     };
                     for jp in 0..cols.div_ceil(NR) {
                         let j = j0 + jp * NR;
@@ -264,12 +271,27 @@ unsafe fn kernel_12x32(
     let z = _mm512_setzero_ps();
     let mut acc = [[z; 2]; MR];
     let mut b = b;
+    let (a0, a4, a8) = (a, a.add(4 * lda), a.add(8 * lda));
+    let rows = [
+        a0,
+        a0.add(lda),
+        a0.add(2 * lda),
+        a0.add(3 * lda),
+        a4,
+        a4.add(lda),
+        a4.add(2 * lda),
+        a4.add(3 * lda),
+        a8,
+        a8.add(lda),
+        a8.add(2 * lda),
+        a8.add(3 * lda),
+    ];
     for p in 0..kc {
         let b0 = _mm512_loadu_ps(b);
         let b1 = _mm512_loadu_ps(b.add(16));
         macro_rules! row {
             ($($i:literal)*) => {$(
-                let ai = _mm512_set1_ps(*a.add($i * lda + p));
+                let ai = _mm512_set1_ps(*rows[$i].add(p));
                 acc[$i][0] = _mm512_fmadd_ps(ai, b0, acc[$i][0]);
                 acc[$i][1] = _mm512_fmadd_ps(ai, b1, acc[$i][1]);
             )*};
@@ -358,13 +380,16 @@ mod tests {
             return;
         }
         // Edges in every dimension: m not a multiple of MR or of the row blocks, n not a
-        // multiple of NR (masked columns), k across several KC passes with a tail.
+        // multiple of NR (masked columns), k across several KC passes with a tail; k = 1024 and
+        // 2048 take the copied-slice path (rows 4 KiB apart).
         for (m, n, k, bias) in [
             (1, 1, 1, false),
             (13, 33, 7, true),
             (150, 70, 600, true),
             (300, 544, 300, false),
             (37, 1030, 256, true),
+            (30, 64, 1024, false),
+            (161, 96, 2048, true),
         ] {
             let x = test_noise(m * k, 1 + m as u64);
             let w = test_noise(n * k, 2 + n as u64);
