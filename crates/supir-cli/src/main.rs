@@ -47,21 +47,8 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // Keep freed activation buffers in the heap for reuse: by default glibc maps every block
-    // over 32 MiB afresh and gives it back on free, so each layer's output costs a round of
-    // page faults and zeroing (measured: 16% of a UNet step in the kernel). Nor does the heap
-    // shrink by itself when its free top grows (a trim threshold of -1 is SIZE_MAX: the UNet
-    // frees over 1 GiB at the end of each call, which a 1 GiB threshold handed back only to
-    // fault it in again on the next step). The library hands free pages back between phases
-    // (`supir::memory`). `SUPIR_MALLOC_DEFAULT=1` skips this.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("SUPIR_MALLOC_DEFAULT").is_none() {
-        // SAFETY: malloc tuning before any allocation-heavy work or thread starts.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
-        }
-    }
+    // Before any thread starts: keep freed activation buffers for reuse (`supir::memory`).
+    supir::memory::keep_freed_heap();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

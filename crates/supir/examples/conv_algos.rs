@@ -24,11 +24,7 @@ fn best_ms(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     // As the CLI: keep freed blocks, so per-call buffers do not page-fault every time.
-    // SAFETY: mallopt only tunes glibc's allocator.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
+    supir::memory::keep_freed_heap();
     let reps = std::env::args()
         .nth(1)
         .and_then(|r| r.parse().ok())

@@ -244,6 +244,8 @@ fn ops() -> Result<Vec<Op>> {
 }
 
 fn main() -> Result<()> {
+    // As the CLI: keep freed blocks, so per-call outputs do not page-fault every time.
+    supir::memory::keep_freed_heap();
     let args: Vec<String> = std::env::args().collect();
     let reps = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(5);
     let filter = args.get(2).cloned().unwrap_or_default();
