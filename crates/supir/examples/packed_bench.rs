@@ -5,19 +5,7 @@
 
 use std::time::Instant;
 
-use supir::kernels::{blas, packed::PackedWeight};
-
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use supir::kernels::{blas, packed::PackedWeight, test_noise as noise};
 
 fn best(reps: usize, mut f: impl FnMut()) -> f64 {
     f();

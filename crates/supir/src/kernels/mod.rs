@@ -65,9 +65,8 @@ impl SyncPtr {
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
-/// Deterministic values in [-1, 1) (xorshift), the kernels' test inputs.
-#[cfg(test)]
-pub(crate) fn test_noise(n: usize, seed: u64) -> Vec<f32> {
+/// Deterministic values in [-1, 1) (xorshift): the kernels' test and benchmark inputs.
+pub fn test_noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
