@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use ::supir::image_io::file;
-use ::supir::realesrgan::{ConvEngine, RealEsrgan, Tiling, SCALE};
+use ::supir::pipelines::realesrgan::{ConvEngine, RealEsrgan, Tiling, SCALE};
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};

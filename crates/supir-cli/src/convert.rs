@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use supir::realesrgan::{self, RrdbNetConfig};
+use supir::pipelines::realesrgan::{self, RrdbNetConfig};
 
 #[derive(Args)]
 pub struct ConvertArgs {

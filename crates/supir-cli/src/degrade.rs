@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use supir::degrade::{self, DegradeConfig};
+use supir::eval::degrade::{self, DegradeConfig};
 
 #[derive(clap::Args)]
 pub struct Args {

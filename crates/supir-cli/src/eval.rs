@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use image::RgbImage;
 use serde_json::{json, Value};
-use supir::metrics::{self, lpips::Lpips, MetricOptions};
+use supir::eval::metrics::{self, lpips::Lpips, MetricOptions};
 
 #[derive(clap::Args)]
 pub struct Args {

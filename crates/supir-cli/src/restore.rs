@@ -8,7 +8,7 @@ use candle_core::Device;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use supir::image_io::file;
-use supir::realesrgan::{AlphaUpscale, RealEsrgan, Tiling, UpscaleOptions};
+use supir::pipelines::realesrgan::{AlphaUpscale, RealEsrgan, Tiling, UpscaleOptions};
 
 use crate::restore_supir::{self, ModelSpec, SupirArgs};
 

@@ -1,5 +1,5 @@
 //! The SUPIR backend of `supir restore`: weight and config resolution, the official options under
-//! clear names (folded into `supir::restore::RestoreOptions`), progress, and the per-image loop.
+//! clear names (folded into `supir::pipelines::supir::restore::RestoreOptions`), progress, and the per-image loop.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,13 +9,13 @@ use candle_core::Device;
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use supir::color_fix::ColorFix;
-use supir::config::SupirConfig;
 use supir::image_io::file;
-use supir::restore::{
+use supir::models::supir_config::SupirConfig;
+use supir::models::tiled_vae::VaeTiling;
+use supir::pipelines::supir::restore::{
     Precision, Preset, Residency, RestoreOptions, Restorer, TileLayout, OFFICIAL_CONFIG,
 };
-use supir::sampler::SamplerKind;
-use supir::tiled_vae::VaeTiling;
+use supir::schedulers::sampler::SamplerKind;
 
 /// SDXL base and SUPIR file names of the official release (in a `--supir-models` folder).
 pub const SDXL_FILE: &str = "sd_xl_base_1.0_0.9vae.safetensors";

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use supir::degrade::Planes;
+use supir::eval::degrade::Planes;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("supir-degrade-cli-{tag}-{}", std::process::id()));

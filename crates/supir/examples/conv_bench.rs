@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Module, Tensor};
 use supir::kernels::winograd::{self, Input, Winograd3x3};
-use supir::realesrgan::PackedConvBench;
+use supir::pipelines::realesrgan::PackedConvBench;
 
 fn cpu_seconds() -> f64 {
     let mut ts = libc::timespec {

@@ -10,9 +10,9 @@ use std::io::Write;
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use supir::config::SupirConfig;
 use supir::inspect::FULL_SIZE_KEYS_TSV;
-use supir::model::SupirModel;
+use supir::models::supir_config::SupirConfig;
+use supir::pipelines::supir::model::SupirModel;
 
 fn rows() -> Vec<(String, Vec<usize>)> {
     FULL_SIZE_KEYS_TSV

@@ -1,37 +1,30 @@
-//! supir-rs: SUPIR generative-prior image restoration on candle.
+//! supir-rs: generative-prior image restoration (SUPIR, SeeSR) on candle.
 //!
-//! Modules follow the official code's pipeline: weights and config in, text conditioning
-//! (`tokenizer`, `clip`, `conditioner`), the degradation-robust VAE (`vae`), the adaptor
-//! (`control`) wired into the SDXL UNet (`unet`) through `zero_sft`, the discrete denoiser
-//! (`denoiser`), and image conversion (`image_io`, `color_fix`).
+//! Layout, after diffusers:
+//! - [`models`]: the networks, each built from its official config with weights under their
+//!   official names (UNet, GLVControl + ZeroSFT, VAE and tiled VAE, CLIP text encoders);
+//! - [`schedulers`]: noise schedules and samplers (SDXL's discrete EDM denoiser, SUPIR's
+//!   restoration-guided EDM / DPM++2M samplers, latent tiling);
+//! - [`pipelines`]: one folder per backend (SUPIR, Real-ESRGAN): model assembly, options,
+//!   presets and the restoration flow;
+//! - beside them: the compute layer ([`layers`], [`kernels`], [`memory`]), weight and image
+//!   I/O ([`weights`], [`inspect`], [`image_io`], [`tokenizer`]), shared post-processing
+//!   ([`color_fix`]), evaluation ([`eval`]: degradation synthesis, metrics) and golden-data
+//!   replay ([`parity`]).
 
-pub mod clip;
 pub mod color_fix;
-pub mod conditioner;
-pub mod config;
-pub mod control;
-pub mod degrade;
-pub mod denoiser;
 pub mod error;
-pub mod fixture;
+pub mod eval;
 pub mod image_io;
 pub mod inspect;
 pub mod kernels;
 pub mod layers;
 pub mod memory;
-pub mod metrics;
-pub mod model;
+pub mod models;
 pub mod parity;
-pub mod pipeline;
-pub mod realesrgan;
-pub mod restore;
-pub mod sampler;
-pub mod tiled_vae;
-pub mod tiling;
+pub mod pipelines;
+pub mod schedulers;
 pub mod tokenizer;
-pub mod unet;
-pub mod vae;
 pub mod weights;
-pub mod zero_sft;
 
 pub use error::{Error, Result};

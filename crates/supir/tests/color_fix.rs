@@ -8,7 +8,7 @@ use supir::color_fix::{
     adaptive_instance_normalization, apply, calc_mean_std, wavelet_blur, wavelet_decomposition,
     wavelet_reconstruction, ColorFix,
 };
-use supir::fixture::{max_abs_diff, Fixture};
+use supir::parity::fixture::{max_abs_diff, Fixture};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/supir-tiny")

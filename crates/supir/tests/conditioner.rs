@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use supir::clip::{ClipTextConfig, OpenClipTextConfig};
-use supir::conditioner::{Conditioner, SizeConditioning};
-use supir::config::SupirConfig;
-use supir::fixture::{max_abs_diff, Fixture};
+use supir::models::clip::{ClipTextConfig, OpenClipTextConfig};
+use supir::models::supir_config::SupirConfig;
+use supir::parity::fixture::{max_abs_diff, Fixture};
+use supir::pipelines::supir::conditioner::{Conditioner, SizeConditioning};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/supir-tiny")

@@ -1,4 +1,4 @@
-use supir::config::SupirConfig;
+use supir::models::supir_config::SupirConfig;
 
 fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use supir::denoiser::{DiscreteDenoiser, LegacyDdpm};
-use supir::fixture::{max_abs_diff, Fixture};
+use supir::parity::fixture::{max_abs_diff, Fixture};
+use supir::schedulers::denoiser::{DiscreteDenoiser, LegacyDdpm};
 
 fn fixture() -> Fixture {
     Fixture::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/supir-tiny")).unwrap()

@@ -4,9 +4,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use supir::config::SupirConfig;
 use supir::inspect::full_size_keys;
-use supir::model::SupirModel;
+use supir::models::supir_config::SupirConfig;
+use supir::pipelines::supir::model::SupirModel;
 use supir::weights::ShapeSource;
 
 #[test]

@@ -5,17 +5,17 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, GrayImage, Rgb, RgbImage, Rgba, RgbaImage};
-use supir::fixture::{max_abs_diff, Fixture};
 use supir::image_io::convert::{
     pil2tensor, pil2tensor_size, pil_bicubic_resize_rgb8, pil_bicubic_resize_u8, rgb8_to_tensor,
     tensor2pil, to_rgb8, torch_bicubic_resize, torch_bicubic_resize_f32,
 };
+use supir::parity::fixture::{max_abs_diff, Fixture};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/supir-tiny")
 }
 
-fn param_u32(case: &supir::fixture::Case, key: &str) -> u32 {
+fn param_u32(case: &supir::parity::fixture::Case, key: &str) -> u32 {
     case.params[key]
         .as_u64()
         .unwrap_or_else(|| panic!("param {key}")) as u32

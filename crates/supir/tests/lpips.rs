@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use image::RgbImage;
-use supir::metrics::lpips::Lpips;
-use supir::metrics::torch_legacy::LegacyPth;
+use supir::eval::metrics::lpips::Lpips;
+use supir::eval::metrics::torch_legacy::LegacyPth;
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/metrics")

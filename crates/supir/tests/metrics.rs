@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
-use supir::metrics::{psnr, rgb_to_y, ssim, MetricOptions};
+use supir::eval::metrics::{psnr, rgb_to_y, ssim, MetricOptions};
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/metrics")

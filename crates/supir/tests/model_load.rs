@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use supir::config::SupirConfig;
-use supir::model::{DTypes, SupirModel};
+use supir::models::supir_config::SupirConfig;
+use supir::pipelines::supir::model::{DTypes, SupirModel};
 
 #[test]
 fn missing_and_misshapen_weights_are_clear_errors() {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
-use supir::metrics::niqe;
+use supir::eval::metrics::niqe;
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/metrics")

@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use supir::config::SupirConfig;
-use supir::fixture::{max_abs_diff, Fixture};
-use supir::model::SupirModel;
+use supir::models::supir_config::SupirConfig;
 use supir::parity;
-use supir::pipeline::{batchify_sample, sampler_from_config, BatchifyArgs};
-use supir::sampler::{SamplerKind, SeededNoise};
+use supir::parity::fixture::{max_abs_diff, Fixture};
+use supir::pipelines::supir::flow::{batchify_sample, sampler_from_config, BatchifyArgs};
+use supir::pipelines::supir::model::SupirModel;
+use supir::schedulers::sampler::{SamplerKind, SeededNoise};
 
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/supir-tiny")

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use supir::config::SupirConfig;
-use supir::model::SupirModel;
+use supir::models::supir_config::SupirConfig;
+use supir::pipelines::supir::model::SupirModel;
 use supir::weights::{Checkpoint, RandomSource};
 
 fn stats(t: &Tensor) -> (f32, f32) {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, GenericImageView, ImageBuffer, Rgba};
 use supir::image_io::file;
-use supir::realesrgan::{AlphaUpscale, ConvEngine, RealEsrgan, Tiling, UpscaleOptions};
+use supir::pipelines::realesrgan::{AlphaUpscale, ConvEngine, RealEsrgan, Tiling, UpscaleOptions};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

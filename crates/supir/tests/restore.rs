@@ -1,4 +1,4 @@
-//! The end-to-end restore path (`supir::restore`) on the tiny fixture model: it adds nothing to
+//! The end-to-end restore path (`supir::pipelines::supir::restore`) on the tiny fixture model: it adds nothing to
 //! `batchify_sample`, the tiled VAE agrees with the whole-image VAE, and f16 / bf16 stay close to
 //! the f32 golden outputs.
 
@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module};
 use supir::color_fix::ColorFix;
-use supir::config::SupirConfig;
-use supir::fixture::{max_abs_diff, Case, Fixture};
-use supir::model::{DTypes, SupirModel};
-use supir::pipeline::batchify_sample;
-use supir::restore::{Residency, RestoreOptions, Restorer};
-use supir::sampler::{ReplayNoise, SamplerKind};
-use supir::tiled_vae::VaeTiling;
+use supir::models::supir_config::SupirConfig;
+use supir::models::tiled_vae::VaeTiling;
+use supir::parity::fixture::{max_abs_diff, Case, Fixture};
+use supir::pipelines::supir::flow::batchify_sample;
+use supir::pipelines::supir::model::{DTypes, SupirModel};
+use supir::pipelines::supir::restore::{Residency, RestoreOptions, Restorer};
+use supir::schedulers::sampler::{ReplayNoise, SamplerKind};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/supir-tiny")
@@ -229,14 +229,14 @@ fn tiled_vae_matches_the_official_tilevae() {
         vae.denoise_encoder.as_ref().unwrap().forward(x).unwrap(),
         vae.decoder.forward(z).unwrap(),
     );
-    let enc = supir::tiled_vae::encode(&vae.encoder, x, tiling.encoder_tile).unwrap();
-    let denc = supir::tiled_vae::encode(
+    let enc = supir::models::tiled_vae::encode(&vae.encoder, x, tiling.encoder_tile).unwrap();
+    let denc = supir::models::tiled_vae::encode(
         vae.denoise_encoder.as_ref().unwrap(),
         x,
         tiling.encoder_tile,
     )
     .unwrap();
-    let dec = supir::tiled_vae::decode(&vae.decoder, z, tiling.decoder_tile).unwrap();
+    let dec = supir::models::tiled_vae::decode(&vae.decoder, z, tiling.decoder_tile).unwrap();
     for (name, ours, whole) in [
         ("encoder", &enc, &whole.0),
         ("denoise_encoder", &denc, &whole.1),

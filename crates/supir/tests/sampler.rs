@@ -5,13 +5,13 @@
 use std::cell::RefCell;
 
 use candle_core::{Device, Tensor};
-use supir::denoiser::LegacyDdpm;
-use supir::sampler::{
+use supir::schedulers::denoiser::LegacyDdpm;
+use supir::schedulers::sampler::{
     churn_gamma, karras_sigmas, linear_control_scale, restoration_active, restoration_weight,
     DrawKind, LinearCfg, NoiseSource, ReplayNoise, Sampler, SamplerKind, SamplerOptions,
     SeededNoise, SIGMA_MAX,
 };
-use supir::tiling::{gaussian_profile, gaussian_weights, sliding_windows, TileWindow};
+use supir::schedulers::tiling::{gaussian_profile, gaussian_weights, sliding_windows, TileWindow};
 
 type R<T> = anyhow::Result<T>;
 

@@ -5,13 +5,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use supir::config::SupirConfig;
-use supir::fixture::{max_abs_diff, Fixture};
-use supir::model::SupirModel;
-use supir::pipeline::{sample_latent_with, PromptConditioning};
-use supir::restore::{RestoreOptions, Restorer};
-use supir::sampler::{SamplerKind, SeededNoise};
-use supir::tiling::TileWindow;
+use supir::models::supir_config::SupirConfig;
+use supir::parity::fixture::{max_abs_diff, Fixture};
+use supir::pipelines::supir::flow::{sample_latent_with, PromptConditioning};
+use supir::pipelines::supir::model::SupirModel;
+use supir::pipelines::supir::restore::{RestoreOptions, Restorer};
+use supir::schedulers::sampler::{SamplerKind, SeededNoise};
+use supir::schedulers::tiling::TileWindow;
 use supir::Error;
 
 fn restorer() -> Restorer {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use supir::fixture::Fixture;
+use supir::parity::fixture::Fixture;
 use supir::tokenizer::{Tokenizer, CONTEXT_LENGTH, END_OF_TEXT};
 
 fn fixture_dir() -> std::path::PathBuf {

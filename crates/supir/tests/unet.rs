@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use supir::config::SupirConfig;
-use supir::control::GLVControl;
-use supir::fixture::{max_abs_diff, Fixture};
 use supir::inspect::full_size_keys;
-use supir::unet::LightGLVUNet;
+use supir::models::glv_control::GLVControl;
+use supir::models::supir_config::SupirConfig;
+use supir::models::unet::LightGLVUNet;
+use supir::parity::fixture::{max_abs_diff, Fixture};
 use supir::weights::ShapeSource;
 
 fn fixtures() -> PathBuf {

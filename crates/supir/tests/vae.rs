@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use supir::config::SupirConfig;
-use supir::fixture::{max_abs_diff, Case, Fixture};
 use supir::inspect::full_size_keys;
-use supir::vae::{AutoencoderKL, DiagonalGaussian};
+use supir::models::supir_config::SupirConfig;
+use supir::models::vae::{AutoencoderKL, DiagonalGaussian};
+use supir::parity::fixture::{max_abs_diff, Case, Fixture};
 use supir::weights::ShapeSource;
 
 fn fixtures() -> PathBuf {

@@ -25,12 +25,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use supir::conditioner::Conditioner;
-use supir::config::SupirConfig;
-use supir::control::GLVControl;
 use supir::memory::peak_rss_gib;
-use supir::unet::LightGLVUNet;
-use supir::vae::AutoencoderKL;
+use supir::models::glv_control::GLVControl;
+use supir::models::supir_config::SupirConfig;
+use supir::models::unet::LightGLVUNet;
+use supir::models::vae::AutoencoderKL;
+use supir::pipelines::supir::conditioner::Conditioner;
 use supir::weights::{Checkpoint, RandomSource, WeightSource};
 
 /// The official `options/SUPIR_v0.yaml`, used when no `--config` is given.

@@ -1,0 +1,344 @@
+//! Tiled VAE encoder / decoder: the algorithm of `SUPIR/utils/tilevae.py` (`VAEHook`, installed
+//! by `SUPIRModel.init_tile_vae`), so large images fit in memory.
+//!
+//! - The input is cut into a grid of tiles (`split_tiles`): `tile` pixels (encoder, image space)
+//!   or latent pixels (decoder) each, shrunk to share the image evenly, each read with `pad`
+//!   extra pixels of context (32 for the encoders, 11 for the decoder).
+//! - Every layer runs tile by tile, except GroupNorm: its statistics are gathered over all tiles
+//!   first (per tile mean and biased variance per group, averaged with weights proportional to the
+//!   tile's pixel count, padding included) and every tile is normalised with them. This is what
+//!   makes the seams invisible; it is not exactly the whole image's statistics (the variance
+//!   average leaves out the spread of the tile means, and the padding is counted twice).
+//! - The mid-block self-attention runs within each tile (global statistics for its norm).
+//! - Each output tile is cropped to its share of the output and written in place.
+//!
+//! An input whose long side is at most `tile + 2 * pad` runs untiled, as in the official hook.
+//! The official code runs tiles one after another up to each GroupNorm; here all tiles advance
+//! together layer by layer: the same arithmetic, and peak memory bounded by the tile size for
+//! everything but the tiles' activations themselves (which the official code keeps on the host).
+
+use candle_core::{DType, Module, Result, Tensor};
+
+use crate::models::vae::{AttnBlock, Decoder, Encoder, Norm, ResnetBlock};
+
+/// Context around each encoder tile (image pixels) and decoder tile (latent pixels).
+pub const ENCODER_PAD: usize = 32;
+pub const DECODER_PAD: usize = 11;
+
+/// Tile sizes of the tiled VAE (`init_tile_vae(encoder_tile_size, decoder_tile_size)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VaeTiling {
+    /// Encoder tile side in image pixels (official default 512).
+    pub encoder_tile: usize,
+    /// Decoder tile side in latent pixels (official default 64).
+    pub decoder_tile: usize,
+}
+
+impl Default for VaeTiling {
+    fn default() -> Self {
+        Self {
+            encoder_tile: 512,
+            decoder_tile: 64,
+        }
+    }
+}
+
+/// One tile: the input rows/columns it reads (with context) and the output region it fills,
+/// `[x0, x1, y0, y1]` as in the official bboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileBox {
+    pub input: [usize; 4],
+    pub output: [usize; 4],
+}
+
+/// `VAEHook.get_best_tile_size`: rounds `lower` up to a multiple of 32, 16, ... 2 that does not
+/// exceed `upper` (Python's floor modulo on possibly negative sizes).
+fn best_tile_size(lower: i64, upper: i64) -> i64 {
+    let mut divider = 32;
+    while divider >= 2 {
+        let rem = lower.rem_euclid(divider);
+        if rem == 0 {
+            return lower;
+        }
+        let candidate = lower - rem + divider;
+        if candidate <= upper {
+            return candidate;
+        }
+        divider /= 2;
+    }
+    lower
+}
+
+/// `VAEHook.split_tiles(h, w)` for an input of `h x w`; `scale` maps input to output pixels
+/// (`up` for the decoder: times, else divided by).
+pub fn split_tiles(
+    h: usize,
+    w: usize,
+    tile: usize,
+    pad: usize,
+    scale: usize,
+    up: bool,
+) -> Vec<TileBox> {
+    let (hi, wi, t, p) = (h as i64, w as i64, tile as i64, pad as i64);
+    let count = |len: i64| (((len - 2 * p) as f64 / t as f64).ceil() as i64).max(1);
+    let (nh, nw) = (count(hi), count(wi));
+    let real =
+        |len: i64, n: i64| best_tile_size(((len - 2 * p) as f64 / n as f64).ceil() as i64, t);
+    let (th, tw) = (real(hi, nh), real(wi, nw));
+    let sc = |v: i64| -> usize {
+        let v = v.max(0) as usize;
+        if up {
+            v * scale
+        } else {
+            v / scale
+        }
+    };
+    let mut out = Vec::new();
+    for i in 0..nh {
+        for j in 0..nw {
+            let ib = [
+                p + j * tw,
+                (p + (j + 1) * tw).min(wi),
+                p + i * th,
+                (p + (i + 1) * th).min(hi),
+            ];
+            let ob = [
+                if ib[0] > p { ib[0] } else { 0 },
+                if ib[1] < wi - p { ib[1] } else { wi },
+                if ib[2] > p { ib[2] } else { 0 },
+                if ib[3] < hi - p { ib[3] } else { hi },
+            ];
+            let padded = [
+                (ib[0] - p).max(0),
+                (ib[1] + p).min(wi),
+                (ib[2] - p).max(0),
+                (ib[3] + p).min(hi),
+            ];
+            out.push(TileBox {
+                input: padded.map(|v| v.max(0) as usize),
+                output: ob.map(sc),
+            });
+        }
+    }
+    out
+}
+
+/// Applies `f` to every tile, consuming them: each input tile is freed as soon as its result
+/// exists, so a layer holds one set of tiles plus one tile (not two sets).
+fn each(xs: Vec<Tensor>, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+    xs.into_iter().map(|x| f(&x)).collect()
+}
+
+/// `GroupNormParam`: GroupNorm of every tile with the pixel-weighted average of the tiles'
+/// per-group means and biased variances (`get_var_mean`, `summary`, `custom_group_norm`),
+/// computed in F32; the result keeps each tile's dtype. `silu` applies the SiLU that follows
+/// every such norm in the VAE. Consumes the tiles (see [`each`]).
+fn group_norm_tiles(norm: &Norm, xs: Vec<Tensor>, silu: bool) -> Result<Vec<Tensor>> {
+    let g = norm.groups;
+    let mut means = Vec::with_capacity(xs.len());
+    let mut vars = Vec::with_capacity(xs.len());
+    let mut pixels = Vec::with_capacity(xs.len());
+    for x in &xs {
+        let (b, c, h, w) = x.dims4()?;
+        let v = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
+        let mean = v.mean_keepdim(2)?;
+        let var = v.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?;
+        means.push(mean);
+        vars.push(var);
+        pixels.push((h * w) as f64);
+    }
+    let total: f64 = pixels.iter().sum();
+    let mut mean = (&means[0] * (pixels[0] / total))?;
+    let mut var = (&vars[0] * (pixels[0] / total))?;
+    for i in 1..xs.len() {
+        mean = (mean + (&means[i] * (pixels[i] / total))?)?;
+        var = (var + (&vars[i] * (pixels[i] / total))?)?;
+    }
+    let inv_std = (var + norm.eps)?.sqrt()?.recip()?;
+    each(xs, |x| norm.forward_with_stats(x, &mean, &inv_std, silu))
+}
+
+/// `resblock2task`: shortcut, norm1 (all tiles), SiLU, conv1, norm2 (all tiles), SiLU, conv2, add.
+fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let res = match &block.nin_shortcut {
+        Some(s) => xs
+            .iter()
+            .map(|x| s.forward(x))
+            .collect::<Result<Vec<_>>>()?,
+        None => xs.clone(),
+    };
+    let h = group_norm_tiles(&block.norm1, xs, true)?;
+    let h = each(h, |x| block.conv1.forward(x))?;
+    let h = group_norm_tiles(&block.norm2, h, true)?;
+    let h = each(h, |x| block.conv2.forward(x))?;
+    res.into_iter().zip(h).map(|(r, h)| r + h).collect()
+}
+
+/// `attn2task`: norm (all tiles), attention within each tile, add.
+fn attn_tiles(attn: &AttnBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let h = group_norm_tiles(&attn.norm, xs.clone(), false)?;
+    xs.into_iter()
+        .zip(h)
+        .map(|(x, h)| x + attn.attend(&h)?)
+        .collect()
+}
+
+fn mid_tiles(mid: &crate::models::vae::Mid, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let mut xs = resblock_tiles(&mid.block_1, xs)?;
+    if let Some(a) = &mid.attn_1 {
+        xs = attn_tiles(a, xs)?;
+    }
+    resblock_tiles(&mid.block_2, xs)
+}
+
+fn level_tiles<R: Module>(
+    level: &crate::models::vae::Level<R>,
+    mut xs: Vec<Tensor>,
+) -> Result<Vec<Tensor>> {
+    for (i, block) in level.blocks.iter().enumerate() {
+        xs = resblock_tiles(block, xs)?;
+        if let Some(a) = level.attns.get(i) {
+            xs = attn_tiles(a, xs)?;
+        }
+    }
+    match &level.resample {
+        Some(r) => each(xs, |x| r.forward(x)),
+        None => Ok(xs),
+    }
+}
+
+/// Cuts `x` into tiles, runs `net` over them, and assembles the output.
+fn run_tiled(
+    x: &Tensor,
+    tile: usize,
+    pad: usize,
+    scale: usize,
+    up: bool,
+    net: impl FnOnce(Vec<Tensor>) -> Result<Vec<Tensor>>,
+) -> Result<Tensor> {
+    let (b, _, h, w) = x.dims4()?;
+    let boxes = split_tiles(h, w, tile, pad, scale, up);
+    tracing::debug!(
+        "tiled VAE: {}x{} input, {} tiles of {} (+{} context)",
+        w,
+        h,
+        boxes.len(),
+        tile,
+        pad
+    );
+    let tiles = boxes
+        .iter()
+        .map(|bx| {
+            let [x0, x1, y0, y1] = bx.input;
+            x.narrow(2, y0, y1 - y0)?.narrow(3, x0, x1 - x0)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let outs = net(tiles)?;
+    let (oh, ow) = if up {
+        (h * scale, w * scale)
+    } else {
+        (h / scale, w / scale)
+    };
+    let c = outs[0].dim(1)?;
+    let mut result = Tensor::zeros((b, c, oh, ow), outs[0].dtype(), x.device())?;
+    for (bx, t) in boxes.iter().zip(&outs) {
+        // `crop_valid_region`: the output region relative to the padded input's image.
+        let padded = bx.input.map(|v| if up { v * scale } else { v / scale });
+        let [ox0, ox1, oy0, oy1] = bx.output;
+        if ox1 <= ox0 || oy1 <= oy0 {
+            continue;
+        }
+        let crop =
+            t.narrow(2, oy0 - padded[2], oy1 - oy0)?
+                .narrow(3, ox0 - padded[0], ox1 - ox0)?;
+        result = result.slice_assign(&[0..b, 0..c, oy0..oy1, ox0..ox1], &crop)?;
+    }
+    Ok(result)
+}
+
+/// The encoder's factor (`2^(levels - 1)`).
+fn factor(levels: usize) -> usize {
+    1 << levels.saturating_sub(1)
+}
+
+/// `VAEHook` on an encoder: `[B, C, H, W] -> [B, 2z, H/f, W/f]`, tiled when the long side
+/// exceeds `tile + 2 * 32`.
+pub fn encode(enc: &Encoder, x: &Tensor, tile: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if tile == 0 || h.max(w) <= tile + 2 * ENCODER_PAD {
+        return enc.forward(x);
+    }
+    let f = factor(enc.down.len());
+    run_tiled(x, tile, ENCODER_PAD, f, false, |xs| {
+        let mut xs = each(xs, |t| enc.conv_in.forward(t))?;
+        for level in &enc.down {
+            xs = level_tiles(level, xs)?;
+        }
+        let xs = mid_tiles(&enc.mid, xs)?;
+        let xs = group_norm_tiles(&enc.norm_out, xs, true)?;
+        each(xs, |t| enc.conv_out.forward(t))
+    })
+}
+
+/// `VAEHook` on the decoder: `[B, z, h, w] -> [B, C, h*f, w*f]`, tiled when the long side
+/// exceeds `tile + 2 * 11` latent pixels.
+pub fn decode(dec: &Decoder, z: &Tensor, tile: usize) -> Result<Tensor> {
+    let (_, _, h, w) = z.dims4()?;
+    if tile == 0 || h.max(w) <= tile + 2 * DECODER_PAD {
+        return dec.forward(z);
+    }
+    let f = factor(dec.up.len());
+    run_tiled(z, tile, DECODER_PAD, f, true, |xs| {
+        let xs = each(xs, |t| dec.conv_in.forward(t))?;
+        let mut xs = mid_tiles(&dec.mid, xs)?;
+        for level in dec.up.iter().rev() {
+            xs = level_tiles(level, xs)?;
+        }
+        let xs = group_norm_tiles(&dec.norm_out, xs, true)?;
+        each(xs, |t| dec.conv_out.forward(t))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers_the_output_once() {
+        for &(h, w, tile, pad, scale, up) in &[
+            (1024usize, 1536usize, 512usize, 32usize, 8usize, false),
+            (200, 72, 64, 11, 8, true),
+            (40, 300, 64, 11, 8, true),
+            (128, 128, 32, 32, 8, false),
+        ] {
+            let boxes = split_tiles(h, w, tile, pad, scale, up);
+            let (oh, ow) = if up {
+                (h * scale, w * scale)
+            } else {
+                (h / scale, w / scale)
+            };
+            let mut cover = vec![0u8; oh * ow];
+            for b in &boxes {
+                let [x0, x1, y0, y1] = b.output;
+                for y in y0..y1 {
+                    for x in x0..x1 {
+                        cover[y * ow + x] += 1;
+                    }
+                }
+                assert!(b.input[1] <= w && b.input[3] <= h, "{b:?}");
+            }
+            assert!(
+                cover.iter().all(|&c| c == 1),
+                "{h}x{w} tile {tile}: {boxes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn best_tile_size_rounds_like_the_official_helper() {
+        assert_eq!(best_tile_size(480, 512), 480);
+        assert_eq!(best_tile_size(481, 512), 512);
+        assert_eq!(best_tile_size(500, 500), 500);
+        assert_eq!(best_tile_size(-24, 64), 0);
+    }
+}

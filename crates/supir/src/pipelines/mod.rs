@@ -1,0 +1,4 @@
+//! One folder per restoration backend: model assembly, typed options, presets and the flow.
+
+pub mod realesrgan;
+pub mod supir;
