@@ -185,3 +185,37 @@ pub fn adaptive_instance_normalization(content: &Tensor, style: &Tensor) -> Resu
         .broadcast_mul(&style_std)?
         .broadcast_add(&style_mean)?)
 }
+
+/// SeeSR's `wavelet_color_fix` / `adain_color_fix` (`utils/wavelet_color_fix.py`) on 8-bit images:
+/// `ToTensor` (u8 / 255), the fix, clamp to [0, 1], `ToPILImage` (x 255, truncated, not rounded).
+/// `target` (the restored image) and `source` (the reference) are `[H, W, 3]` u8; returns the
+/// clamped float image `[1, 3, H, W]` and the u8 image `[H, W, 3]`.
+pub fn apply_u8_truncating(
+    fix: ColorFix,
+    target: &Tensor,
+    source: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let to_float = |t: &Tensor, what: &str| -> Result<Tensor> {
+        if t.rank() != 3 || t.dim(2)? != 3 || t.dtype() != DType::U8 {
+            return Err(Error::Option(format!(
+                "colour fix: {what} must be an [H, W, 3] u8 image, got {:?} {:?}",
+                t.dims(),
+                t.dtype()
+            )));
+        }
+        let x = t.permute((2, 0, 1))?.unsqueeze(0)?.to_dtype(DType::F32)?;
+        // True division, as ToTensor's `div(255)`.
+        let d = Tensor::new(255f32, t.device())?;
+        Ok(x.broadcast_div(&d)?)
+    };
+    let content = to_float(target, "target")?;
+    let style = to_float(source, "source")?;
+    let out = apply(fix, &content, &style)?.clamp(0f32, 1f32)?;
+    let u8 = (&out * 255.0)?
+        .floor()?
+        .to_dtype(DType::U8)?
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .contiguous()?;
+    Ok((out, u8))
+}
