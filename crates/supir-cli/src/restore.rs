@@ -133,7 +133,7 @@ fn plan(input: &Path, output: &Path) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> 
         .collect())
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,

@@ -17,6 +17,8 @@ use supir::pipelines::supir::restore::{
 };
 use supir::schedulers::sampler::SamplerKind;
 
+use crate::restore::same_file;
+
 /// SDXL base and SUPIR file names of the official release (in a `--supir-models` folder).
 pub const SDXL_FILE: &str = "sd_xl_base_1.0_0.9vae.safetensors";
 pub const SUPIR_Q_FILE: &str = "SUPIR-v0Q.ckpt";
@@ -47,13 +49,13 @@ pub struct SupirArgs {
 
     /// Official parameter set; the options below override it.
     #[arg(long, value_enum, default_value_t = PresetArg::Default, help_heading = "SUPIR sampling")]
-    preset: PresetArg,
+    pub(crate) preset: PresetArg,
     /// Sampling steps [default: 50; lightning 8].
     #[arg(long, help_heading = "SUPIR sampling")]
-    steps: Option<usize>,
+    pub(crate) steps: Option<usize>,
     /// Text guidance (CFG) scale at the end of sampling [quality 7.5, fidelity/default 4].
     #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
-    cfg: Option<f64>,
+    pub(crate) cfg: Option<f64>,
     /// CFG scale at the start, when the CFG ramps linearly [quality 4, fidelity/default 1].
     #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
     cfg_start: Option<f64>,
@@ -80,16 +82,16 @@ pub struct SupirArgs {
     s_noise: Option<f64>,
     /// Colour fix against the stage-1 image [default: wavelet].
     #[arg(long, value_enum, help_heading = "SUPIR sampling")]
-    color_fix: Option<ColorFixArg>,
+    pub(crate) color_fix: Option<ColorFixArg>,
     /// Seed of every random draw; -1 picks one at random [default: 1234].
     #[arg(long, allow_negative_numbers = true, help_heading = "SUPIR sampling")]
-    seed: Option<i64>,
+    pub(crate) seed: Option<i64>,
     /// Samples per image; with more than one, outputs are named `<name>_<i>.<ext>` [default: 1].
     #[arg(long, help_heading = "SUPIR sampling")]
-    samples: Option<usize>,
+    pub(crate) samples: Option<usize>,
     /// Description of the image, put before the positive prompt (the official code asks LLaVA).
     #[arg(long, help_heading = "SUPIR sampling")]
-    caption: Option<String>,
+    pub(crate) caption: Option<String>,
     /// Per-tile captions (the official local prompts), for the tiled samplers: tile j (in
     /// `--list-tiles` order) gets caption j + the positive prompt, instead of --caption. FILE holds
     /// one caption per line (blank lines skipped) or a JSON array of strings; one per tile. One
@@ -105,7 +107,7 @@ pub struct SupirArgs {
     positive_prompt: Option<String>,
     /// Negative prompt [default: the official one].
     #[arg(long, help_heading = "SUPIR sampling")]
-    negative_prompt: Option<String>,
+    pub(crate) negative_prompt: Option<String>,
     /// Sampler [default: the model config's; lightning presets: dpmpp2m].
     #[arg(long, value_enum, help_heading = "SUPIR sampling")]
     sampler: Option<SamplerArg>,
@@ -122,7 +124,7 @@ pub struct SupirArgs {
         allow_negative_numbers = true,
         help_heading = "SUPIR size and memory"
     )]
-    upscale: Option<f64>,
+    pub(crate) upscale: Option<f64>,
     /// The short side is processed at no less than this many pixels [default: 1024].
     #[arg(long, help_heading = "SUPIR size and memory")]
     min_size: Option<u32>,
@@ -131,17 +133,17 @@ pub struct SupirArgs {
     vae_tiles: bool,
     /// Tiled VAE encoder tile, image pixels (implies --vae-tiles) [default: 512].
     #[arg(long, help_heading = "SUPIR size and memory")]
-    encoder_tile: Option<usize>,
+    pub(crate) encoder_tile: Option<usize>,
     /// Tiled VAE decoder tile, latent pixels (implies --vae-tiles) [default: 64].
     #[arg(long, help_heading = "SUPIR size and memory")]
-    decoder_tile: Option<usize>,
+    pub(crate) decoder_tile: Option<usize>,
     /// Precision of control + UNet weights: fp32, fp16 or bf16 (on the CPU half-precision
     /// weights halve the memory and every layer computes in f32) [default: fp32].
     #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
-    diffusion_dtype: Option<PrecisionArg>,
+    pub(crate) diffusion_dtype: Option<PrecisionArg>,
     /// Precision of the VAE and text encoder weights: fp32 or bf16 [default: fp32].
     #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
-    vae_dtype: Option<PrecisionArg>,
+    pub(crate) vae_dtype: Option<PrecisionArg>,
     /// `staged`: GLVControl + UNet are read for sampling only and freed while the VAE runs
     /// (lowest peak; a folder reads them again for each image). `resident`: everything stays
     /// loaded (no re-reading, higher peak).
@@ -160,7 +162,7 @@ enum Variant {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum PresetArg {
+pub(crate) enum PresetArg {
     /// test.py: 50 steps, cfg 4 from 1, s_noise 1.01.
     Default,
     /// Gradio "Quality": cfg 7.5 from 4.
@@ -171,10 +173,12 @@ enum PresetArg {
     Lightning,
     /// Lightning config "Fidelity": DPM++2M, 8 steps, cfg 1.5.
     LightningFidelity,
+    /// SeeSR's test_seesr_turbo.py: the sd-turbo base, 2 steps, guidance 1.
+    Turbo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ColorFixArg {
+pub(crate) enum ColorFixArg {
     None,
     Wavelet,
     Adain,
@@ -193,7 +197,7 @@ enum SamplerArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum PrecisionArg {
+pub(crate) enum PrecisionArg {
     Fp32,
     Fp16,
     Bf16,
@@ -233,6 +237,7 @@ impl SupirArgs {
             PresetArg::Fidelity => Preset::Fidelity,
             PresetArg::Lightning => Preset::Lightning,
             PresetArg::LightningFidelity => Preset::LightningFidelity,
+            PresetArg::Turbo => bail!("--preset turbo is a SeeSR preset (use --backend seesr)"),
         };
         let mut o = RestoreOptions::preset(preset);
         macro_rules! set {
@@ -266,19 +271,7 @@ impl SupirArgs {
             };
         }
         if let Some(s) = self.seed {
-            o.seed = match s {
-                -1 => {
-                    let t = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_nanos() as u64)
-                        .unwrap_or(0);
-                    let seed = t % 65536;
-                    eprintln!("seed: {seed}");
-                    seed
-                }
-                s if s >= 0 => s as u64,
-                s => bail!("--seed {s}: must be >= 0, or -1 for a random seed"),
-            };
+            o.seed = seed_arg(s)?;
         }
         if let Some(s) = self.sampler {
             o.sampler = Some(match s {
@@ -309,6 +302,23 @@ impl SupirArgs {
         }
         o.validate()?;
         Ok(o)
+    }
+}
+
+/// A `--seed` value: itself when >= 0, a random one (printed) for -1.
+pub(crate) fn seed_arg(s: i64) -> anyhow::Result<u64> {
+    match s {
+        -1 => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            let seed = t % 65536;
+            eprintln!("seed: {seed}");
+            Ok(seed)
+        }
+        s if s >= 0 => Ok(s as u64),
+        s => bail!("--seed {s}: must be >= 0, or -1 for a random seed"),
     }
 }
 
@@ -588,13 +598,6 @@ pub fn sample_outputs(output: &Path, samples: usize) -> Vec<PathBuf> {
     (0..samples)
         .map(|i| output.with_file_name(format!("{stem}_{i}{ext}")))
         .collect()
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
 }
 
 /// Runs SUPIR over `jobs` (`(input, output)` pairs, already checked).

@@ -202,6 +202,37 @@ pub fn to_rgb8(img: &DynamicImage) -> RgbImage {
     }
 }
 
+/// PIL's `Image.convert("RGB")` as SeeSR's `test_seesr.py` applies it: alpha is dropped (not
+/// flattened), grey replicated, 16-bit samples keep their high byte.
+pub fn pil_convert_rgb8(img: &DynamicImage) -> RgbImage {
+    let drop_alpha = |w: u32, h: u32, raw: &[u8], stride: usize, colors: usize| {
+        let rgb: Vec<u8> = raw
+            .chunks_exact(stride)
+            .flat_map(|px| {
+                if colors == 1 {
+                    [px[0], px[0], px[0]]
+                } else {
+                    [px[0], px[1], px[2]]
+                }
+            })
+            .collect();
+        RgbImage::from_raw(w, h, rgb).unwrap_or_default()
+    };
+    let high = |raw: &[u16]| -> Vec<u8> { raw.iter().map(|&v| (v >> 8) as u8).collect() };
+    match img {
+        DynamicImage::ImageRgba8(im) => drop_alpha(im.width(), im.height(), im.as_raw(), 4, 3),
+        DynamicImage::ImageLumaA8(im) => drop_alpha(im.width(), im.height(), im.as_raw(), 2, 1),
+        DynamicImage::ImageRgba16(im) => {
+            drop_alpha(im.width(), im.height(), &high(im.as_raw()), 4, 3)
+        }
+        DynamicImage::ImageLumaA16(im) => {
+            drop_alpha(im.width(), im.height(), &high(im.as_raw()), 2, 1)
+        }
+        DynamicImage::ImageRgba32F(_) => img.to_rgb8(),
+        other => to_rgb8(other),
+    }
+}
+
 fn gray8_to_rgb8(width: u32, height: u32, raw: &[u8]) -> RgbImage {
     let rgb: Vec<u8> = raw.iter().flat_map(|&v| [v, v, v]).collect();
     RgbImage::from_raw(width, height, rgb).unwrap_or_default()
