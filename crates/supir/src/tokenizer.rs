@@ -277,7 +277,10 @@ impl Tokenizer {
                     names.insert(key, vec![t]);
                 }
             }
-            if let Some(list) = v.get("additional_special_tokens").and_then(|l| l.as_array()) {
+            if let Some(list) = v
+                .get("additional_special_tokens")
+                .and_then(|l| l.as_array())
+            {
                 names.insert(
                     "additional_special_tokens",
                     list.iter().filter_map(content).collect(),
@@ -793,5 +796,40 @@ mod tests {
         assert_eq!(clean("<b>&amp;</b>", Cleaning::HfClip), "<b>&amp;</b>");
         assert_eq!(clean("<b>&amp;</b>", Cleaning::OpenClip), "<b>&</b>");
         assert_eq!(clean("e\u{301}", Cleaning::HfClip), "\u{e9}");
+    }
+
+    #[test]
+    fn bert_basic_cleaning() {
+        // transformers' BasicTokenizer examples.
+        assert_eq!(
+            basic_clean(" \tHeLLo!how  \n Are yoU?  "),
+            "hello ! how are you ?"
+        );
+        assert_eq!(basic_clean("H\u{e9}llo"), "hello");
+        assert_eq!(
+            basic_clean("ah\u{535a}\u{63a8}zz"),
+            "ah \u{535a} \u{63a8} zz"
+        );
+        // Controls (Cc, Cf) and unassigned code points (Cn) are dropped, U+3000 (Zs) is a space.
+        assert_eq!(basic_clean("a\u{7}b\u{200b}c\u{378}d\u{3000}e"), "abcd e");
+        // Non-ASCII punctuation splits; symbols (So, No) do not.
+        assert_eq!(
+            basic_clean("x\u{2014}y \u{bd}\u{1f431}z"),
+            "x \u{2014} y \u{bd}\u{1f431}z"
+        );
+    }
+
+    #[test]
+    fn special_tokens_split_leftmost_longest() {
+        let special = vec![("!".to_string(), 0), ("<|endoftext|>".to_string(), 49407)];
+        let pieces = split_special("a!!b<|endoftext|>", &special);
+        let got: Vec<String> = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Special(id) => format!("#{id}"),
+                Piece::Text(t) => t.to_string(),
+            })
+            .collect();
+        assert_eq!(got, ["a", "#0", "#0", "b", "#49407"]);
     }
 }

@@ -70,15 +70,42 @@ fn vae_cases_pass() {
     );
 }
 
+/// The tiled cases tile: the whole-image VAE misses their golden outputs.
+#[test]
+fn tiled_cases_differ_from_the_whole_image_vae() {
+    let fx = supir::parity::fixture::Fixture::load(fixture()).unwrap();
+    let (cfg, tensors) = fixture_vae();
+    let vae = AutoencoderKL::from_diffusers(
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
+    let case = fx.case("tiled_vae_encode").unwrap();
+    let whole = vae.encode_moments(&fx.input(case, "x").unwrap()).unwrap();
+    let err = max_abs_diff(&whole, &fx.output(case, "moments").unwrap()).unwrap();
+    assert!(err > case.outputs[0].atol, "encode: whole vs tiled {err}");
+    let case = fx.case("tiled_vae_decode").unwrap();
+    let z = fx.input(case, "latents_scaled").unwrap();
+    let whole = vae.decode_scaled(&z, cfg.scaling_factor).unwrap();
+    let err = max_abs_diff(&whole, &fx.output(case, "x").unwrap()).unwrap();
+    assert!(err > case.outputs[0].atol, "decode: whole vs tiled {err}");
+}
+
 #[test]
 fn sd2_tokenizer_folder_settings() {
     let tok = Tokenizer::from_folder(&sd2().join("tokenizer")).unwrap();
     let sp = tok.special_tokens();
     // special_tokens_map.json's pad `!` overrides tokenizer_config.json's `<|endoftext|>`.
-    assert_eq!((sp.bos, sp.eos, sp.pad, sp.max_length), (49406, 49407, 0, 77));
+    assert_eq!(
+        (sp.bos, sp.eos, sp.pad, sp.max_length),
+        (49406, 49407, 0, 77)
+    );
     let ids = tok.padded_ids("wow!").unwrap();
     // `!` is a special token there: split off before BPE, id 0 (not `!</w>` = 256).
-    assert_eq!(&ids[..4], &[49406, tok.padded_ids("wow").unwrap()[1], 0, 49407]);
+    assert_eq!(
+        &ids[..4],
+        &[49406, tok.padded_ids("wow").unwrap()[1], 0, 49407]
+    );
     assert!(ids[4..].iter().all(|&i| i == 0));
     // BERT cleaning: case, accents and punctuation.
     assert_eq!(
@@ -131,9 +158,11 @@ fn sgm_name(key: &str, levels: usize) -> (String, bool) {
 fn fixture_vae() -> (VaeConfig, HashMap<String, Tensor>) {
     let dir = sd2().join("vae");
     let cfg = VaeConfig::from_diffusers_config(dir.join("config.json")).unwrap();
-    let tensors =
-        candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &Device::Cpu)
-            .unwrap();
+    let tensors = candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     (cfg, tensors)
 }
 
@@ -247,9 +276,16 @@ fn assert_same_keys(
     mut expected: BTreeMap<String, Vec<usize>>,
     buffers: &[&str],
 ) {
-    assert!(src.repeated().is_empty(), "requested twice: {:?}", src.repeated());
+    assert!(
+        src.repeated().is_empty(),
+        "requested twice: {:?}",
+        src.repeated()
+    );
     for b in buffers {
-        assert!(expected.remove(*b).is_some(), "buffer {b} not in the key list");
+        assert!(
+            expected.remove(*b).is_some(),
+            "buffer {b} not in the key list"
+        );
     }
     let seen = src.requested();
     let missing: Vec<_> = expected.keys().filter(|k| !seen.contains_key(*k)).collect();
@@ -317,7 +353,9 @@ fn wrong_shaped_vae_tensor_is_named() {
         let vb = WeightSource::open(&[&path])
             .unwrap()
             .into_var_builder(DType::F32, &Device::Cpu);
-        let err = AutoencoderKL::from_diffusers(vb, &cfg).unwrap_err().to_string();
+        let err = AutoencoderKL::from_diffusers(vb, &cfg)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(key), "error does not name {key}: {err}");
         assert!(err.contains("shape"), "{err}");
     }

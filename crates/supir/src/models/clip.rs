@@ -160,10 +160,11 @@ impl ClipTextConfig {
             path: path.to_path_buf(),
             msg,
         };
-        let c: HfClipTextConfig = serde_json::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
+        let c: HfClipTextConfig =
+            serde_json::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
         let hidden_act = ClipActivation::from_hf_name(&c.hidden_act)
             .ok_or_else(|| cfg_err(format!("hidden_act `{}` is not supported", c.hidden_act)))?;
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(cfg_err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads

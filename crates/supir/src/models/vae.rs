@@ -191,7 +191,11 @@ impl VaeConfig {
         {
             bail!("vae: down block type `{t}` is not supported")
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
             bail!("vae: up block type `{t}` is not supported")
         }
         if self.act_fn != "silu" {
@@ -818,9 +822,10 @@ fn diffusers_key(sgm: &str, levels: usize) -> (Vec<String>, bool) {
             "{net}.down_blocks.{i}.resnets.{j}.{}",
             resnet_leaf(leaf)
         )),
-        [net, "down", i, "downsample", leaf @ ..] => {
-            one(format!("{net}.down_blocks.{i}.downsamplers.0.{}", leaf.join(".")))
-        }
+        [net, "down", i, "downsample", leaf @ ..] => one(format!(
+            "{net}.down_blocks.{i}.downsamplers.0.{}",
+            leaf.join(".")
+        )),
         [net, "up", i, rest @ ..] if i.parse::<usize>().is_ok_and(|i| i < levels) => {
             let d = levels - 1 - i.parse::<usize>().expect("checked");
             match rest {
@@ -828,9 +833,10 @@ fn diffusers_key(sgm: &str, levels: usize) -> (Vec<String>, bool) {
                     "{net}.up_blocks.{d}.resnets.{j}.{}",
                     resnet_leaf(leaf)
                 )),
-                ["upsample", leaf @ ..] => {
-                    one(format!("{net}.up_blocks.{d}.upsamplers.0.{}", leaf.join(".")))
-                }
+                ["upsample", leaf @ ..] => one(format!(
+                    "{net}.up_blocks.{d}.upsamplers.0.{}",
+                    leaf.join(".")
+                )),
                 _ => one(sgm.to_string()),
             }
         }

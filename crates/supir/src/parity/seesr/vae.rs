@@ -57,7 +57,10 @@ fn param_usize(case: &Case, key: &str) -> Result<usize> {
 /// The hook options this implementation has: the official pads, fast modes and colour fix off.
 fn check_hook(case: &Case, pad: usize, fast: &str) -> Result<()> {
     let p = &case.params;
-    if p.get("pad").and_then(|v| v.as_u64()).is_some_and(|v| v as usize != pad) {
+    if p.get("pad")
+        .and_then(|v| v.as_u64())
+        .is_some_and(|v| v as usize != pad)
+    {
         return Err(Error::Option(format!(
             "case {}: tile pad {} (VAEHook uses {pad})",
             case.name, p["pad"]
