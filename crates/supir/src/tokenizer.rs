@@ -223,6 +223,8 @@ impl Tokenizer {
     /// `additional_special_tokens` and `model_max_length` (default 77). Missing special tokens
     /// take `CLIPTokenizer`'s defaults (`<|startoftext|>`, `<|endoftext|>`). Text between special
     /// tokens is cleaned with [`Cleaning::HfBasic`] (no ftfy, as in SeeSR's environment).
+    /// Padding and truncation are on the right (the defaults; `padding_side` is not read), and a
+    /// folder with `added_tokens.json` or a special token outside the vocabulary is refused.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let read = |name: &str| {
             let path = dir.join(name);
@@ -232,6 +234,12 @@ impl Tokenizer {
             path: dir.join(name),
             msg,
         };
+        if dir.join("added_tokens.json").is_file() {
+            return Err(cfg_err(
+                "added_tokens.json",
+                "added (non-vocabulary) tokens are not supported".into(),
+            ));
+        }
         let encoder: HashMap<String, u32> = serde_json::from_str(&read("vocab.json")?)
             .map_err(|e| cfg_err("vocab.json", e.to_string()))?;
         let merges_text = read("merges.txt")?;
