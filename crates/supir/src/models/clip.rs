@@ -1,9 +1,12 @@
 //! The two SDXL text transformers, with the official checkpoints' key layouts.
 //!
-//! - [`ClipTextTransformer`]: HF `CLIPTextModel.text_model` (CLIP ViT-L/14), keys
-//!   `embeddings.{token_embedding,position_embedding}.weight`,
+//! - [`ClipTextTransformer`]: HF `CLIPTextModel.text_model` (CLIP ViT-L/14 in SDXL, OpenCLIP-H
+//!   in SD-2 / SeeSR), keys `embeddings.{token_embedding,position_embedding}.weight`,
 //!   `encoder.layers.N.{layer_norm1,self_attn.{q,k,v,out}_proj,layer_norm2,mlp.fc1,mlp.fc2}`,
-//!   `final_layer_norm`. Pre-LN blocks, causal mask, quick_gelu.
+//!   `final_layer_norm`. Pre-LN blocks, causal mask, no padding mask, `hidden_act` from the
+//!   config (quick_gelu for CLIP-L, exact gelu for SD-2); sizes from the weights
+//!   ([`ClipTextConfig::from_weights`]) or from a HF `config.json`
+//!   ([`ClipTextConfig::from_hf_config`]).
 //! - [`OpenClipTextTransformer`]: the text tower of open_clip's `CLIP` (ViT-bigG-14), keys
 //!   `token_embedding.weight`, `positional_embedding`,
 //!   `transformer.resblocks.N.{ln_1,attn.in_proj_weight/bias,attn.out_proj,ln_2,mlp.c_fc,mlp.c_proj}`,
@@ -16,11 +19,25 @@
 //! `ViT-bigG-14` 20 (64 channels per head). Any other model (such as the reference generator's
 //! tiny test encoders, arch `tiny-openclip`) gets 2 heads, the generator's convention.
 
+use std::path::Path;
+
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, Embedding, VarBuilder};
+
+use crate::layers::{LayerNorm, Linear};
+
+fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    LayerNorm::load(vb, dim, eps)
+}
+
+fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Linear::load(vb, in_dim, out_dim, true)
+}
 
 /// Both encoders use the CLIP BPE vocabulary.
 pub const VOCAB_SIZE: usize = 49_408;
+/// Every LayerNorm of both encoders. transformers 4.25's `CLIPTextTransformer` builds its
+/// LayerNorms with torch's default eps (1e-5) and ignores `config.layer_norm_eps`.
 const LAYER_NORM_EPS: f64 = 1e-5;
 /// Heads of any encoder that is not a known architecture (the reference generator's tiny ones).
 pub const FALLBACK_HEADS: usize = 2;
@@ -56,6 +73,37 @@ fn ids_u32(ids: &Tensor) -> Result<Tensor> {
 
 // ------------------------------------------------------------------ CLIP-L (HF layout)
 
+/// The MLP activation of an HF CLIP text model (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipActivation {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP, SDXL's CLIP-L).
+    QuickGelu,
+    /// Exact erf GELU (`"gelu"`; SD-2's OpenCLIP-H).
+    Gelu,
+    /// The tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    GeluTanh,
+}
+
+impl ClipActivation {
+    /// The `hidden_act` string of a transformers config.
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "quick_gelu" => Self::QuickGelu,
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            _ => return None,
+        })
+    }
+
+    fn forward(self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::QuickGelu => h * candle_nn::ops::sigmoid(&(h * 1.702)?)?,
+            Self::Gelu => h.gelu_erf(),
+            Self::GeluTanh => h.gelu(),
+        }
+    }
+}
+
 /// Sizes of an HF `CLIPTextModel`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipTextConfig {
@@ -65,6 +113,24 @@ pub struct ClipTextConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub max_position_embeddings: usize,
+    pub hidden_act: ClipActivation,
+}
+
+/// The keys of a transformers `CLIPTextConfig` JSON this crate reads.
+#[derive(serde::Deserialize)]
+struct HfClipTextConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    max_position_embeddings: usize,
+    #[serde(default = "default_hidden_act")]
+    hidden_act: String,
+}
+
+fn default_hidden_act() -> String {
+    "quick_gelu".into()
 }
 
 impl ClipTextConfig {
@@ -77,7 +143,42 @@ impl ClipTextConfig {
             num_hidden_layers: 12,
             num_attention_heads: 12,
             max_position_embeddings: 77,
+            hidden_act: ClipActivation::QuickGelu,
         }
+    }
+
+    /// Sizes and activation from a transformers `config.json` of a `CLIPTextModel` (e.g.
+    /// SD-2's `text_encoder/config.json`; `CLIPTextConfig` defaults to `quick_gelu`).
+    /// `layer_norm_eps` is not read: transformers 4.25 ignores it (see `LAYER_NORM_EPS`).
+    pub fn from_hf_config(path: impl AsRef<Path>) -> crate::Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg_err = |msg: String| crate::Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let c: HfClipTextConfig =
+            serde_json::from_str(&text).map_err(|e| cfg_err(e.to_string()))?;
+        let hidden_act = ClipActivation::from_hf_name(&c.hidden_act)
+            .ok_or_else(|| cfg_err(format!("hidden_act `{}` is not supported", c.hidden_act)))?;
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            return Err(cfg_err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            )));
+        }
+        Ok(Self {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            max_position_embeddings: c.max_position_embeddings,
+            hidden_act,
+        })
     }
 
     /// Sizes from the weights under `vb` (the `text_model` prefix); heads: 12 for width 768
@@ -100,11 +201,12 @@ impl ClipTextConfig {
             num_hidden_layers,
             num_attention_heads,
             max_position_embeddings,
+            hidden_act: ClipActivation::QuickGelu,
         })
     }
 }
 
-/// `CLIPEncoderLayer`: `x + attn(ln1(x))`, then `x + fc2(quick_gelu(fc1(ln2(x))))`.
+/// `CLIPEncoderLayer`: `x + attn(ln1(x))`, then `x + fc2(act(fc1(ln2(x))))`.
 #[derive(Debug, Clone)]
 struct ClipEncoderLayer {
     layer_norm1: LayerNorm,
@@ -116,6 +218,7 @@ struct ClipEncoderLayer {
     fc1: Linear,
     fc2: Linear,
     heads: usize,
+    act: ClipActivation,
 }
 
 impl ClipEncoderLayer {
@@ -132,6 +235,7 @@ impl ClipEncoderLayer {
             fc1: linear(c, m, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(m, c, vb.pp("mlp").pp("fc2"))?,
             heads: cfg.num_attention_heads,
+            act: cfg.hidden_act,
         })
     }
 
@@ -146,9 +250,7 @@ impl ClipEncoderLayer {
             .out_proj
             .forward(&attention(&q, &k, &v, self.heads, mask)?)?)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        // quick_gelu(h) = h * sigmoid(1.702 h)
-        let h = (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?;
-        x + self.fc2.forward(&h)?
+        x + self.fc2.forward(&self.act.forward(&h)?)?
     }
 }
 
@@ -187,6 +289,12 @@ impl ClipTextTransformer {
         })
     }
 
+    /// `CLIPTextModel.from_pretrained(dir)`: `vb` at the root of its `model.safetensors` (keys
+    /// `text_model.*`; the `position_ids` buffer is not read).
+    pub fn from_text_model(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        Self::new(vb.pp("text_model"), cfg)
+    }
+
     pub fn config(&self) -> &ClipTextConfig {
         &self.cfg
     }
@@ -214,7 +322,9 @@ impl ClipTextTransformer {
         Ok(x)
     }
 
-    /// `last_hidden_state`: all layers, then `final_layer_norm`.
+    /// `last_hidden_state` `[b, t, hidden_size]` of `CLIPTextModel(ids)` (output `[0]`, what SD-2's
+    /// `_encode_prompt` uses): all layers, then `final_layer_norm`. No padding mask: padding
+    /// tokens are attended under the causal mask, as with `attention_mask=None`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let x = self.hidden_state(ids, self.layers.len() as i64)?;
         self.final_layer_norm.forward(&x)

@@ -1,5 +1,16 @@
 //! Tiled VAE encoder / decoder: the algorithm of `SUPIR/utils/tilevae.py` (`VAEHook`, installed
-//! by `SUPIRModel.init_tile_vae`), so large images fit in memory.
+//! by `SUPIRModel.init_tile_vae`) and of SeeSR's `utils/vaehook.py` (`VAEHook`, installed by
+//! `StableDiffusionControlNetPipeline._init_tiled_vae`), so large images fit in memory.
+//!
+//! The two official hooks are the same code (SeeSR's is the diffusers-names branch of SUPIR's):
+//! the same context pads (32 encoder / 11 decoder), `split_tiles` / `get_best_tile_size` rules,
+//! GroupNorm pooling, and both pipelines install them with `fast_encoder = fast_decoder = False`
+//! and `color_fix = False` (the fast modes are not implemented here). They differ only in the
+//! tile sizes the pipelines pass: [`VaeTiling::supir`] (512 px / 64 latent, `init_tile_vae`'s
+//! defaults) and [`VaeTiling::seesr`] (1024 px / 224 latent, `test_seesr.py`'s
+//! `--vae_encoder_tiled_size` / `--vae_decoder_tiled_size`). Both hooks hard-code 32 groups and
+//! a factor 8 (four levels); here the groups and factor come from the network, the same for
+//! SDXL's and SD-2's VAE.
 //!
 //! - The input is cut into a grid of tiles (`split_tiles`): `tile` pixels (encoder, image space)
 //!   or latent pixels (decoder) each, shrunk to share the image evenly, each read with `pad`
@@ -35,10 +46,26 @@ pub struct VaeTiling {
 }
 
 impl Default for VaeTiling {
+    /// [`VaeTiling::supir`].
     fn default() -> Self {
+        Self::supir()
+    }
+}
+
+impl VaeTiling {
+    /// SUPIR's `init_tile_vae` defaults: 512 px encoder tiles, 64 latent px decoder tiles.
+    pub fn supir() -> Self {
         Self {
             encoder_tile: 512,
             decoder_tile: 64,
+        }
+    }
+
+    /// SeeSR's `test_seesr.py` defaults: 1024 px encoder tiles, 224 latent px decoder tiles.
+    pub fn seesr() -> Self {
+        Self {
+            encoder_tile: 1024,
+            decoder_tile: 224,
         }
     }
 }

@@ -8,14 +8,214 @@
 //!
 //! Weights are requested under their official names and shapes; build with
 //! `AutoencoderKL::new(vb.pp("first_stage_model"), &cfg.model.params.first_stage_config.params, true)`.
+//!
+//! The same network serves diffusers' `AutoencoderKL` (SD-2 / SeeSR, diffusers 0.21
+//! `models/autoencoder_kl.py` + `models/vae.py`), which is this architecture with other names:
+//! [`VaeConfig::from_diffusers_config`] reads `vae/config.json` and
+//! [`AutoencoderKL::from_diffusers`] loads `diffusion_pytorch_model.safetensors` through
+//! [`diffusers_var_builder`], which maps every SGM name the network asks for to its diffusers
+//! name (`down.{i}.block.{j}` -> `down_blocks.{i}.resnets.{j}`, `nin_shortcut` ->
+//! `conv_shortcut`, `mid.block_{1,2}` -> `mid_block.resnets.{0,1}`, `mid.attn_1.{norm,q,k,v,
+//! proj_out}` -> `mid_block.attentions.0.{group_norm, to_q|query, to_k|key, to_v|value,
+//! to_out.0|proj_attn}` (whichever naming the file has; Linear `[C, C]` read as the 1x1 conv
+//! `[C, C, 1, 1]`), `norm_out` -> `conv_norm_out`, decoder `up.{i}` ->
+//! `up_blocks.{levels - 1 - i}` (diffusers orders the decoder levels from low to high
+//! resolution)).
 
-use candle_core::{bail, Module, Result, Tensor, D};
+use std::path::Path;
+
+use candle_core::{bail, DType, Device, Module, Result, Shape, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::layers::{self, Conv2d, GroupNorm};
 
 use crate::models::supir_config::{DdConfig, FirstStageParams};
 use crate::models::tiled_vae::VaeTiling;
+
+/// The autoencoder's shape, whichever config it comes from (SGM `ddconfig` or diffusers
+/// `config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeArch {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Encoder output / decoder input channels (`z_channels`; doubled at the encoder output).
+    pub z_channels: usize,
+    /// Latent channels (`embed_dim`, diffusers `latent_channels`).
+    pub embed_dim: usize,
+    /// Output channels of each resolution level (`ch * ch_mult[i]`, diffusers
+    /// `block_out_channels`).
+    pub channels: Vec<usize>,
+    /// Resnet blocks per encoder level (the decoder has one more).
+    pub num_res_blocks: usize,
+    /// GroupNorm groups of every norm (eps 1e-6).
+    pub groups: usize,
+    /// Whether the mid block has its self-attention.
+    pub mid_attention: bool,
+    /// Encoder levels whose resnet blocks are each followed by self-attention (SGM
+    /// `attn_resolutions`; none in diffusers' `DownEncoderBlock2D` / `UpDecoderBlock2D`).
+    pub attn_levels: Vec<bool>,
+    /// The same for the decoder levels (SGM counts the decoder's resolutions up from the
+    /// smallest, which differs when `resolution` is not a multiple of `2^(levels - 1)`).
+    pub decoder_attn_levels: Vec<bool>,
+    /// Whether the encoder outputs mean and log-variance (`2 * z_channels`).
+    pub double_z: bool,
+}
+
+impl VaeArch {
+    /// From SGM's `ddconfig` and `embed_dim` (32 groups, `Normalize`).
+    pub fn from_sgm(dd: &DdConfig, embed_dim: usize) -> Result<Self> {
+        let attention = uses_attention(dd)?;
+        let levels = dd.ch_mult.len();
+        if levels == 0 {
+            bail!("vae: empty ch_mult")
+        }
+        let lowest = dd.resolution >> (levels - 1);
+        Ok(Self {
+            in_channels: dd.in_channels,
+            out_channels: dd.out_ch,
+            z_channels: dd.z_channels,
+            embed_dim,
+            channels: dd.ch_mult.iter().map(|m| dd.ch * m).collect(),
+            num_res_blocks: dd.num_res_blocks,
+            groups: 32,
+            mid_attention: attention,
+            attn_levels: (0..levels)
+                .map(|i| attention && dd.attn_resolutions.contains(&(dd.resolution >> i)))
+                .collect(),
+            decoder_attn_levels: (0..levels)
+                .map(|i| attention && dd.attn_resolutions.contains(&(lowest << (levels - 1 - i))))
+                .collect(),
+            double_z: dd.double_z,
+        })
+    }
+
+    fn levels(&self) -> usize {
+        self.channels.len()
+    }
+}
+
+/// diffusers `AutoencoderKL` config (`vae/config.json`), the keys that shape the network; the
+/// defaults are `AutoencoderKL.__init__`'s.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    #[serde(default = "default_down_blocks")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "default_up_blocks")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "default_block_out_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_act")]
+    pub act_fn: String,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    /// Latent scale (`vae.config.scaling_factor`; absent in SD-2's file, so diffusers' default
+    /// 0.18215 applies).
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f64,
+}
+
+fn three() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn default_down_blocks() -> Vec<String> {
+    vec!["DownEncoderBlock2D".into()]
+}
+fn default_up_blocks() -> Vec<String> {
+    vec!["UpDecoderBlock2D".into()]
+}
+fn default_block_out_channels() -> Vec<usize> {
+    vec![64]
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_scaling_factor() -> f64 {
+    0.18215
+}
+
+impl VaeConfig {
+    /// Reads and checks a diffusers `vae/config.json`.
+    pub fn from_diffusers_config(path: impl AsRef<Path>) -> crate::Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| crate::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| crate::Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        cfg.arch().map_err(|e| crate::Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Ok(cfg)
+    }
+
+    /// The network's shape; errors on what this implementation does not build (other block
+    /// types or activations).
+    pub fn arch(&self) -> Result<VaeArch> {
+        let levels = self.block_out_channels.len();
+        if levels == 0 {
+            bail!("vae: empty block_out_channels")
+        }
+        if self.down_block_types.len() != levels || self.up_block_types.len() != levels {
+            bail!(
+                "vae: {} down / {} up block types for {levels} block_out_channels",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            )
+        }
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
+            bail!("vae: down block type `{t}` is not supported")
+        }
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
+            bail!("vae: up block type `{t}` is not supported")
+        }
+        if self.act_fn != "silu" {
+            bail!("vae: act_fn `{}` is not supported", self.act_fn)
+        }
+        Ok(VaeArch {
+            in_channels: self.in_channels,
+            out_channels: self.out_channels,
+            z_channels: self.latent_channels,
+            embed_dim: self.latent_channels,
+            channels: self.block_out_channels.clone(),
+            num_res_blocks: self.layers_per_block,
+            groups: self.norm_num_groups,
+            mid_attention: true,
+            attn_levels: vec![false; levels],
+            decoder_attn_levels: vec![false; levels],
+            double_z: true,
+        })
+    }
+}
 
 /// `Normalize`: GroupNorm with 32 groups, eps 1e-6, affine. The tiled VAE normalises with
 /// statistics gathered over all tiles ([`Norm::forward_with_stats`]).
@@ -50,8 +250,8 @@ impl Norm {
     }
 }
 
-fn normalize(channels: usize, vb: VarBuilder) -> Result<Norm> {
-    let (groups, eps) = (32, 1e-6);
+fn normalize(channels: usize, groups: usize, vb: VarBuilder) -> Result<Norm> {
+    let eps = 1e-6;
     let weight = vb.get(channels, "weight")?;
     let bias = vb.get(channels, "bias")?;
     let gn = GroupNorm::new(weight, bias, groups, eps)?;
@@ -92,16 +292,21 @@ pub struct ResnetBlock {
 }
 
 impl ResnetBlock {
+    /// 32 groups (SGM `Normalize`).
     pub fn new(vb: VarBuilder, in_c: usize, out_c: usize) -> Result<Self> {
+        Self::with_groups(vb, in_c, out_c, 32)
+    }
+
+    pub fn with_groups(vb: VarBuilder, in_c: usize, out_c: usize, groups: usize) -> Result<Self> {
         let nin_shortcut = if in_c != out_c {
             Some(conv1x1(in_c, out_c, vb.pp("nin_shortcut"))?)
         } else {
             None
         };
         Ok(Self {
-            norm1: normalize(in_c, vb.pp("norm1"))?,
+            norm1: normalize(in_c, groups, vb.pp("norm1"))?,
             conv1: conv3x3(in_c, out_c, vb.pp("conv1"))?,
-            norm2: normalize(out_c, vb.pp("norm2"))?,
+            norm2: normalize(out_c, groups, vb.pp("norm2"))?,
             conv2: conv3x3(out_c, out_c, vb.pp("conv2"))?,
             nin_shortcut,
         })
@@ -134,10 +339,15 @@ pub struct AttnBlock {
 }
 
 impl AttnBlock {
+    /// 32 groups (SGM `Normalize`).
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Self::with_groups(vb, channels, 32)
+    }
+
+    pub fn with_groups(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         let pointwise = |name: &str| conv1x1(channels, channels, vb.pp(name));
         Ok(Self {
-            norm: normalize(channels, vb.pp("norm"))?,
+            norm: normalize(channels, groups, vb.pp("norm"))?,
             q: pointwise("q")?,
             k: pointwise("k")?,
             v: pointwise("v")?,
@@ -245,15 +455,16 @@ pub(crate) struct Mid {
 }
 
 impl Mid {
-    fn new(vb: VarBuilder, channels: usize, attention: bool) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, attention: bool, groups: usize) -> Result<Self> {
+        let resnet = |name: &str| ResnetBlock::with_groups(vb.pp(name), channels, channels, groups);
         Ok(Self {
-            block_1: ResnetBlock::new(vb.pp("block_1"), channels, channels)?,
+            block_1: resnet("block_1")?,
             attn_1: if attention {
-                Some(AttnBlock::new(vb.pp("attn_1"), channels)?)
+                Some(AttnBlock::with_groups(vb.pp("attn_1"), channels, groups)?)
             } else {
                 None
             },
-            block_2: ResnetBlock::new(vb.pp("block_2"), channels, channels)?,
+            block_2: resnet("block_2")?,
         })
     }
 
@@ -280,31 +491,36 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(vb: VarBuilder, cfg: &DdConfig) -> Result<Self> {
-        let attention = uses_attention(cfg)?;
-        let levels = cfg.ch_mult.len();
-        let conv_in = conv3x3(cfg.in_channels, cfg.ch, vb.pp("conv_in"))?;
-        let mut curr_res = cfg.resolution;
-        let mut block_in = cfg.ch;
-        let mut down = Vec::with_capacity(levels);
-        for (i, &mult) in cfg.ch_mult.iter().enumerate() {
+        Self::from_arch(vb, &VaeArch::from_sgm(cfg, cfg.z_channels)?)
+    }
+
+    /// The encoder of `arch` under SGM names (`vb` at `encoder`).
+    pub fn from_arch(vb: VarBuilder, arch: &VaeArch) -> Result<Self> {
+        let g = arch.groups;
+        let conv_in = conv3x3(arch.in_channels, arch.channels[0], vb.pp("conv_in"))?;
+        let mut block_in = arch.channels[0];
+        let mut down = Vec::with_capacity(arch.levels());
+        for (i, &block_out) in arch.channels.iter().enumerate() {
             let vb_level = vb.pp("down").pp(i);
-            let block_out = cfg.ch * mult;
-            let with_attn = attention && cfg.attn_resolutions.contains(&curr_res);
-            let mut blocks = Vec::with_capacity(cfg.num_res_blocks);
+            let mut blocks = Vec::with_capacity(arch.num_res_blocks);
             let mut attns = Vec::new();
-            for j in 0..cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(
+            for j in 0..arch.num_res_blocks {
+                blocks.push(ResnetBlock::with_groups(
                     vb_level.pp("block").pp(j),
                     block_in,
                     block_out,
+                    g,
                 )?);
                 block_in = block_out;
-                if with_attn {
-                    attns.push(AttnBlock::new(vb_level.pp("attn").pp(j), block_in)?);
+                if arch.attn_levels[i] {
+                    attns.push(AttnBlock::with_groups(
+                        vb_level.pp("attn").pp(j),
+                        block_in,
+                        g,
+                    )?);
                 }
             }
-            let resample = if i + 1 != levels {
-                curr_res /= 2;
+            let resample = if i + 1 != arch.levels() {
                 Some(Downsample::new(vb_level.pp("downsample"), block_in)?)
             } else {
                 None
@@ -315,17 +531,16 @@ impl Encoder {
                 resample,
             });
         }
-        let z_out = if cfg.double_z {
-            2 * cfg.z_channels
-        } else {
-            cfg.z_channels
-        };
         Ok(Self {
             conv_in,
             down,
-            mid: Mid::new(vb.pp("mid"), block_in, attention)?,
-            norm_out: normalize(block_in, vb.pp("norm_out"))?,
-            conv_out: conv3x3(block_in, z_out, vb.pp("conv_out"))?,
+            mid: Mid::new(vb.pp("mid"), block_in, arch.mid_attention, g)?,
+            norm_out: normalize(block_in, g, vb.pp("norm_out"))?,
+            conv_out: conv3x3(
+                block_in,
+                (1 + arch.double_z as usize) * arch.z_channels,
+                vb.pp("conv_out"),
+            )?,
         })
     }
 }
@@ -357,35 +572,39 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(vb: VarBuilder, cfg: &DdConfig) -> Result<Self> {
-        let attention = uses_attention(cfg)?;
-        let levels = cfg.ch_mult.len();
-        let Some(&last_mult) = cfg.ch_mult.last() else {
-            bail!("vae: empty ch_mult")
-        };
-        let mut block_in = cfg.ch * last_mult;
-        let mut curr_res = cfg.resolution >> (levels - 1);
-        let conv_in = conv3x3(cfg.z_channels, block_in, vb.pp("conv_in"))?;
-        let mid = Mid::new(vb.pp("mid"), block_in, attention)?;
+        Self::from_arch(vb, &VaeArch::from_sgm(cfg, cfg.z_channels)?)
+    }
+
+    /// The decoder of `arch` under SGM names (`vb` at `decoder`).
+    pub fn from_arch(vb: VarBuilder, arch: &VaeArch) -> Result<Self> {
+        let g = arch.groups;
+        let levels = arch.levels();
+        let mut block_in = arch.channels[levels - 1];
+        let conv_in = conv3x3(arch.z_channels, block_in, vb.pp("conv_in"))?;
+        let mid = Mid::new(vb.pp("mid"), block_in, arch.mid_attention, g)?;
         let mut up = Vec::with_capacity(levels);
         for i in (0..levels).rev() {
             let vb_level = vb.pp("up").pp(i);
-            let block_out = cfg.ch * cfg.ch_mult[i];
-            let with_attn = attention && cfg.attn_resolutions.contains(&curr_res);
-            let mut blocks = Vec::with_capacity(cfg.num_res_blocks + 1);
+            let block_out = arch.channels[i];
+            let mut blocks = Vec::with_capacity(arch.num_res_blocks + 1);
             let mut attns = Vec::new();
-            for j in 0..=cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(
+            for j in 0..=arch.num_res_blocks {
+                blocks.push(ResnetBlock::with_groups(
                     vb_level.pp("block").pp(j),
                     block_in,
                     block_out,
+                    g,
                 )?);
                 block_in = block_out;
-                if with_attn {
-                    attns.push(AttnBlock::new(vb_level.pp("attn").pp(j), block_in)?);
+                if arch.decoder_attn_levels[i] {
+                    attns.push(AttnBlock::with_groups(
+                        vb_level.pp("attn").pp(j),
+                        block_in,
+                        g,
+                    )?);
                 }
             }
             let resample = if i != 0 {
-                curr_res *= 2;
                 Some(Upsample::new(vb_level.pp("upsample"), block_in)?)
             } else {
                 None
@@ -401,8 +620,8 @@ impl Decoder {
             conv_in,
             mid,
             up,
-            norm_out: normalize(block_in, vb.pp("norm_out"))?,
-            conv_out: conv3x3(block_in, cfg.out_ch, vb.pp("conv_out"))?,
+            norm_out: normalize(block_in, g, vb.pp("norm_out"))?,
+            conv_out: conv3x3(block_in, arch.out_channels, vb.pp("conv_out"))?,
         })
     }
 }
@@ -473,23 +692,40 @@ impl AutoencoderKL {
     /// `vb` at `first_stage_model`; `with_denoise_encoder` also loads `denoise_encoder.*`
     /// (always present in SUPIR checkpoints, absent in a plain SDXL VAE).
     pub fn new(vb: VarBuilder, cfg: &FirstStageParams, with_denoise_encoder: bool) -> Result<Self> {
-        let dd = &cfg.ddconfig;
-        if !dd.double_z {
+        let arch = VaeArch::from_sgm(&cfg.ddconfig, cfg.embed_dim)?;
+        Self::from_arch(vb, &arch, with_denoise_encoder)
+    }
+
+    /// The network of `arch` under SGM names (`encoder.*`, `decoder.*`, `quant_conv`,
+    /// `post_quant_conv`, optionally `denoise_encoder.*`).
+    pub fn from_arch(vb: VarBuilder, arch: &VaeArch, with_denoise_encoder: bool) -> Result<Self> {
+        if !arch.double_z {
             bail!("vae: AutoencoderKL needs ddconfig.double_z = true")
         }
         let denoise_encoder = if with_denoise_encoder {
-            Some(Encoder::new(vb.pp("denoise_encoder"), dd)?)
+            Some(Encoder::from_arch(vb.pp("denoise_encoder"), arch)?)
         } else {
             None
         };
+        let (z, e) = (arch.z_channels, arch.embed_dim);
         Ok(Self {
-            encoder: Encoder::new(vb.pp("encoder"), dd)?,
-            decoder: Decoder::new(vb.pp("decoder"), dd)?,
-            quant_conv: conv1x1(2 * dd.z_channels, 2 * cfg.embed_dim, vb.pp("quant_conv"))?,
-            post_quant_conv: conv1x1(cfg.embed_dim, dd.z_channels, vb.pp("post_quant_conv"))?,
+            encoder: Encoder::from_arch(vb.pp("encoder"), arch)?,
+            decoder: Decoder::from_arch(vb.pp("decoder"), arch)?,
+            quant_conv: conv1x1(2 * z, 2 * e, vb.pp("quant_conv"))?,
+            post_quant_conv: conv1x1(e, z, vb.pp("post_quant_conv"))?,
             denoise_encoder,
             tiling: None,
         })
+    }
+
+    /// diffusers `AutoencoderKL.from_pretrained(vae_dir)`: `vb` over
+    /// `diffusion_pytorch_model.safetensors` at its root (keys `encoder.down_blocks...`), either
+    /// mid-block attention naming (see [`diffusers_var_builder`]). Latents are scaled by
+    /// `cfg.scaling_factor` outside (`encode_scaled_*` / `decode_scaled`).
+    pub fn from_diffusers(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+        let arch = cfg.arch()?;
+        let vb = diffusers_var_builder(vb, arch.levels());
+        Self::from_arch(vb, &arch, false)
     }
 
     /// Runs `enc` whole or tiled (`VAEHook` on the encoders).
@@ -550,5 +786,137 @@ impl AutoencoderKL {
     /// `decode(z / scale_factor)`: SUPIR's `decode_first_stage`.
     pub fn decode_scaled(&self, z_scaled: &Tensor, scale_factor: f64) -> Result<Tensor> {
         self.decode(&(z_scaled * (1.0 / scale_factor))?)
+    }
+}
+
+// ------------------------------------------------------------------ diffusers names
+
+/// A var builder that answers the SGM names [`AutoencoderKL::from_arch`] asks for with the
+/// diffusers `AutoencoderKL` tensors under `vb` (a file root): see the module docs for the
+/// mapping. `levels` is the number of resolution levels (`len(block_out_channels)`), needed to
+/// reverse the decoder's level order. Errors (missing key, wrong shape) name the diffusers key.
+pub fn diffusers_var_builder<'a>(vb: VarBuilder<'a>, levels: usize) -> VarBuilder<'a> {
+    let (dtype, dev) = (vb.dtype(), vb.device().clone());
+    VarBuilder::from_backend(Box::new(DiffusersNames { inner: vb, levels }), dtype, dev)
+}
+
+struct DiffusersNames<'a> {
+    inner: VarBuilder<'a>,
+    levels: usize,
+}
+
+/// The diffusers key of an SGM VAE key: candidates in order of preference (the first present
+/// is used), and whether the tensor is a Linear `[C, C]` standing for a 1x1 conv.
+fn diffusers_key(sgm: &str, levels: usize) -> (Vec<String>, bool) {
+    let parts: Vec<&str> = sgm.split('.').collect();
+    let resnet_leaf = |leaf: &[&str]| -> String {
+        let mut leaf = leaf.to_vec();
+        if leaf.first() == Some(&"nin_shortcut") {
+            leaf[0] = "conv_shortcut";
+        }
+        leaf.join(".")
+    };
+    let one = |k: String| (vec![k], false);
+    match parts.as_slice() {
+        [net @ ("encoder" | "decoder"), "down", i, "block", j, leaf @ ..] => one(format!(
+            "{net}.down_blocks.{i}.resnets.{j}.{}",
+            resnet_leaf(leaf)
+        )),
+        [net, "down", i, "downsample", leaf @ ..] => one(format!(
+            "{net}.down_blocks.{i}.downsamplers.0.{}",
+            leaf.join(".")
+        )),
+        [net, "up", i, rest @ ..] if i.parse::<usize>().is_ok_and(|i| i < levels) => {
+            let d = levels - 1 - i.parse::<usize>().expect("checked");
+            match rest {
+                ["block", j, leaf @ ..] => one(format!(
+                    "{net}.up_blocks.{d}.resnets.{j}.{}",
+                    resnet_leaf(leaf)
+                )),
+                ["upsample", leaf @ ..] => one(format!(
+                    "{net}.up_blocks.{d}.upsamplers.0.{}",
+                    leaf.join(".")
+                )),
+                _ => one(sgm.to_string()),
+            }
+        }
+        [net, "mid", b @ ("block_1" | "block_2"), leaf @ ..] => {
+            let r = if *b == "block_1" { 0 } else { 1 };
+            one(format!("{net}.mid_block.resnets.{r}.{}", resnet_leaf(leaf)))
+        }
+        [net, "mid", "attn_1", "norm", leaf @ ..] => one(format!(
+            "{net}.mid_block.attentions.0.group_norm.{}",
+            leaf.join(".")
+        )),
+        [net, "mid", "attn_1", proj, leaf @ ..] => {
+            let names: &[&str] = match *proj {
+                "q" => &["to_q", "query"],
+                "k" => &["to_k", "key"],
+                "v" => &["to_v", "value"],
+                "proj_out" => &["to_out.0", "proj_attn"],
+                _ => return one(sgm.to_string()),
+            };
+            let leaf = leaf.join(".");
+            let keys = names
+                .iter()
+                .map(|n| format!("{net}.mid_block.attentions.0.{n}.{leaf}"))
+                .collect();
+            (keys, leaf == "weight")
+        }
+        [net, "norm_out", leaf @ ..] => one(format!("{net}.conv_norm_out.{}", leaf.join("."))),
+        _ => one(sgm.to_string()),
+    }
+}
+
+impl DiffusersNames<'_> {
+    /// The diffusers key present in the file (else the preferred one, for the error) and
+    /// whether it is a Linear weight read as a 1x1 conv.
+    fn resolve(&self, name: &str) -> (String, bool) {
+        let (keys, linear) = diffusers_key(name, self.levels);
+        let key = keys
+            .iter()
+            .find(|k| self.inner.contains_tensor(k))
+            .unwrap_or(&keys[0])
+            .clone();
+        (key, linear)
+    }
+}
+
+impl SimpleBackend for DiffusersNames<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let (key, linear) = self.resolve(name);
+        match (linear, s.dims()) {
+            (true, &[o, i, 1, 1]) => self
+                .inner
+                .get_with_hints_dtype((o, i), &key, h, dtype)?
+                .reshape(s)?
+                .to_device(dev),
+            _ => self
+                .inner
+                .get_with_hints_dtype(s, &key, h, dtype)?
+                .to_device(dev),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let (key, linear) = self.resolve(name);
+        let t = self.inner.get_unchecked_dtype(&key, dtype)?;
+        let t = match (linear, t.dims()) {
+            (true, &[o, i]) => t.reshape((o, i, 1, 1))?,
+            _ => t,
+        };
+        t.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        let (key, _) = self.resolve(name);
+        self.inner.contains_tensor(&key)
     }
 }
