@@ -5,8 +5,13 @@
 //! torchvision 0.15.2 resolves a tensor `Resize`'s `antialias='warn'` to no antialiasing, i.e.
 //! `F.interpolate(mode='bilinear', align_corners=False)`: source coordinate
 //! `max(scale · (dst + 0.5) - 0.5, 0)` with `scale = in / out` (f32), the two neighbours
-//! `floor` and `floor + 1` (clamped to the last pixel), weights `1 - λ`, `λ`; a pixel is
-//! `(x00·wx0 + x01·wx1)·wy0 + (x10·wx0 + x11·wx1)·wy1`, all in f32 as ATen's CPU kernel.
+//! `floor` and `floor + 1` (clamped to the last pixel), weights `1 - λ`, `λ`.
+//!
+//! The arithmetic is that of torch 2.0.1's CPU kernel as compiled (AVX2 with FMA), which the
+//! fixture reproduces bit for bit: the source coordinate is one fused multiply-add, the 2-D
+//! weights are the rounded products `wy · wx`, and a pixel accumulates
+//! `x01·w01`, then `+ x00·w00`, `+ x10·w10`, `+ x11·w11`, each a fused multiply-add. Then
+//! `Normalize`: `(x - mean) / std` in f32.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -27,7 +32,7 @@ fn linear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32, f32)> {
     let scale = input as f32 / output as f32;
     (0..output)
         .map(|o| {
-            let src = scale * (o as f32 + 0.5) - 0.5;
+            let src = scale.mul_add(o as f32 + 0.5, -0.5);
             let src = if src < 0.0 { 0.0 } else { src };
             let i0 = (src.floor() as usize).min(input - 1);
             let l1 = (src - i0 as f32).clamp(0.0, 1.0);
@@ -71,9 +76,11 @@ pub fn preprocess_to(image: &Tensor, out_h: usize, out_w: usize) -> Result<Tenso
         for &(y0, y1, wy0, wy1) in &ty {
             let (r0, r1) = (&plane[y0 * w..(y0 + 1) * w], &plane[y1 * w..(y1 + 1) * w]);
             for &(x0, x1, wx0, wx1) in &tx {
-                let top = r0[x0] * wx0 + r0[x1] * wx1;
-                let bottom = r1[x0] * wx0 + r1[x1] * wx1;
-                let v = top * wy0 + bottom * wy1;
+                let (w00, w01, w10, w11) = (wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1);
+                let v = r0[x1] * w01;
+                let v = r0[x0].mul_add(w00, v);
+                let v = r1[x0].mul_add(w10, v);
+                let v = r1[x1].mul_add(w11, v);
                 out.push((v - m) / s);
             }
         }
