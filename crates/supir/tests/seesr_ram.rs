@@ -68,7 +68,12 @@ fn tag_string_is_the_official_one() {
     assert_eq!(out.tags.len(), 1);
     assert_eq!(out.tags[0], case["params"]["tags"].as_str().unwrap());
     assert_eq!(out.image_embeds.dims(), &[1, 145, 512]);
-    let idx: Vec<usize> = out.targets.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+    let idx: Vec<usize> = out
+        .targets
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
         .iter()
         .enumerate()
         .filter(|(_, &t)| t == 1.0)
@@ -80,7 +85,8 @@ fn tag_string_is_the_official_one() {
 
 /// The RAM checkpoint of the fixture as a tensor map, for building on an in-memory source.
 fn fixture_ram_tensors() -> HashMap<String, Tensor> {
-    let ck = supir::weights::Checkpoint::open(fixture_dir().join("ram_swin_large_14m.pth")).unwrap();
+    let ck =
+        supir::weights::Checkpoint::open(fixture_dir().join("ram_swin_large_14m.pth")).unwrap();
     ck.tensors()
         .into_keys()
         .filter(|k| !k.ends_with("relative_position_index") && !k.ends_with("attn_mask"))
@@ -114,7 +120,10 @@ fn dape_key_matching_no_layer_is_an_error_naming_it() {
 
     // A LoRA pair on a layer that has no LoRA in RAMLora (the Swin MLP).
     let bad = "visual_encoder.layers.0.blocks.0.mlp.fc1.lora_A";
-    dape.insert(bad.into(), Tensor::zeros((8, 16), DType::F32, &Device::Cpu).unwrap());
+    dape.insert(
+        bad.into(),
+        Tensor::zeros((8, 16), DType::F32, &Device::Cpu).unwrap(),
+    );
     dape.insert(
         bad.replace("lora_A", "lora_B"),
         Tensor::zeros((64, 8), DType::F32, &Device::Cpu).unwrap(),
@@ -129,7 +138,10 @@ fn dape_key_matching_no_layer_is_an_error_naming_it() {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let k = "module.tagging_head.encoder.layer.0.crossattention.self.query.lora_A";
-    dape2.insert(k.into(), Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap());
+    dape2.insert(
+        k.into(),
+        Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = build(&dape2).unwrap_err().to_string();
     assert!(err.contains(k), "{err}");
 
@@ -139,7 +151,10 @@ fn dape_key_matching_no_layer_is_an_error_naming_it() {
         .filter(|(k, _)| !k.starts_with("module."))
         .collect();
     let k = "visual_encoder.layers.0.blocks.0.attn.qkv.lora_B";
-    dape3.insert(k.into(), Tensor::zeros((48, 8), DType::F32, &Device::Cpu).unwrap());
+    dape3.insert(
+        k.into(),
+        Tensor::zeros((48, 8), DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = build(&dape3).unwrap_err().to_string();
     assert!(err.contains(k), "{err}");
 }
@@ -201,13 +216,18 @@ fn full_size_model_requests_exactly_the_used_official_keys() {
         .filter(|(k, _)| {
             !k.ends_with("relative_position_index")
                 && !k.ends_with("attn_mask")
-                && (!(k.starts_with("tag_encoder.") || k.starts_with("text_decoder."))
-                    || tied(k))
+                && (!(k.starts_with("tag_encoder.") || k.starts_with("text_decoder.")) || tied(k))
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let missing: Vec<_> = expected.keys().filter(|k| !requested.contains_key(*k)).collect();
-    let extra: Vec<_> = requested.keys().filter(|k| !expected.contains_key(*k)).collect();
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !requested.contains_key(*k))
+        .collect();
+    let extra: Vec<_> = requested
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
     let wrong: Vec<_> = requested
         .iter()
         .filter(|(k, s)| expected.get(*k).is_some_and(|o| o != *s))
@@ -215,6 +235,47 @@ fn full_size_model_requests_exactly_the_used_official_keys() {
     assert!(missing.is_empty(), "not requested: {missing:?}");
     assert!(extra.is_empty(), "not expected: {extra:?}");
     assert!(wrong.is_empty(), "wrong shapes: {wrong:?}");
-    // 24 blocks x 16 + 3 x 3 merges + 5 + 4 + 2 x 16 + 6 (+ DAPE: 24 x 2 + 2 x 4 + 2 x 4).
-    assert_eq!(requested.len(), expected.len());
+    // Swin: 24 blocks x 13 + 3 merges x 3 + 6; tagging head 2 x 16; 7 others; DAPE: Swin 24 x 2,
+    // tagging head 2 x 4, tied tag_encoder 2 x 4.
+    assert_eq!(requested.len(), 24 * 13 + 9 + 6 + 32 + 7 + 48 + 8 + 8);
+}
+
+/// Full-size RAM (Swin-L 384 + DAPE) on seeded random weights: time of one forward
+/// (`cargo test --release -p supir --test seesr_ram full_size_forward -- --ignored --nocapture`).
+#[test]
+#[ignore = "timing run: builds the full-size model (~1 GB)"]
+fn full_size_forward_timing() {
+    let ram = key_rows("ram_swin_large_14m.pth");
+    let dape = key_rows("DAPE.pth");
+    let all: HashMap<String, Vec<usize>> = ram
+        .iter()
+        .chain(dape.iter())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let src = supir::weights::RandomSource::new(all, 0);
+    let t0 = std::time::Instant::now();
+    let lora = Lora::new(
+        src.clone().into_var_builder(DType::F32, &Device::Cpu),
+        dape.keys().cloned(),
+        "DAPE.pth",
+        1.0,
+    );
+    let vb = src.into_var_builder(DType::F32, &Device::Cpu);
+    let model = Ram::new(vb, Some(&lora), &RamConfig::default()).unwrap();
+    eprintln!("build {:.2?}", t0.elapsed());
+    let img = Tensor::zeros((300, 400, 3), DType::U8, &Device::Cpu).unwrap();
+    let x = supir::models::ram::preprocess(&img).unwrap();
+    for _ in 0..2 {
+        let t = std::time::Instant::now();
+        let (v, e) = model.image_embeds(&x).unwrap();
+        let te = t.elapsed();
+        let out = model.forward(&x).unwrap();
+        eprintln!(
+            "image_embeds {te:.2?}, forward {:.2?} ({:?} {:?}, {} tags)",
+            t.elapsed() - te,
+            v.dims(),
+            e.dims(),
+            out.tags[0].split(", ").count()
+        );
+    }
 }

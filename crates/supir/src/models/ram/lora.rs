@@ -119,7 +119,12 @@ impl Lora {
 
     /// The merge term `(B @ A) · alpha / r` `[out, in]` of the `lora.Linear` `layer`, if the file
     /// has its pair.
-    pub fn linear_delta(&self, layer: &str, out_dim: usize, in_dim: usize) -> Result<Option<Tensor>> {
+    pub fn linear_delta(
+        &self,
+        layer: &str,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Option<Tensor>> {
         let Some((a, b, r)) = self.pair(layer, in_dim)? else {
             return Ok(None);
         };

@@ -104,7 +104,7 @@ impl Block {
         } else {
             (window_cfg, if odd { window_cfg / 2 } else { 0 })
         };
-        if h % window != 0 || w % window != 0 {
+        if !h.is_multiple_of(window) || !w.is_multiple_of(window) {
             return Err(Error::Option(format!(
                 "{}: a {h}x{w} token map is not a whole number of {window}x{window} windows",
                 vb.prefix()
@@ -113,7 +113,7 @@ impl Block {
         let attn = vb.pp("attn");
         let table_key = "relative_position_bias_table";
         let heads = attn.get_unchecked(table_key)?.dim(1)?;
-        if heads == 0 || dim % heads != 0 {
+        if heads == 0 || !dim.is_multiple_of(heads) {
             return Err(Error::Option(format!(
                 "{}: {heads} heads do not divide width {dim}",
                 attn.prefix()
@@ -265,11 +265,14 @@ impl SwinTransformer {
         image_size: usize,
         window_size: usize,
     ) -> Result<Self> {
+        if window_size == 0 {
+            return Err(Error::Option("RAM: window_size 0".into()));
+        }
         let cdt = compute_dtype(vb.dtype(), vb.device());
         let pe = vb.pp("patch_embed");
         let proj_w = pe.pp("proj").get_unchecked("weight")?;
         let (embed, in_chans, p, p2) = proj_w.dims4()?;
-        if p != p2 || p == 0 || image_size % p != 0 {
+        if p != p2 || p == 0 || !image_size.is_multiple_of(p) {
             return Err(Error::Option(format!(
                 "visual_encoder: patch {p}x{p2} does not tile a {image_size} px input"
             )));
@@ -306,7 +309,7 @@ impl SwinTransformer {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsample = if i + 1 < n_stages {
-                if res.0 % 2 != 0 || res.1 % 2 != 0 {
+                if !res.0.is_multiple_of(2) || !res.1.is_multiple_of(2) {
                     return Err(Error::Option(format!(
                         "visual_encoder: stage {i} map {}x{} is not even",
                         res.0, res.1

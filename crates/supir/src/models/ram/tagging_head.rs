@@ -69,7 +69,9 @@ impl TaggingHead {
     pub fn new(root: &VarBuilder, lora: Option<&Lora>, heads: usize, eps: f64) -> Result<Self> {
         let layer_key =
             |i: usize| format!("tagging_head.encoder.layer.{i}.crossattention.self.query.bias");
-        let n = (0..).take_while(|&i| root.contains_tensor(&layer_key(i))).count();
+        let n = (0..)
+            .take_while(|&i| root.contains_tensor(&layer_key(i)))
+            .count();
         if n == 0 {
             return Err(Error::Option(
                 "RAM: no `tagging_head.encoder.layer.0` weights".into(),
@@ -85,7 +87,7 @@ impl TaggingHead {
         let inter = root
             .get_unchecked(&format!("{l0}.intermediate.dense.bias"))?
             .dim(0)?;
-        if heads == 0 || hidden % heads != 0 {
+        if heads == 0 || !hidden.is_multiple_of(heads) {
             return Err(Error::Option(format!(
                 "RAM tagging head: {heads} heads do not divide width {hidden}"
             )));
@@ -94,7 +96,7 @@ impl TaggingHead {
         for i in 0..n {
             let name = format!("tagging_head.encoder.layer.{i}");
             let vb = root.pp(&name);
-            let att = format!("crossattention.self");
+            let att = "crossattention.self";
             let proj = |p: &str, in_dim| {
                 lora_linear(
                     root,

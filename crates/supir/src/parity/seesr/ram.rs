@@ -67,10 +67,7 @@ pub(super) fn run_case(
             let out = model.forward(&x)?;
             if let Some(want) = case.params.get("tags").and_then(|t| t.as_str()) {
                 if out.tags.first().map(String::as_str) != Some(want) {
-                    return Err(bad(
-                        case,
-                        format!("tags {:?}, official {want:?}", out.tags),
-                    ));
+                    return Err(bad(case, format!("tags {:?}, official {want:?}", out.tags)));
                 }
             }
             Ok(vec![
