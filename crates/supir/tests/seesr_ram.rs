@@ -159,6 +159,63 @@ fn dape_key_matching_no_layer_is_an_error_naming_it() {
     assert!(err.contains(k), "{err}");
 }
 
+/// The file-level errors: a DAPE file (safetensors here; torch zips load the same way) with a
+/// key matching no layer, and a RAM file lacking a weight, name the file and the key.
+#[test]
+fn bad_files_are_errors_naming_file_and_key() {
+    let dir = fixture_dir();
+    let tmp = std::env::temp_dir().join(format!("supir-seesr-ram-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let dape_ck = supir::weights::Checkpoint::open(dir.join("DAPE.pth")).unwrap();
+    let mut dape: HashMap<String, Tensor> = dape_ck
+        .tensors()
+        .into_keys()
+        .map(|k| {
+            let t = dape_ck.load(&k, DType::F32, &Device::Cpu).unwrap().unwrap();
+            (k, t)
+        })
+        .collect();
+    let bad = "tagging_head.encoder.layer.0.crossattention.self.value.lora_A";
+    dape.insert(
+        bad.into(),
+        Tensor::zeros((8, 512), DType::F32, &Device::Cpu).unwrap(),
+    );
+    dape.insert(
+        bad.replace("lora_A", "lora_B"),
+        Tensor::zeros((32, 8), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let bad_dape = tmp.join("DAPE_bad.safetensors");
+    candle_core::safetensors::save(&dape, &bad_dape).unwrap();
+    let cfg = tiny_config();
+    let err = Ram::load(
+        &dir.join("ram_swin_large_14m.pth"),
+        Some(&bad_dape),
+        &cfg,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("DAPE_bad.safetensors") && err.contains(bad),
+        "{err}"
+    );
+
+    let mut ram = fixture_ram_tensors();
+    let gone = "visual_encoder.layers.2.blocks.1.mlp.fc2.weight";
+    assert!(ram.remove(gone).is_some());
+    let bad_ram = tmp.join("ram_bad.safetensors");
+    candle_core::safetensors::save(&ram, &bad_ram).unwrap();
+    let err = Ram::load(&bad_ram, None, &cfg, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ram_bad.safetensors") && err.contains(gone),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 /// Rows of `seesr-keys.tsv` of one file: key -> shape.
 fn key_rows(file: &str) -> BTreeMap<String, Vec<usize>> {
     let tsv = include_str!("../assets/seesr-keys.tsv");

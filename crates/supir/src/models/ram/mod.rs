@@ -25,6 +25,7 @@ pub mod swin;
 pub mod tagging_head;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -153,6 +154,8 @@ pub struct Ram {
     wordvec_proj: Option<Linear>,
     tagging_head: TaggingHead,
     fc: Linear,
+    /// `relu(wordvec_proj(label_embed))` `[C, hidden]`, input-independent: made on first use.
+    queries: OnceLock<Tensor>,
     /// `class_threshold` `[C]` f32.
     thresholds: Tensor,
     tags: Vec<&'static str>,
@@ -230,6 +233,7 @@ impl Ram {
             wordvec_proj,
             tagging_head,
             fc,
+            queries: OnceLock::new(),
             thresholds: Tensor::from_vec(thresholds, classes, vb.device())?,
             tags,
             cdt,
@@ -258,12 +262,18 @@ impl Ram {
     pub fn forward(&self, pixel_values: &Tensor) -> Result<RamOutput> {
         let (visual_features, image_embeds) = self.image_embeds(pixel_values)?;
         let b = image_embeds.dim(0)?;
-        let label = self.label_embed.to_dtype(self.cdt)?;
-        let label = match &self.wordvec_proj {
-            Some(p) => p.forward(&label)?,
-            None => label,
-        }
-        .relu()?;
+        let label = match self.queries.get() {
+            Some(q) => q.clone(),
+            None => {
+                let label = self.label_embed.to_dtype(self.cdt)?;
+                let q = match &self.wordvec_proj {
+                    Some(p) => p.forward(&label)?,
+                    None => label,
+                }
+                .relu()?;
+                self.queries.get_or_init(|| q).clone()
+            }
+        };
         let (classes, hidden) = label.dims2()?;
         let queries = label.unsqueeze(0)?.broadcast_as((b, classes, hidden))?;
         let h = self
