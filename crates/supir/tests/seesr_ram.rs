@@ -83,6 +83,65 @@ fn tag_string_is_the_official_one() {
     assert_eq!(idx, want);
 }
 
+/// `get_validation_prompt` on the pipeline cases' LR images (upscaled in both directions to
+/// 384): the tags of `params.tags` and the recorded `ram_encoder_hidden_states`, within the
+/// single-component tolerance 1e-4 x max(1, max |x|).
+#[test]
+fn pipeline_images_give_the_official_tags_and_embeddings() {
+    let dir = fixture_dir();
+    let text = std::fs::read_to_string(dir.join("cases.json")).unwrap();
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let model = Ram::load(
+        &dir.join("ram_swin_large_14m.pth"),
+        Some(&dir.join("DAPE.pth")),
+        &tiny_config(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("cases.safetensors"), &Device::Cpu).unwrap();
+    let mut n = 0;
+    for case in all["cases"].as_array().unwrap() {
+        if case["kind"] != "pipeline" {
+            continue;
+        }
+        let name = case["name"].as_str().unwrap();
+        let img = &tensors[&format!("{name}/in/image_u8")];
+        let out = model
+            .forward(&supir::models::ram::preprocess(img).unwrap())
+            .unwrap();
+        assert_eq!(
+            out.tags[0],
+            case["params"]["tags"].as_str().unwrap(),
+            "{name}"
+        );
+        let want = &tensors[&format!("{name}/out/ram_encoder_hidden_states")];
+        let max_abs = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = (&out.image_embeds - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        eprintln!("{name}: embeds max err {err:.3e}");
+        assert!(
+            err <= 1e-4 * max_abs.max(1.0),
+            "{name}: {err} (max {max_abs})"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 4);
+}
+
 /// The RAM checkpoint of the fixture as a tensor map, for building on an in-memory source.
 fn fixture_ram_tensors() -> HashMap<String, Tensor> {
     let ck =
