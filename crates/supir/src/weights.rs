@@ -273,13 +273,18 @@ fn tensor_from_bytes(bytes: &[u8], meta: &TensorMeta) -> candle_core::Result<Ten
 }
 
 /// A torch zip checkpoint: a plain state dict, or one wrapped as `{"state_dict": ...}` (the
-/// official SUPIR `.ckpt` files), as `SUPIR/util.py::load_state_dict` accepts.
+/// official SUPIR `.ckpt` files), as `SUPIR/util.py::load_state_dict` accepts, or as
+/// `{"model": ...}` (RAM's `ram_swin_large_14m.pth`, read by `load_checkpoint_swinlarge`).
 fn open_torch(path: &Path) -> Result<candle_core::pickle::PthTensors> {
     use candle_core::pickle::PthTensors;
-    let wrapped = PthTensors::new(path, Some("state_dict"));
+    let wrapped = ["state_dict", "model"].into_iter().find_map(|k| {
+        PthTensors::new(path, Some(k))
+            .ok()
+            .filter(|t| !t.tensor_infos().is_empty())
+    });
     let tensors = match wrapped {
-        Ok(t) if !t.tensor_infos().is_empty() => t,
-        _ => PthTensors::new(path, None).map_err(|e| {
+        Some(t) => t,
+        None => PthTensors::new(path, None).map_err(|e| {
             ckpt_err(
                 path,
                 format!("unreadable PyTorch checkpoint (truncated or corrupt?): {e}"),

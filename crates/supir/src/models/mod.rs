@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod glv_control;
+pub mod ram;
 pub mod supir_config;
 pub mod tiled_vae;
 pub mod unet;
