@@ -100,7 +100,11 @@ fn assert_exact_keys(
     assert!(missing.is_empty(), "not requested: {missing:?}");
     assert!(extra.is_empty(), "not in the official model: {extra:?}");
     assert!(wrong.is_empty(), "wrong shapes: {wrong:?}");
-    assert!(src.repeated().is_empty(), "asked twice: {:?}", src.repeated());
+    assert!(
+        src.repeated().is_empty(),
+        "asked twice: {:?}",
+        src.repeated()
+    );
 }
 
 #[test]
@@ -216,7 +220,10 @@ fn turbo_unet_takes_only_image_attentions_from_seesr() {
             None,
         )
         .unwrap_err();
-    assert!(err.to_string().contains("image_encoder_hidden_states"), "{err}");
+    assert!(
+        err.to_string().contains("image_encoder_hidden_states"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------- K/V memo
@@ -260,9 +267,7 @@ fn remembered_contexts_give_the_bits_of_a_fresh_model() {
         UNet2DConditionModel::from_pretrained(fx.join("seesr/unet"), DType::F32, &dev).unwrap()
     };
     let run = |c: &ControlNetModel, u: &UNet2DConditionModel, text: &Tensor, image: &Tensor| {
-        let r = c
-            .forward(&x, &t, text, Some(image), &cond, 1.0)
-            .unwrap();
+        let r = c.forward(&x, &t, text, Some(image), &cond, 1.0).unwrap();
         bits(&u.forward(&x, &t, text, Some(image), Some(&r)).unwrap())
     };
     let (c, u) = (cn(()), un(()));

@@ -325,20 +325,14 @@ impl ControlNetModel {
         let mut cond = controlnet_cond.to_dtype(dtype)?;
         if self.bgr {
             let c = cond.dim(1)?;
-            let idx = Tensor::from_vec(
-                (0..c as u32).rev().collect::<Vec<_>>(),
-                c,
-                cond.device(),
-            )?;
+            let idx = Tensor::from_vec((0..c as u32).rev().collect::<Vec<_>>(), c, cond.device())?;
             cond = cond.index_select(&idx, 1)?;
         }
         let timesteps = timestep.into().to_batch(b, sample.device())?;
         let emb = self.encoder.embed(&timesteps, dtype)?;
-        let (text, image) = self.encoder.contexts(
-            encoder_hidden_states,
-            image_encoder_hidden_states,
-            dtype,
-        )?;
+        let (text, image) =
+            self.encoder
+                .contexts(encoder_hidden_states, image_encoder_hidden_states, dtype)?;
         let ctx = Contexts {
             text: &text,
             image: image.as_ref(),
@@ -361,7 +355,9 @@ impl ControlNetModel {
             let t = (t * conditioning_scale)?;
             if self.global_pool {
                 let (b, c, h, w) = t.dims4()?;
-                t.reshape((b, c, h * w))?.mean_keepdim(2)?.reshape((b, c, 1, 1))
+                t.reshape((b, c, h * w))?
+                    .mean_keepdim(2)?
+                    .reshape((b, c, 1, 1))
             } else {
                 Ok(t)
             }

@@ -327,9 +327,7 @@ impl UNet2DConditionConfig {
                 .transformer_layers_per_block
                 .resolve(n, "transformer_layers_per_block")?,
             heads: self.attention_head_dim.resolve(n, "attention_head_dim")?,
-            cross_attention_dim: self
-                .cross_attention_dim
-                .resolve(n, "cross_attention_dim")?,
+            cross_attention_dim: self.cross_attention_dim.resolve(n, "cross_attention_dim")?,
             norm: NormSpec {
                 groups: self.norm_num_groups.unwrap_or(32),
                 eps: self.norm_eps,
@@ -360,11 +358,7 @@ pub(crate) struct CommonOptions<'a> {
 }
 
 pub(crate) fn check_common(o: &CommonOptions) -> Result<()> {
-    unsupported(
-        "act_fn",
-        matches!(o.act_fn, "silu" | "swish"),
-        o.act_fn,
-    )?;
+    unsupported("act_fn", matches!(o.act_fn, "silu" | "swish"), o.act_fn)?;
     unsupported(
         "resnet_time_scale_shift",
         o.resnet_time_scale_shift == "default",
@@ -644,10 +638,15 @@ impl MidBlock {
         output_scale: f64,
     ) -> CResult<Self> {
         let res = |i: usize| -> CResult<ResBlock> {
-            Ok(
-                ResBlock::new(vb.pp("resnets").pp(i), ch, temb, ch, norm, Naming::Diffusers)?
-                    .with_output_scale(output_scale),
-            )
+            Ok(ResBlock::new(
+                vb.pp("resnets").pp(i),
+                ch,
+                temb,
+                ch,
+                norm,
+                Naming::Diffusers,
+            )?
+            .with_output_scale(output_scale))
         };
         let (text, image) = attn.transformers(&vb, 0, ch)?;
         Ok(Self {
@@ -908,7 +907,10 @@ impl Encoder {
     pub(crate) fn skip_channels(&self, s: &EncoderSpec) -> Vec<usize> {
         let mut chans = vec![s.block_out_channels[0]];
         for (i, b) in self.down_blocks.iter().enumerate() {
-            chans.extend(std::iter::repeat_n(s.block_out_channels[i], b.num_outputs()));
+            chans.extend(std::iter::repeat_n(
+                s.block_out_channels[i],
+                b.num_outputs(),
+            ));
         }
         chans
     }
@@ -1049,11 +1051,9 @@ impl UNet2DConditionModel {
         let dtype = sample.dtype();
         let timesteps = timestep.into().to_batch(b, sample.device())?;
         let emb = self.encoder.embed(&timesteps, dtype)?;
-        let (text, image) = self.encoder.contexts(
-            encoder_hidden_states,
-            image_encoder_hidden_states,
-            dtype,
-        )?;
+        let (text, image) =
+            self.encoder
+                .contexts(encoder_hidden_states, image_encoder_hidden_states, dtype)?;
         let ctx = Contexts {
             text: &text,
             image: image.as_ref(),

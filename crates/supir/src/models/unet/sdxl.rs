@@ -152,7 +152,12 @@ impl UNetTrunk {
                 let adm = cfg.adm_in_channels.ok_or_else(|| {
                     candle_core::Error::Msg("num_classes sequential needs adm_in_channels".into())
                 })?;
-                Some(TimestepMlp::new(vb.pp("label_emb.0"), adm, ted, Naming::Sgm)?)
+                Some(TimestepMlp::new(
+                    vb.pp("label_emb.0"),
+                    adm,
+                    ted,
+                    Naming::Sgm,
+                )?)
             }
             Some(other) => candle_core::bail!("num_classes {other:?} is not supported"),
         };
@@ -208,9 +213,23 @@ impl UNetTrunk {
         let vbm = vb.pp("middle_block");
         let depth_middle = *cfg.transformer_depth.last().unwrap_or(&1);
         let middle_block = EmbedSequential(vec![
-            Layer::Res(ResBlock::new(vbm.pp("0"), ch, ted, ch, NormSpec::SGM, Naming::Sgm)?),
+            Layer::Res(ResBlock::new(
+                vbm.pp("0"),
+                ch,
+                ted,
+                ch,
+                NormSpec::SGM,
+                Naming::Sgm,
+            )?),
             Layer::Transformer(spatial_transformer(vbm.pp("1"), cfg, ch, depth_middle)?),
-            Layer::Res(ResBlock::new(vbm.pp("2"), ch, ted, ch, NormSpec::SGM, Naming::Sgm)?),
+            Layer::Res(ResBlock::new(
+                vbm.pp("2"),
+                ch,
+                ted,
+                ch,
+                NormSpec::SGM,
+                Naming::Sgm,
+            )?),
         ]);
         Ok(Self {
             model_channels: mc,
@@ -516,4 +535,3 @@ fn apply_sft(
         Connector::CrossAttn(_) => candle_core::bail!("expected a ZeroSFT connector"),
     }
 }
-
