@@ -303,6 +303,16 @@ impl ControlNetModel {
         Self::new(vb, &cfg)
     }
 
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.mid_zero_conv.weight().dtype()
+    }
+
+    /// Number of down residuals the forward returns (the UNet's skips).
+    pub fn num_down_residuals(&self) -> usize {
+        self.down_zero_convs.len()
+    }
+
     /// `ControlNetModel.forward(..., guess_mode=False)`.
     /// - `sample`: `[B, in_channels, h, w]`, `timestep`: a number or a tensor;
     /// - `encoder_hidden_states`: text `[B, 77, C]`; `image_encoder_hidden_states`: the RAM

@@ -1024,6 +1024,11 @@ impl UNet2DConditionModel {
         Self::new(vb, &cfg)
     }
 
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.conv_out.weight().dtype()
+    }
+
     /// Number of ControlNet down residuals the forward takes.
     pub fn num_down_residuals(&self) -> usize {
         self.num_skips
@@ -1107,7 +1112,9 @@ impl UNet2DConditionModel {
 
 /// Weights of `from_pretrained_orig`: every key from `base`, except the keys containing
 /// `image_attentions`, which come from `seesr` (the official code copies exactly those from
-/// SeeSR's state dict into sd-turbo's before a non-strict load).
+/// SeeSR's state dict into sd-turbo's before a non-strict load). A key missing from the file
+/// it is routed to is an error (the official non-strict load would leave it at its random
+/// initialisation); tensors of `seesr` outside the image attentions are never read.
 pub fn orig_var_builder(
     base: &Path,
     seesr: &Path,
