@@ -8,7 +8,8 @@ use candle_nn::VarBuilder;
 use crate::layers::Conv2d;
 
 use crate::models::supir_config::UNetParams;
-use crate::models::unet::{conv2d, UNetTrunk};
+use crate::models::unet::conv2d;
+use crate::models::unet::sdxl::UNetTrunk;
 
 /// GLVControl: `hints = [input block outputs..., middle block output]`, run on the noisy latent
 /// `xt` with `input_hint_block(control)` added after the first input block.

@@ -2,6 +2,7 @@
 //! and a `forward`.
 
 pub mod clip;
+pub mod controlnet;
 pub mod glv_control;
 pub mod ram;
 pub mod supir_config;
