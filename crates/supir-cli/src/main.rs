@@ -7,6 +7,7 @@ mod eval;
 mod inspect;
 mod parity;
 mod restore;
+mod restore_seesr;
 mod restore_supir;
 
 use clap::{Parser, Subcommand};

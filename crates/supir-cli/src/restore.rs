@@ -10,7 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use supir::image_io::file;
 use supir::pipelines::realesrgan::{AlphaUpscale, RealEsrgan, Tiling, UpscaleOptions};
 
+use crate::restore_seesr::{self, SeesrArgs};
 use crate::restore_supir::{self, ModelSpec, SupirArgs};
+use supir::pipelines::seesr::SeesrPaths;
 
 #[derive(Args)]
 pub struct RestoreArgs {
@@ -19,7 +21,8 @@ pub struct RestoreArgs {
     /// Output image (format from the extension), or the output folder for a folder input.
     #[arg(short, long, required_unless_present = "list_tiles")]
     output: Option<PathBuf>,
-    /// Backend; `auto` runs SUPIR when its weights are configured, else the embedded Real-ESRGAN.
+    /// Backend; `auto` runs SUPIR when its weights are configured, else SeeSR when its weights
+    /// are, else the embedded Real-ESRGAN.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
     /// Folder holding the published SUPIR weights: `sd_xl_base_1.0_0.9vae.safetensors` and
@@ -40,12 +43,15 @@ pub struct RestoreArgs {
     alpha: AlphaArg,
     #[command(flatten)]
     supir: SupirArgs,
+    #[command(flatten)]
+    seesr: SeesrArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendChoice {
     Auto,
     Supir,
+    Seesr,
     Realesrgan,
 }
 
@@ -61,6 +67,8 @@ enum AlphaArg {
 enum Backend {
     /// SUPIR with these weights.
     Supir(ModelSpec),
+    /// SeeSR with this release.
+    Seesr(SeesrPaths),
     /// The embedded Real-ESRGAN x4plus.
     RealEsrgan,
 }
@@ -68,20 +76,34 @@ enum Backend {
 const SUPIR_HINT: &str = "to use SUPIR, give its weights with --sdxl FILE --supir FILE, \
     --supir-models DIR (or SUPIR_MODELS=DIR), --config FILE or --model-dir DIR (README, section SUPIR)";
 
+const SEESR_HINT: &str = "to use SeeSR, give its release with --seesr-models DIR (or \
+    SEESR_MODELS=DIR), or each part with --sd2-base, --seesr-dir, --ram and --dape (README, section SeeSR)";
+
 fn choose_backend(
     choice: BackendChoice,
     models: Option<&Path>,
     supir: &SupirArgs,
+    seesr: &SeesrArgs,
 ) -> anyhow::Result<Backend> {
-    if choice == BackendChoice::Realesrgan {
-        return Ok(Backend::RealEsrgan);
-    }
-    match (choice, restore_supir::resolve(supir, models)?) {
-        (_, Some(spec)) => Ok(Backend::Supir(spec)),
-        (BackendChoice::Supir, None) => {
-            bail!("--backend supir: no SUPIR weights configured; {SUPIR_HINT}")
+    match choice {
+        BackendChoice::Realesrgan => Ok(Backend::RealEsrgan),
+        BackendChoice::Supir => match restore_supir::resolve(supir, models)? {
+            Some(spec) => Ok(Backend::Supir(spec)),
+            None => bail!("--backend supir: no SUPIR weights configured; {SUPIR_HINT}"),
+        },
+        BackendChoice::Seesr => match seesr.resolve()? {
+            Some(paths) => Ok(Backend::Seesr(paths)),
+            None => bail!("--backend seesr: no SeeSR weights configured; {SEESR_HINT}"),
+        },
+        BackendChoice::Auto => {
+            if let Some(spec) = restore_supir::resolve(supir, models)? {
+                return Ok(Backend::Supir(spec));
+            }
+            Ok(match seesr.resolve()? {
+                Some(paths) => Backend::Seesr(paths),
+                None => Backend::RealEsrgan,
+            })
         }
-        _ => Ok(Backend::RealEsrgan),
     }
 }
 
@@ -168,7 +190,12 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
         return restore_supir::list_tiles(&args.input, &args.supir, args.supir_models.as_deref());
     }
     let output = args.output.as_deref().context("--output is required")?;
-    let backend = choose_backend(args.backend, args.supir_models.as_deref(), &args.supir)?;
+    let backend = choose_backend(
+        args.backend,
+        args.supir_models.as_deref(),
+        &args.supir,
+        &args.seesr,
+    )?;
     if !(args.outscale.is_finite() && args.outscale > 0.0) {
         bail!("--outscale {}: must be a positive number", args.outscale);
     }
@@ -189,6 +216,16 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             let folder = std::fs::metadata(&args.input).is_ok_and(|m| m.is_dir());
             restore_supir::run(&jobs, &args.supir, &spec, folder)
         }
+        Backend::Seesr(paths) => {
+            if let Some(f) = &args.supir.tile_prompts {
+                bail!(
+                    "--tile-prompts {}: per-tile prompts are a SUPIR option",
+                    f.display()
+                );
+            }
+            let folder = std::fs::metadata(&args.input).is_ok_and(|m| m.is_dir());
+            restore_seesr::run(&jobs, &args.supir, &args.seesr, &paths, folder)
+        }
         Backend::RealEsrgan => {
             if let Some(f) = &args.supir.tile_prompts {
                 bail!(
@@ -196,7 +233,9 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
                     f.display()
                 );
             }
-            eprintln!("backend: Real-ESRGAN x4plus (embedded weights, CPU); {SUPIR_HINT}");
+            eprintln!(
+                "backend: Real-ESRGAN x4plus (embedded weights, CPU); {SUPIR_HINT}; {SEESR_HINT}"
+            );
             let opts = UpscaleOptions {
                 tiling: Tiling {
                     tile: args.tile,

@@ -20,6 +20,22 @@ fn supir(args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
+fn parity_recognises_a_seesr_folder_and_passes_every_case() {
+    let dir = fixtures().join("seesr-tiny");
+    let (ok, stdout, stderr) = supir(&["parity", dir.to_str().unwrap()]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let n = cases["cases"].as_array().unwrap().len();
+    assert_eq!(
+        stdout.lines().last().unwrap(),
+        format!("{n} passed, 0 failed")
+    );
+    assert!(!stdout.contains("skipped"), "{stdout}");
+    assert_eq!(stdout.matches(" pass\n").count(), n, "{stdout}");
+}
+
+#[test]
 fn parity_passes_every_case_of_the_tiny_fixture() {
     let dir = fixtures().join("supir-tiny");
     let (ok, stdout, stderr) = supir(&["parity", dir.to_str().unwrap()]);

@@ -10,6 +10,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: not found ({what})")]
+    NotFound { path: PathBuf, what: String },
     #[error("{path}: not a valid config: {msg}")]
     Config { path: PathBuf, msg: String },
     #[error("{path}: {msg}")]

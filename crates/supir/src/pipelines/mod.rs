@@ -1,4 +1,5 @@
 //! One folder per restoration backend: model assembly, typed options, presets and the flow.
 
 pub mod realesrgan;
+pub mod seesr;
 pub mod supir;

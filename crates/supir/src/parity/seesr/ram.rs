@@ -37,6 +37,20 @@ pub fn load_ram(fx: &Fixture, case: &Case) -> Result<Ram> {
     )
 }
 
+/// The RAM config of the fixture folder, from its `ram` case (the pipeline cases load RAM too).
+pub(super) fn fixture_ram_config(fx: &Fixture) -> Result<RamConfig> {
+    let case = fx
+        .cases
+        .iter()
+        .find(|c| c.kind == "ram")
+        .ok_or_else(|| Error::Option("fixture has no `ram` case (RAM config)".into()))?;
+    let null = serde_json::Value::Null;
+    RamConfig::from_official(
+        case.params.get("ram_config").unwrap_or(&null),
+        case.params.get("q2l_config").unwrap_or(&null),
+    )
+}
+
 pub(super) fn run_case(
     fx: &Fixture,
     case: &Case,

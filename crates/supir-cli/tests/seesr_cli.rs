@@ -1,0 +1,223 @@
+//! `supir restore --backend seesr` end to end on the tiny SeeSR release (`fixtures/seesr-tiny`,
+//! the official `preset/models` layout): sizes, determinism, prompts, folder mode, backend
+//! choice, and bad input (one-line errors, exit status 1, nothing written).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use image::{DynamicImage, GenericImageView, ImageBuffer, Rgb};
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/seesr-tiny")
+}
+
+/// `supir restore <args>` with no weight variables set.
+fn supir(args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_supir"));
+    for v in [
+        "SUPIR_MODELS",
+        "SUPIR_SDXL",
+        "SUPIR_CKPT",
+        "SUPIR_CONFIG",
+        "SEESR_MODELS",
+    ] {
+        c.env_remove(v);
+    }
+    c.arg("restore").args(args).output().expect("run supir")
+}
+
+/// SeeSR on the tiny release, 2 steps, small process size.
+fn seesr(args: &[&str]) -> Output {
+    let m = models();
+    supir(
+        &[
+            args,
+            &[
+                "--seesr-models",
+                m.to_str().unwrap(),
+                "--steps",
+                "2",
+                "--process-size",
+                "64",
+            ],
+        ]
+        .concat(),
+    )
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("supir-cli-seesr-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn photo(path: &Path, w: u32, h: u32) {
+    let img = ImageBuffer::from_fn(w, h, |x, y| {
+        Rgb([
+            (x * 9 % 256) as u8,
+            (y * 13 % 256) as u8,
+            ((x * y) % 256) as u8,
+        ])
+    });
+    DynamicImage::ImageRgb8(img).save(path).unwrap();
+}
+
+#[test]
+fn restore_size_determinism_and_prompts() {
+    let d = tmpdir("e2e");
+    let input = d.join("in.png");
+    photo(&input, 20, 16);
+    let (a, b) = (d.join("a.png"), d.join("b.png"));
+    let o = seesr(&[s(&input), "-o", s(&a), "--seed", "3", "--save-prompts"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("backend: SeeSR"), "{}", stderr(&o));
+    // Output = input x upscale (default 4), whatever the process size did inside.
+    assert_eq!(image::open(&a).unwrap().dimensions(), (80, 64));
+    let prompt = std::fs::read_to_string(d.join("a.txt")).unwrap();
+    assert!(
+        prompt.ends_with(", ,clean, high-resolution, 8k"),
+        "prompt: {prompt}"
+    );
+    let o = seesr(&[s(&input), "-o", s(&b), "--seed", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // Another seed gives another image; the user's prompt lands after the tags.
+    let c = d.join("c.png");
+    let o = seesr(&[
+        s(&input),
+        "-o",
+        s(&c),
+        "--seed",
+        "4",
+        "--prompt",
+        "a red brick wall",
+        "--save-prompts",
+        "--upscale",
+        "2",
+        "--color-fix",
+        "wavelet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(image::open(&c).unwrap().dimensions(), (40, 32));
+    let prompt = std::fs::read_to_string(d.join("c.txt")).unwrap();
+    assert!(
+        prompt.contains(", a red brick wall,clean"),
+        "prompt: {prompt}"
+    );
+}
+
+#[test]
+fn auto_picks_seesr_when_only_its_weights_are_configured() {
+    let d = tmpdir("auto");
+    let input = d.join("in.png");
+    photo(&input, 16, 16);
+    let out = d.join("out.png");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_supir"));
+    for v in ["SUPIR_MODELS", "SUPIR_SDXL", "SUPIR_CKPT", "SUPIR_CONFIG"] {
+        c.env_remove(v);
+    }
+    let o = c
+        .env("SEESR_MODELS", models())
+        .args(["restore", s(&input), "-o", s(&out), "--steps", "1"])
+        .args(["--process-size", "64", "--seed", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("backend: SeeSR"), "{}", stderr(&o));
+    assert_eq!(image::open(&out).unwrap().dimensions(), (64, 64));
+}
+
+#[test]
+fn turbo_preset_runs_on_the_sd_turbo_folder() {
+    let d = tmpdir("turbo");
+    let input = d.join("in.png");
+    photo(&input, 16, 20);
+    let out = d.join("out.png");
+    let m = models();
+    let o = supir(&[
+        s(&input),
+        "-o",
+        s(&out),
+        "--seesr-models",
+        s(&m),
+        "--preset",
+        "turbo",
+        "--process-size",
+        "64",
+        "--seed",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("preset turbo"), "{}", stderr(&o));
+    assert_eq!(image::open(&out).unwrap().dimensions(), (64, 80));
+}
+
+#[test]
+fn bad_input_one_line_error_nothing_written() {
+    let d = tmpdir("bad");
+    let input = d.join("in.png");
+    photo(&input, 16, 16);
+    let out = d.join("out.png");
+    // A release folder without DAPE.pth: the error names the missing file.
+    let broken = d.join("models");
+    std::fs::create_dir_all(&broken).unwrap();
+    for entry in ["stable-diffusion-2-base", "seesr"] {
+        let status = Command::new("cp")
+            .args(["-r", s(&models().join(entry)), s(&broken)])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    std::fs::copy(
+        models().join("ram_swin_large_14m.pth"),
+        broken.join("ram_swin_large_14m.pth"),
+    )
+    .unwrap();
+    let o = supir(&[s(&input), "-o", s(&out), "--seesr-models", s(&broken)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("DAPE.pth"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    // A wrong file in place of the ControlNet weights.
+    std::fs::copy(models().join("DAPE.pth"), broken.join("DAPE.pth")).unwrap();
+    std::fs::write(
+        broken.join("seesr/controlnet/diffusion_pytorch_model.safetensors"),
+        b"not a checkpoint",
+    )
+    .unwrap();
+    let o = supir(&[s(&input), "-o", s(&out), "--seesr-models", s(&broken)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("controlnet/diffusion_pytorch_model.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+    // Options out of range name the option.
+    for (flag, value) in [
+        ("--latent-overlap", "200"),
+        ("--conditioning-scale", "-1"),
+        ("--upscale", "2.5"),
+        ("--preset", "quality"),
+    ] {
+        let o = seesr(&[s(&input), "-o", s(&out), flag, value]);
+        assert_eq!(o.status.code(), Some(1), "{flag}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(flag.trim_start_matches('-')) || stderr(&o).contains(value),
+            "{flag}: {}",
+            stderr(&o)
+        );
+    }
+    // --backend seesr with nothing configured says how to configure it.
+    let o = supir(&[s(&input), "-o", s(&out), "--backend", "seesr"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--seesr-models"), "{}", stderr(&o));
+    assert!(!out.exists(), "an output was written");
+}
