@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use supir::image_io::file;
 use supir::pipelines::realesrgan::{AlphaUpscale, RealEsrgan, Tiling, UpscaleOptions};
 
@@ -155,7 +155,7 @@ fn plan(input: &Path, output: &Path) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> 
         .collect())
 }
 
-pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
+fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
@@ -313,6 +313,103 @@ fn run_realesrgan(jobs: &[(PathBuf, PathBuf)], opts: &UpscaleOptions) -> anyhow:
     }
     bar.finish_and_clear();
     folder_result(&failures, jobs.len())
+}
+
+/// One image of a diffusion backend's run: input, output, and the files its samples go to.
+pub(crate) struct Job {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub outs: Vec<PathBuf>,
+}
+
+/// The jobs still to do: every sample's file checked never to be an input (nor any `extra`
+/// file a job writes), and in folder mode the inputs whose outputs all exist skipped (unless
+/// `overwrite`). Empty when nothing is left (and says so).
+pub(crate) fn pending_jobs(
+    jobs: &[(PathBuf, PathBuf)],
+    samples: usize,
+    folder: bool,
+    overwrite: bool,
+    extra: impl Fn(&Path) -> Vec<PathBuf>,
+) -> anyhow::Result<Vec<Job>> {
+    let mut todo = Vec::new();
+    for (input, output) in jobs {
+        let outs = crate::restore_supir::sample_outputs(output, samples);
+        for out in outs.iter().chain(&extra(output)) {
+            if same_file(input, out) {
+                bail!("{}: output would overwrite the input", out.display());
+            }
+        }
+        if folder && !overwrite && outs.iter().all(|p| p.exists()) {
+            eprintln!(
+                "skipping {}: {} exists (--overwrite to redo)",
+                input.display(),
+                output.display()
+            );
+            continue;
+        }
+        todo.push(Job {
+            input: input.clone(),
+            output: output.clone(),
+            outs,
+        });
+    }
+    if todo.is_empty() {
+        eprintln!("nothing to do: every output exists");
+    }
+    Ok(todo)
+}
+
+/// Runs `one(job, steps)` for each job under an image bar (several jobs) and a step bar;
+/// prints each written file; in a folder a failing image is reported and the others go on,
+/// then the run fails listing them.
+pub(crate) fn run_jobs(
+    todo: &[Job],
+    mut one: impl FnMut(&Job, &ProgressBar) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let images = (todo.len() > 1).then(|| {
+        multi.add(
+            ProgressBar::new(todo.len() as u64).with_style(
+                ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} images")
+                    .expect("valid template"),
+            ),
+        )
+    });
+    let steps = multi.add(
+        ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps {msg}")
+                .expect("valid template"),
+        ),
+    );
+    let mut failures = Vec::new();
+    for job in todo {
+        steps.set_message(job.input.display().to_string());
+        steps.set_position(0);
+        match one(job, &steps) {
+            Ok(()) => {
+                for out in &job.outs {
+                    multi.println(format!("wrote {}", out.display())).ok();
+                }
+            }
+            Err(e) if todo.len() > 1 => {
+                multi.println(format!("error: {e:#}")).ok();
+                failures.push(job.input.clone());
+            }
+            Err(e) => {
+                steps.finish_and_clear();
+                return Err(e);
+            }
+        }
+        if let Some(b) = &images {
+            b.inc(1);
+        }
+    }
+    steps.finish_and_clear();
+    if let Some(b) = images {
+        b.finish_and_clear();
+    }
+    folder_result(&failures, todo.len())
 }
 
 /// The end of a folder run: an error listing the images that failed, if any.

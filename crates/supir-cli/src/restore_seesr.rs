@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use supir::color_fix::ColorFix;
 use supir::image_io::{convert, file};
 use supir::pipelines::seesr::{
@@ -15,8 +14,8 @@ use supir::pipelines::seesr::{
 };
 use supir::schedulers::sampler::SeededNoise;
 
-use crate::restore::same_file;
-use crate::restore_supir::{sample_outputs, seed_arg, ColorFixArg, PresetArg, SupirArgs};
+use crate::restore::{pending_jobs, run_jobs};
+use crate::restore_supir::{seed_arg, ColorFixArg, PresetArg, SupirArgs};
 
 #[derive(Args, Debug, Clone)]
 pub struct SeesrArgs {
@@ -211,42 +210,24 @@ pub fn run(
     folder: bool,
 ) -> anyhow::Result<()> {
     let opts = args.options(shared)?;
-    for (input, output) in jobs {
-        for out in sample_outputs(output, opts.samples) {
-            if same_file(input, &out) {
-                bail!("{}: output would overwrite the input", out.display());
-            }
+    let save_prompts = opts.save_prompts;
+    let todo = pending_jobs(jobs, opts.samples, folder, shared.overwrite, |out| {
+        if save_prompts {
+            vec![prompt_file(out)]
+        } else {
+            vec![]
         }
-        if opts.save_prompts && same_file(input, &prompt_file(output)) {
-            bail!(
-                "{}: prompt file would overwrite the input",
-                output.display()
-            );
-        }
-    }
-    let mut todo = Vec::new();
-    for (input, output) in jobs {
-        let outs = sample_outputs(output, opts.samples);
-        if folder && !shared.overwrite && outs.iter().all(|p| p.exists()) {
-            eprintln!(
-                "skipping {}: {} exists (--overwrite to redo)",
-                input.display(),
-                output.display()
-            );
-            continue;
-        }
-        todo.push((input.clone(), output.clone(), outs));
-    }
+    })?;
     if todo.is_empty() {
-        eprintln!("nothing to do: every output exists");
         return Ok(());
     }
     paths.check(opts.preset)?;
     // One image: read and size-check it before loading the weights.
     let first = if todo.len() == 1 && !folder {
-        let img = convert::pil_convert_rgb8(&file::load(&todo[0].0)?);
+        let input = &todo[0].input;
+        let img = convert::pil_convert_rgb8(&file::load(input)?);
         flow::control_size(img.width(), img.height(), opts.upscale, opts.process_size)
-            .with_context(|| todo[0].0.display().to_string())?;
+            .with_context(|| input.display().to_string())?;
         Some(img)
     } else {
         None
@@ -261,91 +242,52 @@ pub fn run(
     let model = SeesrModel::load(paths, &opts, &dev).context("loading the SeeSR model")?;
     tracing::info!("SeeSR loaded in {:.1?}", t.elapsed());
 
-    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-    let images = (todo.len() > 1).then(|| {
-        multi.add(
-            ProgressBar::new(todo.len() as u64).with_style(
-                ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} images")
-                    .expect("valid template"),
-            ),
-        )
-    });
-    let steps = multi.add(
-        ProgressBar::new(0).with_style(
-            ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps {msg}")
-                .expect("valid template"),
-        ),
-    );
     let seed = match opts.seed {
         Some(s) => s,
         None => seed_arg(-1)?,
     };
     let mut first = first;
-    let mut failures = Vec::new();
-    for (input, output, outs) in &todo {
-        steps.set_message(input.display().to_string());
+    run_jobs(&todo, |job, steps| {
         let t = Instant::now();
-        let result = (|| -> anyhow::Result<()> {
-            let img = match first.take() {
-                Some(img) => img,
-                None => convert::pil_convert_rgb8(&file::load(input)?),
-            };
-            // One stream per image (the same seed gives the same image whatever the folder
-            // holds); the samples continue it, as the official generator does.
-            let mut noise = SeededNoise::new(seed);
-            let prepared = flow::prepare(&model, &img, &opts, None)
-                .with_context(|| format!("{}: tagging / prompts failed", input.display()))?;
-            let prompt = prepared.prompt.clone();
-            for out in outs {
-                steps.set_position(0);
-                let res =
-                    flow::sample_image(&model, &prepared, &opts, &mut noise, None, &mut |i, n| {
-                        steps.set_length(n as u64);
-                        steps.set_position(i as u64);
+        let img = match first.take() {
+            Some(img) => img,
+            None => convert::pil_convert_rgb8(&file::load(&job.input)?),
+        };
+        // One stream per image (the same seed gives the same image whatever the folder holds);
+        // the samples continue it, as the official generator does.
+        let mut noise = SeededNoise::new(seed);
+        let prepared = flow::prepare(&model, &img, &opts, None)
+            .with_context(|| format!("{}: tagging / prompts failed", job.input.display()))?;
+        for out in &job.outs {
+            steps.set_position(0);
+            let res =
+                flow::sample_image(&model, &prepared, &opts, &mut noise, None, &mut |i, n| {
+                    steps.set_length(n as u64);
+                    steps.set_position(i as u64);
+                })
+                .with_context(|| format!("{}: restoring failed", job.input.display()))?;
+            file::save(&image::DynamicImage::ImageRgb8(res.image), out)?;
+        }
+        if opts.save_prompts {
+            let path = prompt_file(&job.output);
+            file::write_atomic(&path, |w| {
+                use std::io::Write;
+                w.write_all(prepared.prompt.as_bytes())
+                    .map_err(|source| supir::Error::Io {
+                        path: path.clone(),
+                        source,
                     })
-                    .with_context(|| format!("{}: restoring failed", input.display()))?;
-                file::save(&image::DynamicImage::ImageRgb8(res.image), out)?;
-                multi.println(format!("wrote {}", out.display())).ok();
-            }
-            if opts.save_prompts {
-                let path = prompt_file(output);
-                file::write_atomic(&path, |w| {
-                    use std::io::Write;
-                    w.write_all(prompt.as_bytes())
-                        .map_err(|source| supir::Error::Io {
-                            path: path.clone(),
-                            source,
-                        })
-                })?;
-            }
-            tracing::info!(
-                "{} -> {} ({}x{}, prompt `{prompt}`) in {:.2?}",
-                input.display(),
-                output.display(),
-                img.width(),
-                img.height(),
-                t.elapsed()
-            );
-            Ok(())
-        })();
-        match result {
-            Ok(()) => {}
-            Err(e) if todo.len() > 1 => {
-                multi.println(format!("error: {e:#}")).ok();
-                failures.push(input.clone());
-            }
-            Err(e) => {
-                steps.finish_and_clear();
-                return Err(e);
-            }
+            })?;
         }
-        if let Some(b) = &images {
-            b.inc(1);
-        }
-    }
-    steps.finish_and_clear();
-    if let Some(b) = images {
-        b.finish_and_clear();
-    }
-    crate::restore::folder_result(&failures, todo.len())
+        tracing::info!(
+            "{} -> {} ({}x{}, prompt `{}`) in {:.2?}",
+            job.input.display(),
+            job.output.display(),
+            img.width(),
+            img.height(),
+            prepared.prompt,
+            t.elapsed()
+        );
+        Ok(())
+    })
 }

@@ -7,7 +7,6 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use supir::color_fix::ColorFix;
 use supir::image_io::file;
 use supir::models::supir_config::SupirConfig;
@@ -17,7 +16,7 @@ use supir::pipelines::supir::restore::{
 };
 use supir::schedulers::sampler::SamplerKind;
 
-use crate::restore::same_file;
+use crate::restore::{pending_jobs, run_jobs};
 
 /// SDXL base and SUPIR file names of the official release (in a `--supir-models` folder).
 pub const SDXL_FILE: &str = "sd_xl_base_1.0_0.9vae.safetensors";
@@ -608,39 +607,18 @@ pub fn run(
     folder: bool,
 ) -> anyhow::Result<()> {
     let opts = args.options()?;
-    // Never over an input, also for the per-sample names.
-    for (input, output) in jobs {
-        for out in sample_outputs(output, opts.num_samples) {
-            if same_file(input, &out) {
-                bail!("{}: output would overwrite the input", out.display());
-            }
-        }
-    }
-    // Folder mode: skip what is done.
-    let mut todo = Vec::new();
-    for (input, output) in jobs {
-        let outs = sample_outputs(output, opts.num_samples);
-        if folder && !args.overwrite && outs.iter().all(|p| p.exists()) {
-            eprintln!(
-                "skipping {}: {} exists (--overwrite to redo)",
-                input.display(),
-                output.display()
-            );
-            continue;
-        }
-        todo.push((input.clone(), output.clone(), outs));
-    }
+    let todo = pending_jobs(jobs, opts.num_samples, folder, args.overwrite, |_| vec![])?;
     if todo.is_empty() {
-        eprintln!("nothing to do: every output exists");
         return Ok(());
     }
     let cfg = spec.load_config()?;
     // One image: read and size-check it before loading gigabytes of weights.
     let first = if todo.len() == 1 && !folder {
-        let img = file::load(&todo[0].0)?;
+        let input = &todo[0].input;
+        let img = file::load(input)?;
         opts.model_size(img.width(), img.height())
-            .with_context(|| todo[0].0.display().to_string())?;
-        check_tile_prompt_count(args, &opts, &cfg, &todo[0].0, img.width(), img.height())?;
+            .with_context(|| input.display().to_string())?;
+        check_tile_prompt_count(args, &opts, &cfg, input, img.width(), img.height())?;
         Some(img)
     } else {
         None
@@ -655,74 +633,31 @@ pub fn run(
     restorer.drop_text_encoders();
     tracing::info!("model loaded and prompts encoded in {:.1?}", t.elapsed());
 
-    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
-    let images = (todo.len() > 1).then(|| {
-        multi.add(
-            ProgressBar::new(todo.len() as u64).with_style(
-                ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} images")
-                    .expect("valid template"),
-            ),
-        )
-    });
-    let steps = multi.add(
-        ProgressBar::new(0).with_style(
-            ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps {msg}")
-                .expect("valid template"),
-        ),
-    );
     let mut first = first;
-    let mut failures = Vec::new();
-    for (input, output, outs) in &todo {
-        steps.set_message(input.display().to_string());
-        steps.set_position(0);
+    run_jobs(&todo, |job, steps| {
         let t = Instant::now();
-        let result = (|| -> anyhow::Result<()> {
-            let img = match first.take() {
-                Some(img) => img,
-                None => file::load(input)?,
-            };
-            let calls = restorer
-                .network_calls(&opts, img.width(), img.height())
-                .with_context(|| input.display().to_string())?;
-            steps.set_length(calls as u64);
-            let results = restorer
-                .restore_image(&img, &opts, Some(&mut || steps.inc(1)))
-                .with_context(|| format!("{}: restoring failed", input.display()))?;
-            for (res, out) in results.into_iter().zip(outs) {
-                file::save(&image::DynamicImage::ImageRgb8(res), out)?;
-            }
-            tracing::info!(
-                "{} -> {} ({}x{}) in {:.2?}",
-                input.display(),
-                output.display(),
-                img.width(),
-                img.height(),
-                t.elapsed()
-            );
-            Ok(())
-        })();
-        match result {
-            Ok(()) => {
-                for out in outs {
-                    multi.println(format!("wrote {}", out.display())).ok();
-                }
-            }
-            Err(e) if todo.len() > 1 => {
-                multi.println(format!("error: {e:#}")).ok();
-                failures.push(input.clone());
-            }
-            Err(e) => {
-                steps.finish_and_clear();
-                return Err(e);
-            }
+        let img = match first.take() {
+            Some(img) => img,
+            None => file::load(&job.input)?,
+        };
+        let calls = restorer
+            .network_calls(&opts, img.width(), img.height())
+            .with_context(|| job.input.display().to_string())?;
+        steps.set_length(calls as u64);
+        let results = restorer
+            .restore_image(&img, &opts, Some(&mut || steps.inc(1)))
+            .with_context(|| format!("{}: restoring failed", job.input.display()))?;
+        for (res, out) in results.into_iter().zip(&job.outs) {
+            file::save(&image::DynamicImage::ImageRgb8(res), out)?;
         }
-        if let Some(b) = &images {
-            b.inc(1);
-        }
-    }
-    steps.finish_and_clear();
-    if let Some(b) = images {
-        b.finish_and_clear();
-    }
-    crate::restore::folder_result(&failures, todo.len())
+        tracing::info!(
+            "{} -> {} ({}x{}) in {:.2?}",
+            job.input.display(),
+            job.output.display(),
+            img.width(),
+            img.height(),
+            t.elapsed()
+        );
+        Ok(())
+    })
 }

@@ -221,3 +221,34 @@ fn bad_input_one_line_error_nothing_written() {
     assert!(stderr(&o).contains("--seesr-models"), "{}", stderr(&o));
     assert!(!out.exists(), "an output was written");
 }
+
+#[test]
+fn folder_mode_skips_done_images_and_reports_bad_ones() {
+    let d = tmpdir("folder");
+    let (inp, out) = (d.join("in"), d.join("out"));
+    std::fs::create_dir_all(&inp).unwrap();
+    photo(&inp.join("a.png"), 16, 16);
+    photo(&inp.join("b.png"), 12, 16);
+    std::fs::write(inp.join("c.png"), b"not a png").unwrap();
+    let o = seesr(&[s(&inp), "-o", s(&out), "--seed", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 of 3 images failed"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("c.png"), "{}", stderr(&o));
+    assert_eq!(
+        image::open(out.join("a.png")).unwrap().dimensions(),
+        (64, 64)
+    );
+    assert_eq!(
+        image::open(out.join("b.png")).unwrap().dimensions(),
+        (48, 64)
+    );
+    // A rerun skips what exists.
+    std::fs::remove_file(inp.join("c.png")).unwrap();
+    let o = seesr(&[s(&inp), "-o", s(&out), "--seed", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nothing to do"), "{}", stderr(&o));
+}
