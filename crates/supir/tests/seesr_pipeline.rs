@@ -109,3 +109,14 @@ fn a_seed_gives_the_same_image_and_samples_differ() {
     );
     assert!(!a.tags.is_empty());
 }
+
+#[test]
+fn a_fixture_of_another_seed_and_structure_passes_too() {
+    // One layer per block, transformer depth 2, RAM window 6, upscale 2, 48 px VAE tiles, ...
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/seesr-alt2");
+    let report = supir::parity::run(&dir, None, |_| {}).unwrap();
+    assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
+    let failed: Vec<_> = report.results.iter().filter(|r| !r.passed()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(report.passed(), 25);
+}

@@ -17,7 +17,7 @@ use image::RgbImage;
 use super::options::{SeesrOptions, SeesrPreset};
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
-use crate::models::ram::{self, Ram, RamConfig};
+use crate::models::ram::{Ram, RamConfig};
 use crate::models::tiled_vae;
 use crate::models::unet::sd2::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
@@ -237,10 +237,7 @@ impl SeesrModel {
 
     /// DAPE on an image: (tag string, image embeddings `[1, 145, 512]` f32).
     pub fn tag(&self, image: &RgbImage) -> Result<(String, Tensor)> {
-        let pixels = ram::preprocess(&super::flow::rgb8_to_hwc(image, &self.device)?)?;
-        let out = self.ram.forward(&pixels)?;
-        let tags = out.tags.into_iter().next().unwrap_or_default();
-        Ok((tags, out.image_embeds.to_dtype(DType::F32)?))
+        crate::pipelines::captions::tag_image(&self.ram, image, &self.device)
     }
 
     /// `quant_conv(encoder(x))` through the tiled hook (`_init_tiled_vae`; plain when the image

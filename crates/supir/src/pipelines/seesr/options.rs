@@ -220,23 +220,24 @@ impl SeesrOptions {
         )?;
         range(
             "latent-tile",
-            (8..=1024).contains(&self.latent_tile),
-            "must be 8 to 1024 latent pixels",
+            (2..=1024).contains(&self.latent_tile),
+            "must be 2 to 1024 latent pixels",
         )?;
         range(
             "latent-overlap",
             self.latent_overlap < self.latent_tile,
             "must be smaller than --latent-tile",
         )?;
+        // The official hook takes any positive size (it shrinks tiles to fit the image).
         range(
-            "vae-encoder-tile",
-            (64..=8192).contains(&self.vae_encoder_tile),
-            "must be 64 to 8192 pixels",
+            "encoder-tile",
+            (16..=8192).contains(&self.vae_encoder_tile),
+            "must be 16 to 8192 pixels",
         )?;
         range(
-            "vae-decoder-tile",
-            (8..=1024).contains(&self.vae_decoder_tile),
-            "must be 8 to 1024 latent pixels",
+            "decoder-tile",
+            (2..=1024).contains(&self.vae_decoder_tile),
+            "must be 2 to 1024 latent pixels",
         )?;
         range(
             "samples",

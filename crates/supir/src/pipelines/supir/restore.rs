@@ -47,6 +47,9 @@ pub const DEFAULT_NEGATIVE_PROMPT: &str = "painting, oil painting, illustration,
     worst quality, low quality, frames, watermark, signature, jpeg artifacts, deformed, lowres, \
     over-smooth";
 
+/// Short side of the image `test.py` captions (`PIL2Tensor(..., fix_resize=512)`).
+pub const CAPTION_SHORT_SIDE: f64 = 512.0;
+
 /// Largest model input accepted (pixels after the `PIL2Tensor` resize).
 pub const MAX_PIXELS: u64 = 8192 * 8192;
 
@@ -649,6 +652,33 @@ impl Restorer {
         let out = decode_and_fix(&self.model, &s, so.color_fix);
         crate::memory::release_free_heap();
         out
+    }
+
+    /// `test.py`'s image for the captioner ("pre-denoise for LLaVA"): `PIL2Tensor` with
+    /// `fix_resize = 512` (short side 512), `batchify_denoise` (the denoise encoder's posterior
+    /// mode, decoded), `Tensor2PIL` to that size. Needs only the VAE.
+    pub fn denoised_for_caption(
+        &self,
+        img: &DynamicImage,
+        opts: &RestoreOptions,
+    ) -> Result<RgbImage> {
+        let rgb = convert::to_rgb8(img);
+        let size = convert::pil2tensor_size(
+            rgb.width(),
+            rgb.height(),
+            opts.upscale,
+            opts.min_size,
+            Some(CAPTION_SHORT_SIDE),
+        )?;
+        let resized = convert::pil_bicubic_resize_rgb8(&rgb, size.width, size.height)?;
+        let x = convert::rgb8_to_tensor(&resized)?
+            .to_device(&self.model.device())?
+            .to_dtype(self.model.vae_dtype())?;
+        let s = self.model.scale_factor;
+        let z = self.model.vae.denoise_encode_scaled_mode(&x, s)?;
+        let clean = self.model.vae.decode_scaled(&z, s)?.to_dtype(DType::F32)?;
+        crate::memory::release_free_heap();
+        convert::tensor2pil(&clean.get(0)?, size.h0, size.w0)
     }
 
     /// Restores one decoded image: alpha flattened on white and 16-bit reduced to 8 as the
