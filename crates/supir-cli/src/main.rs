@@ -1,6 +1,7 @@
 //! `supir`: the command-line front end. Each subcommand lives in its own module.
 
 mod bench;
+mod caption;
 mod convert;
 mod degrade;
 mod eval;
@@ -16,7 +17,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "supir",
     version,
-    about = "Generative-prior image restoration (SUPIR) on candle"
+    about = "Generative-prior image restoration (SUPIR, SeeSR) on candle"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Restore / upscale an image or every image of a folder.
     Restore(Box<restore::RestoreArgs>),
+    /// Caption images automatically (DAPE tags), for prompts or to edit and reuse.
+    Caption(caption::CaptionArgs),
     /// Convert weight files to safetensors.
     Convert(convert::ConvertArgs),
     /// Time a backend on this machine.
@@ -69,6 +72,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Restore(args) => restore::run(*args),
+        Command::Caption(args) => caption::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Parity(args) => parity::run(args),

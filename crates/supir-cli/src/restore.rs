@@ -214,7 +214,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     match backend {
         Backend::Supir(spec) => {
             let folder = std::fs::metadata(&args.input).is_ok_and(|m| m.is_dir());
-            restore_supir::run(&jobs, &args.supir, &spec, folder)
+            restore_supir::run(&jobs, &args.supir, &spec, folder, &args.seesr.tagger)
         }
         Backend::Seesr(paths) => {
             if let Some(f) = &args.supir.tile_prompts {

@@ -17,24 +17,50 @@ use supir::schedulers::sampler::SeededNoise;
 use crate::restore::{pending_jobs, run_jobs};
 use crate::restore_supir::{seed_arg, ColorFixArg, PresetArg, SupirArgs};
 
+/// Where the DAPE tagger's weights are (SeeSR's release; also the `tags` captioner's).
 #[derive(Args, Debug, Clone)]
-pub struct SeesrArgs {
+pub struct TaggerArgs {
     /// Folder in the official `preset/models` layout: `stable-diffusion-2-base/`, `seesr/`,
     /// `DAPE.pth`, `ram_swin_large_14m.pth`, optional `sd-turbo/` (also `SEESR_MODELS`).
     #[arg(long, env = "SEESR_MODELS", help_heading = "SeeSR weights")]
     pub seesr_models: Option<PathBuf>,
-    /// The SD-2-base diffusers folder (text encoder, tokenizer, VAE, scheduler).
-    #[arg(long, help_heading = "SeeSR weights")]
-    sd2_base: Option<PathBuf>,
-    /// SeeSR's folder with `unet/` and `controlnet/`.
-    #[arg(long, help_heading = "SeeSR weights")]
-    seesr_dir: Option<PathBuf>,
     /// `ram_swin_large_14m.pth`.
     #[arg(long, help_heading = "SeeSR weights")]
     ram: Option<PathBuf>,
     /// `DAPE.pth`.
     #[arg(long, help_heading = "SeeSR weights")]
     dape: Option<PathBuf>,
+}
+
+impl TaggerArgs {
+    /// `(ram_swin_large_14m.pth, DAPE.pth)`: each from its option, else from `--seesr-models`.
+    pub fn paths(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let from_dir = |name: &str| self.seesr_models.as_ref().map(|d| d.join(name));
+        let ram = self
+            .ram
+            .clone()
+            .or_else(|| from_dir("ram_swin_large_14m.pth"));
+        let dape = self.dape.clone().or_else(|| from_dir("DAPE.pth"));
+        match (ram, dape) {
+            (Some(r), Some(d)) => Ok((r, d)),
+            _ => bail!(
+                "the tags captioner needs DAPE: give --seesr-models DIR (or SEESR_MODELS=DIR), or \
+                 --ram ram_swin_large_14m.pth --dape DAPE.pth"
+            ),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SeesrArgs {
+    #[command(flatten)]
+    pub tagger: TaggerArgs,
+    /// The SD-2-base diffusers folder (text encoder, tokenizer, VAE, scheduler).
+    #[arg(long, help_heading = "SeeSR weights")]
+    sd2_base: Option<PathBuf>,
+    /// SeeSR's folder with `unet/` and `controlnet/`.
+    #[arg(long, help_heading = "SeeSR weights")]
+    seesr_dir: Option<PathBuf>,
     /// The sd-turbo diffusers folder (for --preset turbo).
     #[arg(long, help_heading = "SeeSR weights")]
     sd_turbo: Option<PathBuf>,
@@ -75,17 +101,17 @@ enum StartPointArg {
 impl SeesrArgs {
     /// Whether any SeeSR weight option is given.
     pub fn any_weights(&self) -> bool {
-        self.seesr_models.is_some()
+        self.tagger.seesr_models.is_some()
             || self.sd2_base.is_some()
             || self.seesr_dir.is_some()
-            || self.ram.is_some()
-            || self.dape.is_some()
+            || self.tagger.ram.is_some()
+            || self.tagger.dape.is_some()
     }
 
     /// The release paths: a `--seesr-models` folder with each part overridable by its own
     /// option, or every part given by its option; `None` when nothing is configured.
     pub fn resolve(&self) -> anyhow::Result<Option<SeesrPaths>> {
-        let mut paths = match &self.seesr_models {
+        let mut paths = match &self.tagger.seesr_models {
             Some(dir) => {
                 if !dir.is_dir() {
                     bail!("--seesr-models {}: not a folder", dir.display());
@@ -104,8 +130,8 @@ impl SeesrArgs {
                 SeesrPaths {
                     sd2_base: need(&self.sd2_base, "--sd2-base DIR")?,
                     seesr: need(&self.seesr_dir, "--seesr-dir DIR")?,
-                    ram: need(&self.ram, "--ram FILE")?,
-                    dape: need(&self.dape, "--dape FILE")?,
+                    ram: need(&self.tagger.ram, "--ram FILE")?,
+                    dape: need(&self.tagger.dape, "--dape FILE")?,
                     turbo: None,
                 }
             }
@@ -116,8 +142,8 @@ impl SeesrArgs {
         over!(
             sd2_base = self.sd2_base,
             seesr = self.seesr_dir,
-            ram = self.ram,
-            dape = self.dape
+            ram = self.tagger.ram,
+            dape = self.tagger.dape
         );
         if let Some(t) = &self.sd_turbo {
             paths.turbo = Some(t.clone());
@@ -163,7 +189,9 @@ impl SeesrArgs {
             }
             o.upscale = u as u32;
         }
-        if let Some(p) = self.prompt.clone().or_else(|| shared.caption.clone()) {
+        // `--caption auto`: SeeSR's prompt already starts with DAPE's tags of the image.
+        let caption = shared.caption.clone().filter(|c| c != "auto");
+        if let Some(p) = self.prompt.clone().or(caption) {
             o.prompt = p;
         }
         if let Some(c) = shared.color_fix {

@@ -1,22 +1,26 @@
 //! The SUPIR backend of `supir restore`: weight and config resolution, the official options under
 //! clear names (folded into `supir::pipelines::supir::restore::RestoreOptions`), progress, and the per-image loop.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use supir::color_fix::ColorFix;
-use supir::image_io::file;
+use supir::image_io::{convert, file};
 use supir::models::supir_config::SupirConfig;
 use supir::models::tiled_vae::VaeTiling;
+use supir::pipelines::captions::{as_prompt_prefix, TagCaptioner};
 use supir::pipelines::supir::restore::{
     Precision, Preset, Residency, RestoreOptions, Restorer, TileLayout, OFFICIAL_CONFIG,
 };
 use supir::schedulers::sampler::SamplerKind;
 
-use crate::restore::{pending_jobs, run_jobs};
+use crate::caption::{write_caption, CaptionerArg};
+use crate::restore::{pending_jobs, run_jobs, Job};
+use crate::restore_seesr::TaggerArgs;
 
 /// SDXL base and SUPIR file names of the official release (in a `--supir-models` folder).
 pub const SDXL_FILE: &str = "sd_xl_base_1.0_0.9vae.safetensors";
@@ -88,9 +92,14 @@ pub struct SupirArgs {
     /// Samples per image; with more than one, outputs are named `<name>_<i>.<ext>` [default: 1].
     #[arg(long, help_heading = "SUPIR sampling")]
     pub(crate) samples: Option<usize>,
-    /// Description of the image, put before the positive prompt (the official code asks LLaVA).
+    /// Description of the image, put before the positive prompt (the official code asks LLaVA);
+    /// `auto`: caption each image with --captioner (SUPIR: test.py's pre-denoised image at short
+    /// side 512), written to `<output stem>.txt` and reused from there on a rerun.
     #[arg(long, help_heading = "SUPIR sampling")]
     pub(crate) caption: Option<String>,
+    /// The model behind `--caption auto`.
+    #[arg(long, value_enum, default_value_t = CaptionerArg::Tags, help_heading = "SUPIR sampling")]
+    pub(crate) captioner: CaptionerArg,
     /// Per-tile captions (the official local prompts), for the tiled samplers: tile j (in
     /// `--list-tiles` order) gets caption j + the positive prompt, instead of --caption. FILE holds
     /// one caption per line (blank lines skipped) or a JSON array of strings; one per tile. One
@@ -319,6 +328,87 @@ pub(crate) fn seed_arg(s: i64) -> anyhow::Result<u64> {
         s if s >= 0 => Ok(s as u64),
         s => bail!("--seed {s}: must be >= 0, or -1 for a random seed"),
     }
+}
+
+/// `<output stem>.txt`: where `--caption auto` keeps an image's caption.
+pub fn caption_file(output: &Path) -> PathBuf {
+    output.with_extension("txt")
+}
+
+/// `--caption auto`: each job's caption, read from its caption file when one exists (so a user
+/// can edit captions and rerun), else made by the DAPE tagger on `test.py`'s pre-denoised image
+/// and written there.
+fn auto_captions(
+    restorer: &Restorer,
+    todo: &[Job],
+    opts: &RestoreOptions,
+    tagger: &TaggerArgs,
+    first: Option<&image::DynamicImage>,
+) -> anyhow::Result<HashMap<PathBuf, String>> {
+    let mut captions = HashMap::new();
+    let mut missing = Vec::new();
+    for job in todo {
+        let path = caption_file(&job.output);
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("{}: unreadable caption file", path.display()))?;
+            eprintln!(
+                "caption of {}: {} (from {})",
+                job.input.display(),
+                text.trim_end(),
+                path.display()
+            );
+            captions.insert(job.input.clone(), text.trim_end().to_string());
+        } else {
+            missing.push(job);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(captions);
+    }
+    let (ram, dape) = tagger.paths()?;
+    let t = Instant::now();
+    let captioner = TagCaptioner::load(&ram, &dape, DType::F32, &restorer.model.device())
+        .context("loading the DAPE tagger")?;
+    for job in missing {
+        let result = (|| -> anyhow::Result<String> {
+            let loaded;
+            let img = match first {
+                Some(img) => img,
+                None => {
+                    loaded = file::load(&job.input)?;
+                    &loaded
+                }
+            };
+            let clean = restorer.denoised_for_caption(img, opts)?;
+            let caption =
+                captioner.caption(&convert::to_rgb8(&image::DynamicImage::ImageRgb8(clean)))?;
+            write_caption(&caption_file(&job.output), &caption)?;
+            Ok(caption)
+        })();
+        match result {
+            Ok(c) => {
+                if c.is_empty() {
+                    eprintln!(
+                        "warning: {}: DAPE found no tag above its thresholds; no caption used",
+                        job.input.display()
+                    );
+                } else {
+                    eprintln!("caption of {}: {c}", job.input.display());
+                }
+                captions.insert(job.input.clone(), c);
+            }
+            // The image fails again (and is reported) when it is restored.
+            Err(e) if todo.len() > 1 => {
+                eprintln!("error: {}: captioning: {e:#}", job.input.display())
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    drop(captioner);
+    supir::memory::release_free_heap();
+    tracing::info!("captions in {:.1?}", t.elapsed());
+    Ok(captions)
 }
 
 /// The captions of a `--tile-prompts` file: a JSON array of strings when the text starts with
@@ -605,8 +695,26 @@ pub fn run(
     args: &SupirArgs,
     spec: &ModelSpec,
     folder: bool,
+    tagger: &TaggerArgs,
 ) -> anyhow::Result<()> {
-    let opts = args.options()?;
+    let mut opts = args.options()?;
+    let auto_caption = opts.caption == "auto";
+    if auto_caption {
+        opts.caption.clear();
+        if args.captioner == CaptionerArg::Llava {
+            bail!("--captioner llava: LLaVA captions are not available in this build yet; use --captioner tags");
+        }
+        if !opts.tile_prompts.is_empty() {
+            bail!("--caption auto and --tile-prompts both set the captions; give one");
+        }
+        let so = opts.sample_options(&spec.load_config()?)?;
+        if so.sampler.is_tiled() {
+            bail!(
+                "--caption auto with a tiled sampler (a caption per tile) is not available yet; \
+                 give --tile-prompts FILE, or use an untiled sampler"
+            );
+        }
+    }
     let todo = pending_jobs(jobs, opts.num_samples, folder, args.overwrite, |_| vec![])?;
     if todo.is_empty() {
         return Ok(());
@@ -629,8 +737,21 @@ pub fn run(
     let t = Instant::now();
     let mut restorer =
         Restorer::load(cfg, &spec.checkpoints, &opts, &dev).context("loading the SUPIR model")?;
-    restorer.prepare_prompts(&opts)?;
-    restorer.drop_text_encoders();
+    // Captions first, with the tagger loaded alone beside the VAE; it is freed before the
+    // diffusion networks are read. The text encoders then stay for the per-image prompts.
+    let captions = if auto_caption {
+        Some(auto_captions(
+            &restorer,
+            &todo,
+            &opts,
+            tagger,
+            first.as_ref(),
+        )?)
+    } else {
+        restorer.prepare_prompts(&opts)?;
+        restorer.drop_text_encoders();
+        None
+    };
     tracing::info!("model loaded and prompts encoded in {:.1?}", t.elapsed());
 
     let mut first = first;
@@ -644,6 +765,10 @@ pub fn run(
             .network_calls(&opts, img.width(), img.height())
             .with_context(|| job.input.display().to_string())?;
         steps.set_length(calls as u64);
+        let mut opts = opts.clone();
+        if let Some(c) = captions.as_ref().and_then(|c| c.get(&job.input)) {
+            opts.caption = as_prompt_prefix(c);
+        }
         let results = restorer
             .restore_image(&img, &opts, Some(&mut || steps.inc(1)))
             .with_context(|| format!("{}: restoring failed", job.input.display()))?;

@@ -1,0 +1,181 @@
+//! `supir caption` and `supir restore --caption auto` on the tiny releases: DAPE's tags equal the
+//! official `inference_ram` output, caption files are written and reused, bad input is an error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use image::{DynamicImage, ImageBuffer, Rgb};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn supir(args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_supir"));
+    for v in [
+        "SUPIR_MODELS",
+        "SUPIR_SDXL",
+        "SUPIR_CKPT",
+        "SUPIR_CONFIG",
+        "SEESR_MODELS",
+    ] {
+        c.env_remove(v);
+    }
+    c.args(args).output().expect("run supir")
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("supir-cli-caption-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The `ram` case's image of the SeeSR fixture as a PNG, and the tags the official code gave it.
+fn official_tagged_image(dir: &Path) -> (PathBuf, String) {
+    let fx = supir::parity::fixture::Fixture::load(root().join("fixtures/seesr-tiny")).unwrap();
+    let case = fx.case("ram_preprocess").unwrap();
+    let t = fx.input(case, "image_u8").unwrap();
+    let (h, w, _) = t.dims3().unwrap();
+    let raw = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let img = ImageBuffer::<Rgb<u8>, _>::from_raw(w as u32, h as u32, raw).unwrap();
+    let path = dir.join("ram.png");
+    DynamicImage::ImageRgb8(img).save(&path).unwrap();
+    let tags = fx.case("ram").unwrap().params["tags"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (path, tags)
+}
+
+#[test]
+fn caption_prints_the_official_tags() {
+    let d = tmpdir("tags");
+    let (img, tags) = official_tagged_image(&d);
+    let models = root().join("fixtures/seesr-tiny");
+    let o = supir(&["caption", s(&img), "--seesr-models", s(&models)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim_end(), tags);
+    // -o DIR writes <name>.txt; --json prints one object per image.
+    let out = d.join("captions");
+    let o = supir(&[
+        "caption",
+        s(&img),
+        "--ram",
+        s(&models.join("ram_swin_large_14m.pth")),
+        "--dape",
+        s(&models.join("DAPE.pth")),
+        "-o",
+        s(&out),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("ram.txt")).unwrap(), tags);
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert_eq!(v["caption"], tags.as_str());
+}
+
+#[test]
+fn caption_errors_name_the_problem() {
+    let d = tmpdir("bad");
+    let img = d.join("in.png");
+    DynamicImage::ImageRgb8(ImageBuffer::from_pixel(8, 8, Rgb([9u8, 9, 9])))
+        .save(&img)
+        .unwrap();
+    let o = supir(&["caption", s(&img), "--captioner", "llava"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("llava"), "{}", text(&o.stderr));
+    let o = supir(&["caption", s(&img)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("--seesr-models"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = supir(&[
+        "caption",
+        s(&img),
+        "--ram",
+        s(&d.join("nope.pth")),
+        "--dape",
+        s(&d.join("nope2.pth")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("nope.pth"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn supir_caption_auto_writes_and_reuses_the_caption() {
+    let d = tmpdir("auto");
+    let input = d.join("in.png");
+    let img = ImageBuffer::from_fn(40, 30, |x, y| {
+        Rgb([(x * 6) as u8, (y * 8) as u8, ((x ^ y) * 4) as u8])
+    });
+    DynamicImage::ImageRgb8(img).save(&input).unwrap();
+    let supir_tiny = root().join("fixtures/supir-tiny");
+    let seesr_tiny = root().join("fixtures/seesr-tiny");
+    let restore = |out: &Path| {
+        supir(&[
+            "restore",
+            s(&input),
+            "-o",
+            s(out),
+            "--model-dir",
+            s(&supir_tiny),
+            "--steps",
+            "2",
+            "--min-size",
+            "64",
+            "--caption",
+            "auto",
+            "--seesr-models",
+            s(&seesr_tiny),
+            "--seed",
+            "3",
+        ])
+    };
+    let a = d.join("a.png");
+    let o = restore(&a);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let caption = std::fs::read_to_string(d.join("a.txt")).unwrap();
+    assert!(!caption.is_empty());
+    assert!(text(&o.stderr).contains(&caption), "{}", text(&o.stderr));
+    // A rerun reads the caption file: with it edited, the prompt and so the image change.
+    let b = d.join("b.png");
+    std::fs::write(d.join("b.txt"), &caption).unwrap();
+    let o = restore(&b);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("(from"), "{}", text(&o.stderr));
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let c = d.join("c.png");
+    std::fs::write(d.join("c.txt"), "a completely different caption").unwrap();
+    let o = restore(&c);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
+    // --caption "text" still wins: no caption file is written.
+    let e = d.join("e.png");
+    let o = supir(&[
+        "restore",
+        s(&input),
+        "-o",
+        s(&e),
+        "--model-dir",
+        s(&supir_tiny),
+        "--steps",
+        "2",
+        "--min-size",
+        "64",
+        "--caption",
+        "a cat",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(!d.join("e.txt").exists());
+}
