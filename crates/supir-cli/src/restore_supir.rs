@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use supir::color_fix::ColorFix;
-use supir::image_io::{convert, file};
+use supir::image_io::file;
 use supir::models::supir_config::SupirConfig;
 use supir::models::tiled_vae::VaeTiling;
 use supir::pipelines::captions::{as_prompt_prefix, TagCaptioner};
@@ -335,33 +335,46 @@ pub fn caption_file(output: &Path) -> PathBuf {
     output.with_extension("txt")
 }
 
-/// `--caption auto`: each job's caption, read from its caption file when one exists (so a user
-/// can edit captions and rerun), else made by the DAPE tagger on `test.py`'s pre-denoised image
-/// and written there.
+/// The automatic captions of one image: one, or one per tile of a tiled sampler (the tiled
+/// demo's local prompts).
+enum Captions {
+    Global(String),
+    PerTile(Vec<String>),
+}
+
+/// `--caption auto`: each job's captions, read from its caption file when one exists (so a user
+/// can edit captions and rerun; a JSON array of strings, one per tile, for a tiled sampler),
+/// else made by the DAPE tagger and written there: on `test.py`'s pre-denoised image, or per
+/// tile of the denoised model input for a tiled sampler (`gradio_demo_tiled.py`).
 fn auto_captions(
     restorer: &Restorer,
     todo: &[Job],
     opts: &RestoreOptions,
     tagger: &TaggerArgs,
     first: Option<&image::DynamicImage>,
-) -> anyhow::Result<HashMap<PathBuf, String>> {
+) -> anyhow::Result<HashMap<PathBuf, Captions>> {
+    let tiled = opts.sample_options(&restorer.cfg)?.sampler.is_tiled();
     let mut captions = HashMap::new();
     let mut missing = Vec::new();
     for job in todo {
         let path = caption_file(&job.output);
-        if path.is_file() {
+        if !path.is_file() {
+            missing.push(job);
+            continue;
+        }
+        let c = if tiled {
+            Captions::PerTile(read_tile_prompts(&path)?)
+        } else {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("{}: unreadable caption file", path.display()))?;
-            eprintln!(
-                "caption of {}: {} (from {})",
-                job.input.display(),
-                text.trim_end(),
-                path.display()
-            );
-            captions.insert(job.input.clone(), text.trim_end().to_string());
-        } else {
-            missing.push(job);
-        }
+            Captions::Global(text.trim_end().to_string())
+        };
+        eprintln!(
+            "caption of {}: from {}",
+            job.input.display(),
+            path.display()
+        );
+        captions.insert(job.input.clone(), c);
     }
     if missing.is_empty() {
         return Ok(captions);
@@ -371,7 +384,7 @@ fn auto_captions(
     let captioner = TagCaptioner::load(&ram, &dape, DType::F32, &restorer.model.device())
         .context("loading the DAPE tagger")?;
     for job in missing {
-        let result = (|| -> anyhow::Result<String> {
+        let result = (|| -> anyhow::Result<Captions> {
             let loaded;
             let img = match first {
                 Some(img) => img,
@@ -380,21 +393,42 @@ fn auto_captions(
                     &loaded
                 }
             };
-            let clean = restorer.denoised_for_caption(img, opts)?;
-            let caption =
-                captioner.caption(&convert::to_rgb8(&image::DynamicImage::ImageRgb8(clean)))?;
-            write_caption(&caption_file(&job.output), &caption)?;
-            Ok(caption)
+            let path = caption_file(&job.output);
+            if tiled {
+                let tiles = restorer.denoised_tiles_for_caption(img, opts)?;
+                let v = tiles
+                    .iter()
+                    .map(|t| captioner.caption(t))
+                    .collect::<supir::Result<Vec<_>>>()?;
+                write_caption(&path, &serde_json::to_string_pretty(&v)?)?;
+                Ok(Captions::PerTile(v))
+            } else {
+                let clean = restorer.denoised_for_caption(img, opts)?;
+                let c = captioner.caption(&clean)?;
+                write_caption(&path, &c)?;
+                Ok(Captions::Global(c))
+            }
         })();
         match result {
             Ok(c) => {
-                if c.is_empty() {
-                    eprintln!(
-                        "warning: {}: DAPE found no tag above its thresholds; no caption used",
-                        job.input.display()
-                    );
-                } else {
-                    eprintln!("caption of {}: {c}", job.input.display());
+                let list = match &c {
+                    Captions::Global(c) => vec![c.as_str()],
+                    Captions::PerTile(v) => v.iter().map(String::as_str).collect(),
+                };
+                for (i, text) in list.iter().enumerate() {
+                    let which = if tiled {
+                        format!(" tile {i}")
+                    } else {
+                        String::new()
+                    };
+                    if text.is_empty() {
+                        eprintln!(
+                            "warning: {}{which}: DAPE found no tag above its thresholds; no caption used",
+                            job.input.display()
+                        );
+                    } else {
+                        eprintln!("caption of {}{which}: {text}", job.input.display());
+                    }
                 }
                 captions.insert(job.input.clone(), c);
             }
@@ -707,13 +741,6 @@ pub fn run(
         if !opts.tile_prompts.is_empty() {
             bail!("--caption auto and --tile-prompts both set the captions; give one");
         }
-        let so = opts.sample_options(&spec.load_config()?)?;
-        if so.sampler.is_tiled() {
-            bail!(
-                "--caption auto with a tiled sampler (a caption per tile) is not available yet; \
-                 give --tile-prompts FILE, or use an untiled sampler"
-            );
-        }
     }
     let todo = pending_jobs(jobs, opts.num_samples, folder, args.overwrite, |_| vec![])?;
     if todo.is_empty() {
@@ -766,8 +793,12 @@ pub fn run(
             .with_context(|| job.input.display().to_string())?;
         steps.set_length(calls as u64);
         let mut opts = opts.clone();
-        if let Some(c) = captions.as_ref().and_then(|c| c.get(&job.input)) {
-            opts.caption = as_prompt_prefix(c);
+        match captions.as_ref().and_then(|c| c.get(&job.input)) {
+            Some(Captions::Global(c)) => opts.caption = as_prompt_prefix(c),
+            Some(Captions::PerTile(v)) => {
+                opts.tile_prompts = v.iter().map(|c| as_prompt_prefix(c)).collect()
+            }
+            None => {}
         }
         let results = restorer
             .restore_image(&img, &opts, Some(&mut || steps.inc(1)))

@@ -153,7 +153,7 @@ fn supir_caption_auto_writes_and_reuses_the_caption() {
     std::fs::write(d.join("b.txt"), &caption).unwrap();
     let o = restore(&b);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert!(text(&o.stderr).contains("(from"), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains(": from "), "{}", text(&o.stderr));
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     let c = d.join("c.png");
     std::fs::write(d.join("c.txt"), "a completely different caption").unwrap();
@@ -178,4 +178,45 @@ fn supir_caption_auto_writes_and_reuses_the_caption() {
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(!d.join("e.txt").exists());
+}
+
+#[test]
+fn supir_caption_auto_with_a_tiled_sampler_captions_each_tile() {
+    let d = tmpdir("tiled");
+    let input = d.join("in.png");
+    let img = ImageBuffer::from_fn(64, 64, |x, y| {
+        Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
+    });
+    DynamicImage::ImageRgb8(img).save(&input).unwrap();
+    let out = d.join("out.png");
+    let o = supir(&[
+        "restore",
+        s(&input),
+        "-o",
+        s(&out),
+        "--model-dir",
+        s(&root().join("fixtures/supir-tiny")),
+        "--steps",
+        "1",
+        "--min-size",
+        "64",
+        "--sampler",
+        "tiled-edm",
+        "--sampler-tile",
+        "4",
+        "--sampler-stride",
+        "4",
+        "--caption",
+        "auto",
+        "--seesr-models",
+        s(&root().join("fixtures/seesr-tiny")),
+        "--seed",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // The 64 x 64 input is an 8 x 8 latent: four 4 x 4 tiles, one caption each.
+    let captions: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out.txt")).unwrap()).unwrap();
+    assert_eq!(captions.len(), 4, "{captions:?}");
+    assert!(text(&o.stderr).contains("tile 3"), "{}", text(&o.stderr));
 }

@@ -681,6 +681,46 @@ impl Restorer {
         convert::tensor2pil(&clean.get(0)?, size.h0, size.w0)
     }
 
+    /// The tiled demo's images for per-tile captions (`gradio_demo_tiled.py` `llave_process`):
+    /// the model input (`PIL2Tensor`) through `batchify_denoise`, cut into the tiled sampler's
+    /// windows (pixels, sampling order), each `round(x * 127.5 + 127.5)` clipped to 8 bits.
+    pub fn denoised_tiles_for_caption(
+        &self,
+        img: &DynamicImage,
+        opts: &RestoreOptions,
+    ) -> Result<Vec<RgbImage>> {
+        let rgb = convert::to_rgb8(img);
+        let layout = opts.tile_layout(&self.cfg, rgb.width(), rgb.height())?;
+        let (x, _, _) = convert::pil2tensor(&rgb, opts.upscale, opts.min_size)?;
+        let x = x
+            .to_device(&self.model.device())?
+            .to_dtype(self.model.vae_dtype())?;
+        let s = self.model.scale_factor;
+        let z = self.model.vae.denoise_encode_scaled_mode(&x, s)?;
+        let clean = self.model.vae.decode_scaled(&z, s)?.to_dtype(DType::F32)?;
+        crate::memory::release_free_heap();
+        let clean = clean.get(0)?;
+        layout
+            .tiles
+            .iter()
+            .map(|t| {
+                let p = t.scaled(8);
+                let tile = clean
+                    .narrow(1, p.h0, p.h1 - p.h0)?
+                    .narrow(2, p.w0, p.w1 - p.w0)?
+                    .permute((1, 2, 0))?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let raw = tile
+                    .into_iter()
+                    .map(|v| (v * 127.5 + 127.5).round_ties_even().clamp(0.0, 255.0) as u8)
+                    .collect();
+                RgbImage::from_raw((p.w1 - p.w0) as u32, (p.h1 - p.h0) as u32, raw)
+                    .ok_or_else(|| opt_err("tile buffer size mismatch"))
+            })
+            .collect()
+    }
+
     /// Restores one decoded image: alpha flattened on white and 16-bit reduced to 8 as the
     /// official `HWC3` / PIL paths do, `PIL2Tensor`, [`Restorer::restore_tensor`] with a
     /// generator seeded by `opts.seed`, `Tensor2PIL` to `upscale` x the input size. One RGB
