@@ -9,6 +9,7 @@ mod parity;
 mod restore;
 mod restore_seesr;
 mod restore_supir;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Restore / upscale an image or every image of a folder.
     Restore(Box<restore::RestoreArgs>),
+    /// Serve the restore engine over HTTP: an API and a web page (127.0.0.1:8420 by default).
+    Serve(Box<serve::ServeArgs>),
     /// Convert weight files to safetensors.
     Convert(convert::ConvertArgs),
     /// Time a backend on this machine.
@@ -69,6 +72,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Restore(args) => restore::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Parity(args) => parity::run(args),
