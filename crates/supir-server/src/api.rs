@@ -237,12 +237,26 @@ pub async fn create_job(
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let mut form = form.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let n = s.uploads.fetch_add(1, Ordering::Relaxed);
-    let upload = s.dir.join(format!("upload-{n}"));
-    let res = receive(&s, &mut form, &upload).await;
-    if res.is_err() {
-        tokio::fs::remove_file(&upload).await.ok();
+    let mut upload = Upload(Some(s.dir.join(format!("upload-{n}"))));
+    let path = upload.0.clone().expect("set");
+    let res = receive(&s, &mut form, &path).await;
+    if res.is_ok() {
+        // The queue owns the file now.
+        upload.0 = None;
     }
     res
+}
+
+/// Removes an upload that did not become a job, also when the client goes away mid-request
+/// (the handler's future is dropped).
+struct Upload(Option<PathBuf>);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            std::fs::remove_file(p).ok();
+        }
+    }
 }
 
 async fn receive(
@@ -313,6 +327,7 @@ async fn receive(
             ),
         ));
     }
+    crate::prune(s);
     let payload = Payload {
         input: upload.to_path_buf(),
         options: resolved.clone(),
@@ -654,12 +669,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Refuses cross-site state-changing requests: an `Origin` must match `Host` (or `--cors`),
-/// and on a loopback bind `Host` must name the loopback (DNS rebinding).
+/// Refuses cross-site requests: on a loopback bind every request's `Host` must name the
+/// loopback (DNS rebinding), and a state-changing request's `Origin`, when sent, must match
+/// `Host` (or be the `--cors` origin).
 pub async fn same_origin(State(s): State<Shared>, req: Request, next: Next) -> Response {
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
-        return next.run(req).await;
-    }
     let h = req.headers();
     let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
     if s.cfg.host.is_loopback() {
@@ -675,7 +688,12 @@ pub async fn same_origin(State(s): State<Shared>, req: Request, next: Next) -> R
             .into_response();
         }
     }
-    if let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if let Some(origin) = h
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| !reads)
+    {
         let allowed = s.cfg.cors.as_deref() == Some(origin)
             || host.is_some_and(|host| {
                 origin

@@ -212,7 +212,13 @@ pub fn worker(
     while let Some(job) = queue.next() {
         let outcome = match &engine {
             None => Outcome::Failed(format!("{} failed to load", backend.description())),
-            Some(engine) => run_one(engine, &queue, &job.id, &job.payload, &job.cancel, &dir),
+            Some(engine) => {
+                // A panic in a job fails that job, never the worker.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_one(engine, &queue, &job.id, &job.payload, &job.cancel, &dir)
+                }))
+                .unwrap_or_else(|_| Outcome::Failed("internal error while running the job".into()))
+            }
         };
         std::fs::remove_file(&job.payload.input).ok();
         if outcome != Outcome::Succeeded {

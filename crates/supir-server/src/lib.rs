@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use supir::jobs::{JobId, JobQueue};
@@ -111,7 +112,16 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             api::same_origin,
         ))
-        .layer(DefaultBodyLimit::max(state.cfg.max_upload_bytes));
+        .layer(DefaultBodyLimit::max(state.cfg.max_upload_bytes))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                api::ApiError::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error",
+                )
+                .into_response()
+            },
+        ));
     if let Some(origin) = &state.cfg.cors {
         if let Ok(o) = origin.parse::<axum::http::HeaderValue>() {
             use axum::http::{header, Method};
@@ -236,7 +246,7 @@ impl Server {
 }
 
 /// Forgets expired jobs and deletes their files.
-fn prune(state: &AppState) {
+pub(crate) fn prune(state: &AppState) {
     let gone: Vec<JobId> = state.queue.prune(state.cfg.keep_for, state.cfg.keep_max);
     if gone.is_empty() {
         return;

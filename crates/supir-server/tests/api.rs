@@ -446,6 +446,16 @@ async fn token_origin_openapi_and_page() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
 
+    // DNS rebinding: a loopback server answers only requests naming the loopback.
+    let r = c
+        .get(format!("{base}/v1/models"))
+        .bearer_auth("s3cret")
+        .header("Host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
     let doc: Value = c
         .get(format!("{base}/openapi.json"))
         .bearer_auth("s3cret")
@@ -535,4 +545,54 @@ async fn concurrent_clients_are_all_answered() {
         stopped.canceled_running.is_none()
             || stopped.canceled_running.as_deref() == Some(id.as_str())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_results_are_deleted() {
+    let cfg = Config {
+        keep_max: 1,
+        ..Config::default()
+    };
+    let (server, base) = start(cfg).await;
+    let temp = server.temp_dir().to_path_buf();
+    let c = Client::new();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (_, v) = post(
+            &c,
+            &base,
+            form(png(&gradient(8, 8)), Some(json!({"tile": 0}))),
+        )
+        .await;
+        let id = v["id"].as_str().unwrap().to_string();
+        let v = wait_for(&c, &base, &id, |v| {
+            v["status"] == "succeeded" || v["status"] == "failed"
+        })
+        .await;
+        assert_eq!(v["status"], "succeeded", "{v}");
+        ids.push(id);
+    }
+    assert!(temp.join(format!("{}.png", ids[0])).exists());
+    // Pruned at the next submission: only the newest finished job is kept.
+    let (s, _) = post(
+        &c,
+        &base,
+        form(png(&gradient(8, 8)), Some(json!({"tile": 0}))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let r = c
+        .get(format!("{base}/v1/jobs/{}", ids[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(!temp.join(format!("{}.png", ids[0])).exists());
+    let r = c
+        .get(format!("{base}/v1/jobs/{}/result", ids[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    server.shutdown().await.unwrap();
 }
