@@ -14,6 +14,8 @@ use crate::png_meta;
 
 /// Largest `outscale` a job may ask for (the output's pixels grow with its square).
 pub const MAX_OUTSCALE: f64 = 16.0;
+/// Largest `tile` / `tile_pad`, in input pixels.
+pub const MAX_TILE: usize = 1 << 16;
 
 /// How the alpha channel is upscaled (`--alpha`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
@@ -91,6 +93,11 @@ impl ResolvedOptions {
                 "--outscale {}: at most {MAX_OUTSCALE} on this server",
                 self.outscale
             ));
+        }
+        for (flag, v) in [("--tile", self.tile), ("--tile-pad", self.tile_pad)] {
+            if v > MAX_TILE {
+                return Err(format!("{flag} {v}: at most {MAX_TILE} on this server"));
+            }
         }
         Ok(())
     }

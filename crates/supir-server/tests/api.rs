@@ -596,3 +596,104 @@ async fn old_results_are_deleted() {
     assert_eq!(r.status(), StatusCode::OK);
     server.shutdown().await.unwrap();
 }
+
+/// Random, truncated and mutated uploads and options: always a JSON answer (202, 400 or 413),
+/// never a 5xx, and every accepted job ends (succeeded or failed). 150 uploads + 60 options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_uploads_and_options_never_break_the_server() {
+    let cfg = Config {
+        queue: 256,
+        ..Config::default()
+    };
+    let (server, base) = start(cfg).await;
+    let c = Client::new();
+    let valid = png(&gradient(6, 5));
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut accepted = Vec::new();
+    for i in 0..150 {
+        let mut b = valid.clone();
+        match i % 3 {
+            0 => b.truncate(rnd() as usize % b.len()),
+            1 => {
+                for _ in 0..1 + rnd() % 8 {
+                    let at = rnd() as usize % b.len();
+                    b[at] = rnd() as u8;
+                }
+            }
+            _ => b = (0..rnd() % 300).map(|_| rnd() as u8).collect(),
+        }
+        let (s, v) = post(&c, &base, form(b, Some(json!({"tile": 0})))).await;
+        assert!(
+            [StatusCode::ACCEPTED, StatusCode::BAD_REQUEST].contains(&s),
+            "upload {i}: {s} {v}"
+        );
+        assert!(v["error"].is_string() || v["id"].is_string(), "{v}");
+        if s == StatusCode::ACCEPTED {
+            accepted.push(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    let fields = ["outscale", "tile", "tile_pad", "alpha", "seed", ""];
+    let values = [
+        json!(-1),
+        json!(1e308),
+        json!("x"),
+        json!(null),
+        json!([1]),
+        json!(2),
+        json!(u64::MAX),
+    ];
+    for i in 0..60 {
+        let opts = if i % 4 == 0 {
+            // Not JSON at all, or truncated JSON.
+            let s = r#"{"outscale": 2, "tile": 16}"#;
+            s[..rnd() as usize % s.len()].to_string()
+        } else {
+            let f = fields[rnd() as usize % fields.len()];
+            let v = &values[rnd() as usize % values.len()];
+            json!({ f: v, "tile": 0 }).to_string()
+        };
+        let f = Form::new()
+            .part("image", Part::bytes(valid.clone()).file_name("x.png"))
+            .text("options", opts.clone());
+        let (s, v) = post(&c, &base, f).await;
+        assert!(
+            [StatusCode::ACCEPTED, StatusCode::BAD_REQUEST].contains(&s),
+            "options {opts}: {s} {v}"
+        );
+        if s == StatusCode::ACCEPTED {
+            accepted.push(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    for id in &accepted {
+        let v = wait_for(&c, &base, id, |v| {
+            v["status"] == "succeeded" || v["status"] == "failed"
+        })
+        .await;
+        if v["status"] == "failed" {
+            assert!(v["error"].is_string(), "{v}");
+            assert!(
+                !v["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains(std::env::temp_dir().to_str().unwrap()),
+                "server path leaked: {v}"
+            );
+        }
+    }
+    let h: Value = c
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["status"], "ready");
+    server.shutdown().await.unwrap();
+}
