@@ -39,7 +39,12 @@ pub struct AppState {
     pub engine: Arc<Mutex<EngineState>>,
     pub backend: Backend,
     pub uploads: AtomicU64,
+    /// Uploads being received at once (each may hold up to `--max-upload-mb` on disk).
+    pub receiving: Arc<tokio::sync::Semaphore>,
 }
+
+/// Uploads received at once, at most.
+pub const MAX_CONCURRENT_UPLOADS: usize = 4;
 
 /// What the server keeps about a job beside the queue's state.
 #[derive(Debug, Clone)]
@@ -236,6 +241,15 @@ pub async fn create_job(
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let mut form = form.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let _slot = s
+        .receiving
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            msg: format!("{MAX_CONCURRENT_UPLOADS} uploads are being received; retry shortly"),
+            retry_after: Some(1),
+        })?;
     let n = s.uploads.fetch_add(1, Ordering::Relaxed);
     let mut upload = Upload(Some(s.dir.join(format!("upload-{n}"))));
     let path = upload.0.clone().expect("set");
@@ -324,6 +338,18 @@ async fn receive(
             format!(
                 "image is {w}x{h} = {pixels} pixels, over this server's --max-pixels {}",
                 s.cfg.max_pixels
+            ),
+        ));
+    }
+    // The output (x4 inside Real-ESRGAN, then `outscale`) is bounded too.
+    let scale = resolved.outscale.max(4.0);
+    let out_pixels = pixels as f64 * scale * scale;
+    if out_pixels > 16.0 * s.cfg.max_pixels as f64 {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a {w}x{h} image at --outscale {} is {out_pixels:.0} output pixels, over this server's limit (16 x --max-pixels)",
+                resolved.outscale
             ),
         ));
     }

@@ -166,6 +166,7 @@ impl Server {
             dir: temp.path().to_path_buf(),
             engine: engine.clone(),
             uploads: Default::default(),
+            receiving: Arc::new(tokio::sync::Semaphore::new(api::MAX_CONCURRENT_UPLOADS)),
             cfg,
         });
         let worker = {

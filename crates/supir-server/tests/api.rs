@@ -333,6 +333,14 @@ async fn limits_errors_full_queue_and_shutdown() {
     let (s, v) = post(&c, &base, form(png(&gradient(200, 200)), None)).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(err(&v).contains("--max-pixels"), "{v}");
+    let (s, v) = post(
+        &c,
+        &base,
+        form(png(&gradient(192, 192)), Some(json!({"outscale": 8}))),
+    )
+    .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(err(&v).contains("output pixels"), "{v}");
 
     for id in ["0123456789abcdef", "nope", "..%2F..%2Fetc"] {
         let r = c.get(format!("{base}/v1/jobs/{id}")).send().await.unwrap();
