@@ -283,10 +283,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         };
         println!("supir serve: http://{host}:{}/ ({desc}); Ctrl-C stops", addr.port());
         eprintln!("API: http://{host}:{}/docs", addr.port());
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
-        eprintln!("stopping: no new jobs");
+        stop_signal().await?;
+        eprintln!("stopping: no new jobs (Ctrl-C again to quit at once)");
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("quitting without waiting");
+                std::process::exit(130);
+            }
+        });
         let stopped = server.shutdown().await?;
         match &stopped.canceled_running {
             Some(id) => eprintln!("canceled the running job {id}"),
@@ -298,4 +302,22 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         eprintln!("removed the temporary files; bye");
         Ok(())
     })
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn stop_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listening for SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    Ok(())
 }
