@@ -91,6 +91,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_upload_mb == 0 {
         bail!("--max-upload-mb 0: must be at least 1");
     }
+    for var in ["SUPIR_MODELS", "SEESR_MODELS"] {
+        if std::env::var_os(var).is_some() {
+            eprintln!(
+                "note: {var} is set, but this version of `supir serve` runs the embedded Real-ESRGAN only"
+            );
+        }
+    }
     let backend = match args.backend {
         ServeBackend::Realesrgan => Backend::RealEsrgan,
     };

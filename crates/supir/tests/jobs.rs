@@ -97,4 +97,18 @@ fn realesrgan_stops_at_the_next_tile_once_canceled() {
     });
     assert!(matches!(r, Err(supir::Error::Canceled)), "{r:?}");
     assert_eq!(n, 2);
+    // A pad larger than any image is the whole image as context, not an overflow.
+    let huge = UpscaleOptions {
+        tiling: Tiling {
+            tile: 4,
+            pad: usize::MAX,
+        },
+        ..opts
+    };
+    let c = model.upscale_image(&img, &huge, &mut || {}).unwrap();
+    let whole = UpscaleOptions {
+        tiling: Tiling::NONE,
+        ..opts
+    };
+    assert_eq!(c, model.upscale_image(&img, &whole, &mut || {}).unwrap());
 }

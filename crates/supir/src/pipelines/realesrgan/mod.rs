@@ -712,8 +712,8 @@ impl RealEsrgan {
                 c.check()?;
             }
             let (x0, y0) = (x.saturating_sub(tiling.pad), y.saturating_sub(tiling.pad));
-            let x1 = (x + tw + tiling.pad).min(w);
-            let y1 = (y + th + tiling.pad).min(h);
+            let x1 = (x + tw).saturating_add(tiling.pad).min(w);
+            let y1 = (y + th).saturating_add(tiling.pad).min(h);
             let input = rgb
                 .narrow(1, y0, y1 - y0)?
                 .narrow(2, x0, x1 - x0)?
