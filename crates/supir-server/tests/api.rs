@@ -246,7 +246,7 @@ async fn cancel_a_queued_and_a_running_job() {
     assert_eq!(r["cancel_requested"], true);
     let done = wait_for(&c, &base, &a, |v| v["status"] == "canceled").await;
     assert!(
-        t.elapsed() < Duration::from_secs(5),
+        t.elapsed() < Duration::from_secs(15),
         "cancel took {:?}",
         t.elapsed()
     );
