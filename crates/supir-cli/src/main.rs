@@ -10,6 +10,7 @@ mod parity;
 mod restore;
 mod restore_seesr;
 mod restore_supir;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,8 @@ enum Command {
     Restore(Box<restore::RestoreArgs>),
     /// Caption images automatically (DAPE tags), for prompts or to edit and reuse.
     Caption(caption::CaptionArgs),
+    /// Serve the restore engine over HTTP: an API and a web page (127.0.0.1:8420 by default).
+    Serve(Box<serve::ServeArgs>),
     /// Convert weight files to safetensors.
     Convert(convert::ConvertArgs),
     /// Time a backend on this machine.
@@ -73,6 +76,7 @@ fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Restore(args) => restore::run(*args),
         Command::Caption(args) => caption::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Parity(args) => parity::run(args),

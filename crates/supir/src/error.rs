@@ -62,6 +62,8 @@ pub enum Error {
         tile_size: usize,
         tile_stride: usize,
     },
+    #[error("canceled")]
+    Canceled,
     #[error("JPEG round trip at quality {quality}: {msg}")]
     Jpeg { quality: u8, msg: String },
 }

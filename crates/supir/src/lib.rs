@@ -17,6 +17,7 @@ pub mod error;
 pub mod eval;
 pub mod image_io;
 pub mod inspect;
+pub mod jobs;
 pub mod kernels;
 pub mod layers;
 pub mod memory;

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use image::{DynamicImage, ImageBuffer, Luma, Rgba};
 
+use crate::jobs::CancelToken;
 use crate::{Error, Result};
 
 /// Real-ESRGAN x4plus weights (RRDBNet key names; kernels f16 as in the ncnn file, biases f32).
@@ -687,6 +688,18 @@ impl RealEsrgan {
         tiling: Tiling,
         progress: &mut dyn FnMut(),
     ) -> Result<Vec<u16>> {
+        self.upscale_rgb_cancellable(rgb, tiling, None, progress)
+    }
+
+    /// [`upscale_rgb`](Self::upscale_rgb) checking `cancel` before each tile
+    /// ([`Error::Canceled`] once it is set).
+    pub fn upscale_rgb_cancellable(
+        &self,
+        rgb: &Tensor,
+        tiling: Tiling,
+        cancel: Option<&CancelToken>,
+        progress: &mut dyn FnMut(),
+    ) -> Result<Vec<u16>> {
         let (c, h, w) = rgb.dims3()?;
         if c != 3 {
             return Err(Error::Option(format!("expected 3 channels, got {c}")));
@@ -695,9 +708,12 @@ impl RealEsrgan {
         let mut out = vec![0u16; ow * oh * 3];
         let rgb = rgb.to_device(&self.device)?;
         for (x, y, tw, th) in tiling.cores(w, h) {
+            if let Some(c) = cancel {
+                c.check()?;
+            }
             let (x0, y0) = (x.saturating_sub(tiling.pad), y.saturating_sub(tiling.pad));
-            let x1 = (x + tw + tiling.pad).min(w);
-            let y1 = (y + th + tiling.pad).min(h);
+            let x1 = (x + tw).saturating_add(tiling.pad).min(w);
+            let y1 = (y + th).saturating_add(tiling.pad).min(h);
             let input = rgb
                 .narrow(1, y0, y1 - y0)?
                 .narrow(2, x0, x1 - x0)?
@@ -735,6 +751,18 @@ impl RealEsrgan {
         opts: &UpscaleOptions,
         progress: &mut dyn FnMut(),
     ) -> Result<DynamicImage> {
+        self.upscale_image_cancellable(img, opts, None, progress)
+    }
+
+    /// [`upscale_image`](Self::upscale_image) that stops with [`Error::Canceled`] at the next
+    /// tile once `cancel` is set.
+    pub fn upscale_image_cancellable(
+        &self,
+        img: &DynamicImage,
+        opts: &UpscaleOptions,
+        cancel: Option<&CancelToken>,
+        progress: &mut dyn FnMut(),
+    ) -> Result<DynamicImage> {
         let (w, h) = (img.width() as usize, img.height() as usize);
         if w == 0 || h == 0 {
             return Err(Error::Option(format!(
@@ -756,7 +784,7 @@ impl RealEsrgan {
             rgb_planes.extend(plane(c));
         }
         let rgb = Tensor::from_vec(rgb_planes, (3, h, w), &Device::Cpu)?;
-        let up = self.upscale_rgb(&rgb, opts.tiling, progress)?;
+        let up = self.upscale_rgb_cancellable(&rgb, opts.tiling, cancel, progress)?;
         let (ow, oh) = ((w * SCALE) as u32, (h * SCALE) as u32);
         let mut hr: ImageBuffer<Rgba<u16>, Vec<u16>> = ImageBuffer::new(ow, oh);
         for (px, s) in hr.pixels_mut().zip(up.chunks_exact(3)) {
@@ -768,7 +796,12 @@ impl RealEsrgan {
             let a_hr: Vec<u16> = match opts.alpha {
                 AlphaUpscale::Model => {
                     let a = Tensor::from_vec(alpha, (1, h, w), &Device::Cpu)?;
-                    let grey = self.upscale_rgb(&a.repeat((3, 1, 1))?, opts.tiling, progress)?;
+                    let grey = self.upscale_rgb_cancellable(
+                        &a.repeat((3, 1, 1))?,
+                        opts.tiling,
+                        cancel,
+                        progress,
+                    )?;
                     grey.chunks_exact(3)
                         .map(|p| {
                             let l = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
