@@ -145,9 +145,7 @@ fn seesr_bench_runs_every_stage_of_the_tiny_release() {
     assert_eq!(v["backend"], "seesr", "{text}");
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 7, "{text}");
-    assert!(rows
-        .iter()
-        .all(|r| r["ours"]["first_s"].as_f64().is_some()));
+    assert!(rows.iter().all(|r| r["ours"]["first_s"].as_f64().is_some()));
 }
 
 #[test]

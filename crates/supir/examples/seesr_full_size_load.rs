@@ -66,9 +66,8 @@ fn main() -> anyhow::Result<()> {
     let (diff, vae_dt) = (dtype(args.get(1))?, dtype(args.get(2))?);
     let dev = Device::Cpu;
     let keys = keys();
-    let vb = |file: &str, dt: DType| {
-        RandomSource::new(keys[file].clone(), 0).into_var_builder(dt, &dev)
-    };
+    let vb =
+        |file: &str, dt: DType| RandomSource::new(keys[file].clone(), 0).into_var_builder(dt, &dev);
     let cfg_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/official/seesr");
     println!("SeeSR full size, diffusion {diff:?}, text/VAE/RAM {vae_dt:?}, random weights");
     let t0 = std::time::Instant::now();
@@ -76,7 +75,10 @@ fn main() -> anyhow::Result<()> {
     let t = std::time::Instant::now();
     let te_cfg = ClipTextConfig::from_hf_config(cfg_dir.join("text_encoder_config.json"))?;
     let te = ClipTextTransformer::from_text_model(
-        vb("stable-diffusion-2-base/text_encoder/model.safetensors", vae_dt),
+        vb(
+            "stable-diffusion-2-base/text_encoder/model.safetensors",
+            vae_dt,
+        ),
         &te_cfg,
     )?;
     report("text encoder", t);

@@ -212,7 +212,10 @@ pub(super) fn sum_timings(parts: &[(&Timing, f64)]) -> Timing {
     Timing {
         best: parts.iter().map(|(t, w)| t.best * w).sum(),
         median: parts.iter().map(|(t, w)| t.median * w).sum(),
-        peak_gib: parts.iter().filter_map(|(t, _)| t.peak_gib).reduce(f64::max),
+        peak_gib: parts
+            .iter()
+            .filter_map(|(t, _)| t.peak_gib)
+            .reduce(f64::max),
         cores: None,
         first: parts
             .iter()
@@ -416,9 +419,7 @@ pub(super) fn run_reference(
         cmd.stdin(Stdio::piped());
     }
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {program}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("starting {program}"))?;
     if let Some(text) = stdin {
         // Dropped at the end of the statement: the script sees end of file.
         child
@@ -485,7 +486,10 @@ mod tests {
             first: Some(s),
         };
         let s = sum_timings(&[(&t(2.0), 2.0), (&t(5.0), 1.0)]);
-        assert_eq!((s.best, s.median, s.first, s.peak_gib), (9.0, 9.0, Some(9.0), Some(5.0)));
+        assert_eq!(
+            (s.best, s.median, s.first, s.peak_gib),
+            (9.0, 9.0, Some(9.0), Some(5.0))
+        );
     }
 
     #[test]

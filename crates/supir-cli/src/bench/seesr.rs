@@ -161,9 +161,9 @@ fn torch_env(a: &SeesrBenchArgs) -> Result<Option<TorchEnv>> {
     };
     let src = match from_env(&a.official_src, "SEESR_OFFICIAL_SRC") {
         Some(s) => s,
-        None if a.torch => bail!(
-            "--torch needs the official SeeSR code: set --official-src (SEESR_OFFICIAL_SRC)"
-        ),
+        None if a.torch => {
+            bail!("--torch needs the official SeeSR code: set --official-src (SEESR_OFFICIAL_SRC)")
+        }
         None => return Ok(None),
     };
     if a.models.is_some() {
@@ -447,7 +447,10 @@ fn ours(a: &SeesrBenchArgs, w: &Weights) -> Result<Vec<Row>> {
         let scale = opts.conditioning_scale;
 
         let cn = build("ControlNet", || {
-            Ok(ControlNetModel::new(w.vb(CONTROLNET_FILE, diff_dt)?, &cn_cfg)?)
+            Ok(ControlNetModel::new(
+                w.vb(CONTROLNET_FILE, diff_dt)?,
+                &cn_cfg,
+            )?)
         })?;
         let timed = time(wu, reps, || {
             Ok(cn.forward(&x, t, &text, Some(&ram), &control, scale)?)
@@ -472,11 +475,15 @@ fn ours(a: &SeesrBenchArgs, w: &Weights) -> Result<Vec<Row>> {
     if want_enc || want_dec {
         let cfg = VaeConfig::from_diffusers_config(w.config("vae"))?;
         let vae = build("VAE", || {
-            Ok(AutoencoderKL::from_diffusers(w.vb(VAE_FILE, vae_dt)?, &cfg)?)
+            Ok(AutoencoderKL::from_diffusers(
+                w.vb(VAE_FILE, vae_dt)?,
+                &cfg,
+            )?)
         })?;
         let vcdt = supir::layers::compute_dtype(vae_dt, &dev);
         if want_enc {
-            let img = Tensor::rand(-1f32, 1f32, (1, cfg.in_channels, s, s), &dev)?.to_dtype(vcdt)?;
+            let img =
+                Tensor::rand(-1f32, 1f32, (1, cfg.in_channels, s, s), &dev)?.to_dtype(vcdt)?;
             let timed = time(wu, reps, || {
                 let h = tiled_vae::encode(&vae.encoder, &img, opts.vae_encoder_tile)?;
                 Ok(vae.quant_conv.forward(&h)?)
@@ -484,15 +491,11 @@ fn ours(a: &SeesrBenchArgs, w: &Weights) -> Result<Vec<Row>> {
             push(&mut rows, "vae_encode_b1", &timed);
         }
         if want_dec {
-            let z = Tensor::randn(0f32, 1f32, (1, cfg.latent_channels, l, l), &dev)?
-                .to_dtype(vcdt)?;
+            let z =
+                Tensor::randn(0f32, 1f32, (1, cfg.latent_channels, l, l), &dev)?.to_dtype(vcdt)?;
             let timed = time(wu, reps, || {
                 let z = vae.post_quant_conv.forward(&z)?;
-                Ok(tiled_vae::decode(
-                    &vae.decoder,
-                    &z,
-                    opts.vae_decoder_tile,
-                )?)
+                Ok(tiled_vae::decode(&vae.decoder, &z, opts.vae_decoder_tile)?)
             })?;
             push(&mut rows, "vae_decode_b1", &timed);
         }
@@ -552,10 +555,7 @@ fn run_torch(
         None => cmd.arg("-"),
     };
     cmd.args(&args).env("PYTHONPATH", pythonpath);
-    run_reference(
-        cmd,
-        env.script.is_none().then_some(TORCH_SCRIPT),
-    )
+    run_reference(cmd, env.script.is_none().then_some(TORCH_SCRIPT))
 }
 
 /// Puts the reference's figures beside ours; derives its step sum.

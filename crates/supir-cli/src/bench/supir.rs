@@ -31,8 +31,8 @@ use supir::pipelines::supir::conditioner::Conditioner;
 use supir::weights::{Checkpoint, RandomSource, WeightSource};
 
 use super::common::{
-    build, json_rows, json_str, mem_available_gib, print_table, push, push_sum,
-    reset_peak, run_reference, sum_timings, time, Row, Timing,
+    build, json_rows, json_str, mem_available_gib, print_table, push, push_sum, reset_peak,
+    run_reference, sum_timings, time, Row, Timing,
 };
 
 /// The official `options/SUPIR_v0.yaml`, used when no `--config` is given.
