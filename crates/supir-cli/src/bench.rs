@@ -15,6 +15,8 @@ use clap::{Args, Subcommand};
 /// `scripts/realesrgan_reference.py`, run through `python3 -`.
 const REFERENCE_SCRIPT: &str = include_str!("../../../scripts/realesrgan_reference.py");
 
+mod common;
+mod seesr;
 mod supir;
 
 #[derive(Args)]
@@ -50,6 +52,9 @@ enum What {
     /// Every SUPIR network at one image size: text encoders, stage 1 (VAE), GLVControl and UNet
     /// per sampling step; with `--torch`, the official PyTorch code beside.
     Supir(Box<supir::SupirBenchArgs>),
+    /// Every SeeSR network at one image size: text encoder, DAPE (RAM), ControlNet and UNet per
+    /// sampling step, VAE encode and decode; with `--torch`, the official PyTorch code beside.
+    Seesr(Box<seesr::SeesrBenchArgs>),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -72,6 +77,7 @@ impl From<Engine> for ConvEngine {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         What::Supir(a) => supir::run(*a),
+        What::Seesr(a) => seesr::run(*a),
         What::Realesrgan {
             size,
             reps,
