@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tiny = root.join("fixtures/seesr-tiny/stable-diffusion-2-base");
-    let data = root.join("crates/supir/tests/data");
+    let configs = root.join("fixtures/official/seesr");
     let copy = |from: &Path, to: &str| -> anyhow::Result<()> {
         let to = out.join(to);
         std::fs::create_dir_all(to.parent().expect("file in a folder"))?;
@@ -56,11 +56,11 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
     copy(
-        &data.join("sd2-base/text_encoder_config.json"),
+        &configs.join("text_encoder_config.json"),
         "stable-diffusion-2-base/text_encoder/config.json",
     )?;
     copy(
-        &data.join("sd2-base/vae_config.json"),
+        &configs.join("vae_config.json"),
         "stable-diffusion-2-base/vae/config.json",
     )?;
     copy(
@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     }
     for net in ["unet", "controlnet"] {
         copy(
-            &data.join(format!("seesr-release/{net}/config.json")),
+            &configs.join(format!("{net}_config.json")),
             &format!("seesr/{net}/config.json"),
         )?;
     }

@@ -23,7 +23,7 @@ fn sd2() -> PathBuf {
 }
 
 fn data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sd2-base")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/official/seesr")
 }
 
 /// Runs the parity cases whose name contains `filter` and checks that exactly `expected` ran

@@ -67,14 +67,13 @@ fn official_keys(prefix: &str) -> BTreeMap<String, Vec<usize>> {
         .collect()
 }
 
-/// The release configs (`tests/data/seesr-release/*/config.json`): the keys of the tiny
+/// The release configs (`fixtures/official/seesr/<model>_config.json`): the keys of the tiny
 /// fixture's configs (SeeSR's `save_pretrained` output) with SD-2-base's sizes, which the
 /// key shapes confirm (widths 320/640/1280/1280, text width 1024, 32 groups; heads 5/10/20/20).
 fn release_config(model: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/seesr-release")
-        .join(model)
-        .join("config.json")
+        .join("../../fixtures/official/seesr")
+        .join(format!("{model}_config.json"))
 }
 
 /// Builds a model on a [`ShapeSource`] and checks it requests exactly `official`, each once.
