@@ -671,14 +671,21 @@ impl Restorer {
             Some(CAPTION_SHORT_SIDE),
         )?;
         let resized = convert::pil_bicubic_resize_rgb8(&rgb, size.width, size.height)?;
-        let x = convert::rgb8_to_tensor(&resized)?
+        let clean = self.batchify_denoise(&convert::rgb8_to_tensor(&resized)?)?;
+        convert::tensor2pil(&clean.get(0)?, size.h0, size.w0)
+    }
+
+    /// `batchify_denoise`: the denoise encoder's posterior mode, decoded; `x` `[1, 3, H, W]` in
+    /// [-1, 1] -> the same shape, F32.
+    fn batchify_denoise(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x
             .to_device(&self.model.device())?
             .to_dtype(self.model.vae_dtype())?;
         let s = self.model.scale_factor;
         let z = self.model.vae.denoise_encode_scaled_mode(&x, s)?;
         let clean = self.model.vae.decode_scaled(&z, s)?.to_dtype(DType::F32)?;
         crate::memory::release_free_heap();
-        convert::tensor2pil(&clean.get(0)?, size.h0, size.w0)
+        Ok(clean)
     }
 
     /// The tiled demo's images for per-tile captions (`gradio_demo_tiled.py` `llave_process`):
@@ -692,14 +699,7 @@ impl Restorer {
         let rgb = convert::to_rgb8(img);
         let layout = opts.tile_layout(&self.cfg, rgb.width(), rgb.height())?;
         let (x, _, _) = convert::pil2tensor(&rgb, opts.upscale, opts.min_size)?;
-        let x = x
-            .to_device(&self.model.device())?
-            .to_dtype(self.model.vae_dtype())?;
-        let s = self.model.scale_factor;
-        let z = self.model.vae.denoise_encode_scaled_mode(&x, s)?;
-        let clean = self.model.vae.decode_scaled(&z, s)?.to_dtype(DType::F32)?;
-        crate::memory::release_free_heap();
-        let clean = clean.get(0)?;
+        let clean = self.batchify_denoise(&x)?.get(0)?;
         layout
             .tiles
             .iter()
