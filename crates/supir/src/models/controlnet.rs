@@ -114,39 +114,6 @@ impl ControlNetConfig {
     fn check(&self) -> Result<()> {
         let n = self.down_block_types.len();
         unsupported(
-            "block_out_channels",
-            self.block_out_channels.len() == n && n > 0,
-            &self.block_out_channels,
-        )?;
-        unsupported(
-            "only_cross_attention",
-            self.only_cross_attention
-                .resolve(n, "only_cross_attention")?
-                .iter()
-                .all(|v| !v),
-            &self.only_cross_attention,
-        )?;
-        unsupported(
-            "class_embed_type",
-            self.class_embed_type.is_none() && self.num_class_embeds.is_none(),
-            (&self.class_embed_type, self.num_class_embeds),
-        )?;
-        unsupported(
-            "addition_embed_type",
-            self.addition_embed_type.is_none(),
-            &self.addition_embed_type,
-        )?;
-        unsupported(
-            "encoder_hid_dim",
-            self.encoder_hid_dim.is_none() && self.encoder_hid_dim_type.is_none(),
-            (self.encoder_hid_dim, &self.encoder_hid_dim_type),
-        )?;
-        unsupported(
-            "norm_num_groups",
-            self.norm_num_groups.is_some(),
-            self.norm_num_groups,
-        )?;
-        unsupported(
             "controlnet_conditioning_channel_order",
             matches!(
                 self.controlnet_conditioning_channel_order.as_str(),
@@ -160,6 +127,15 @@ impl ControlNetConfig {
             &self.conditioning_embedding_out_channels,
         )?;
         check_common(&CommonOptions {
+            down_blocks: n,
+            block_out_channels: &self.block_out_channels,
+            only_cross_attention: &self.only_cross_attention,
+            class_embed_type: &self.class_embed_type,
+            num_class_embeds: self.num_class_embeds,
+            addition_embed_type: &self.addition_embed_type,
+            encoder_hid_dim: self.encoder_hid_dim,
+            encoder_hid_dim_type: &self.encoder_hid_dim_type,
+            norm_num_groups: self.norm_num_groups,
             act_fn: &self.act_fn,
             resnet_time_scale_shift: &self.resnet_time_scale_shift,
             attention_type: "default",

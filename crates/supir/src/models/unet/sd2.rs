@@ -220,22 +220,9 @@ impl UNet2DConditionConfig {
             &self.up_block_types,
         )?;
         unsupported(
-            "block_out_channels",
-            self.block_out_channels.len() == n && n > 0,
-            &self.block_out_channels,
-        )?;
-        unsupported(
             "num_attention_heads",
             self.num_attention_heads.is_none(),
             &self.num_attention_heads,
-        )?;
-        unsupported(
-            "only_cross_attention",
-            self.only_cross_attention
-                .resolve(n, "only_cross_attention")?
-                .iter()
-                .all(|v| !v),
-            &self.only_cross_attention,
         )?;
         unsupported(
             "mid_block_only_cross_attention",
@@ -246,21 +233,6 @@ impl UNet2DConditionConfig {
             "dual_cross_attention",
             !self.dual_cross_attention,
             self.dual_cross_attention,
-        )?;
-        unsupported(
-            "class_embed_type",
-            self.class_embed_type.is_none() && self.num_class_embeds.is_none(),
-            (&self.class_embed_type, self.num_class_embeds),
-        )?;
-        unsupported(
-            "addition_embed_type",
-            self.addition_embed_type.is_none(),
-            &self.addition_embed_type,
-        )?;
-        unsupported(
-            "encoder_hid_dim",
-            self.encoder_hid_dim.is_none() && self.encoder_hid_dim_type.is_none(),
-            (self.encoder_hid_dim, &self.encoder_hid_dim_type),
         )?;
         unsupported(
             "time_embedding_type",
@@ -283,11 +255,6 @@ impl UNet2DConditionConfig {
             self.time_cond_proj_dim,
         )?;
         unsupported(
-            "norm_num_groups",
-            self.norm_num_groups.is_some(),
-            self.norm_num_groups,
-        )?;
-        unsupported(
             "mid_block_type",
             matches!(
                 self.mid_block_type.as_deref(),
@@ -306,6 +273,15 @@ impl UNet2DConditionConfig {
             self.conv_out_kernel,
         )?;
         check_common(&CommonOptions {
+            down_blocks: n,
+            block_out_channels: &self.block_out_channels,
+            only_cross_attention: &self.only_cross_attention,
+            class_embed_type: &self.class_embed_type,
+            num_class_embeds: self.num_class_embeds,
+            addition_embed_type: &self.addition_embed_type,
+            encoder_hid_dim: self.encoder_hid_dim,
+            encoder_hid_dim_type: &self.encoder_hid_dim_type,
+            norm_num_groups: self.norm_num_groups,
             act_fn: &self.act_fn,
             resnet_time_scale_shift: &self.resnet_time_scale_shift,
             attention_type: &self.attention_type,
@@ -350,6 +326,15 @@ impl UNet2DConditionConfig {
 
 /// Options shared by the UNet and ControlNet configs.
 pub(crate) struct CommonOptions<'a> {
+    pub down_blocks: usize,
+    pub block_out_channels: &'a [usize],
+    pub only_cross_attention: &'a PerBlock<bool>,
+    pub class_embed_type: &'a Option<String>,
+    pub num_class_embeds: Option<usize>,
+    pub addition_embed_type: &'a Option<String>,
+    pub encoder_hid_dim: Option<usize>,
+    pub encoder_hid_dim_type: &'a Option<String>,
+    pub norm_num_groups: Option<usize>,
     pub act_fn: &'a str,
     pub resnet_time_scale_shift: &'a str,
     pub attention_type: &'a str,
@@ -357,7 +342,42 @@ pub(crate) struct CommonOptions<'a> {
     pub resnet_skip_time_act: bool,
 }
 
+/// Checks the options both configs share: only what is implemented here may be asked for.
 pub(crate) fn check_common(o: &CommonOptions) -> Result<()> {
+    let n = o.down_blocks;
+    unsupported(
+        "block_out_channels",
+        o.block_out_channels.len() == n && n > 0,
+        o.block_out_channels,
+    )?;
+    unsupported(
+        "only_cross_attention",
+        o.only_cross_attention
+            .resolve(n, "only_cross_attention")?
+            .iter()
+            .all(|v| !v),
+        o.only_cross_attention,
+    )?;
+    unsupported(
+        "class_embed_type",
+        o.class_embed_type.is_none() && o.num_class_embeds.is_none(),
+        (o.class_embed_type, o.num_class_embeds),
+    )?;
+    unsupported(
+        "addition_embed_type",
+        o.addition_embed_type.is_none(),
+        o.addition_embed_type,
+    )?;
+    unsupported(
+        "encoder_hid_dim",
+        o.encoder_hid_dim.is_none() && o.encoder_hid_dim_type.is_none(),
+        (o.encoder_hid_dim, o.encoder_hid_dim_type),
+    )?;
+    unsupported(
+        "norm_num_groups",
+        o.norm_num_groups.is_some(),
+        o.norm_num_groups,
+    )?;
     unsupported("act_fn", matches!(o.act_fn, "silu" | "swish"), o.act_fn)?;
     unsupported(
         "resnet_time_scale_shift",
