@@ -408,6 +408,15 @@ fn child_cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / hz)
 }
 
+/// `PYTHONPATH` for a reference child process: `dirs` first, then the caller's own.
+pub(super) fn python_path(dirs: &[&std::path::Path]) -> std::ffi::OsString {
+    let mut parts: Vec<std::ffi::OsString> = dirs.iter().map(|d| d.as_os_str().into()).collect();
+    if let Some(old) = std::env::var_os("PYTHONPATH") {
+        parts.push(old);
+    }
+    parts.join(std::ffi::OsStr::new(":"))
+}
+
 /// Runs a reference script (`stdin`: its text, for `python -`), echoing its output; returns its
 /// first line and its stages, each with the cores its process got while it ran.
 pub(super) fn run_reference(

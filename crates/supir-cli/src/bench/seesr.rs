@@ -43,7 +43,8 @@ use supir::weights::{RandomSource, WeightSource};
 
 use super::common::{
     build, cpu_description, json_num, json_rows, json_str, load_average, mem_available_gib,
-    print_table, push, push_sum, reset_peak, run_reference, sum_timings, time, Row, Timing,
+    print_table, push, push_sum, python_path, reset_peak, run_reference, sum_timings, time, Row,
+    Timing,
 };
 use super::TempDir;
 
@@ -523,11 +524,7 @@ fn run_torch(
     a: &SeesrBenchArgs,
     config_dir: &Path,
 ) -> Result<(String, HashMap<String, Timing>)> {
-    let mut pythonpath = std::ffi::OsString::from(env.official_src.as_os_str());
-    if let Some(old) = std::env::var_os("PYTHONPATH") {
-        pythonpath.push(":");
-        pythonpath.push(old);
-    }
+    let pythonpath = python_path(&[&env.official_src]);
     let script = env
         .script
         .as_ref()

@@ -31,8 +31,8 @@ use supir::pipelines::supir::conditioner::Conditioner;
 use supir::weights::{Checkpoint, RandomSource, WeightSource};
 
 use super::common::{
-    build, json_rows, json_str, mem_available_gib, print_table, push, push_sum, reset_peak,
-    run_reference, sum_timings, time, Row, Timing,
+    build, json_rows, json_str, mem_available_gib, print_table, push, push_sum, python_path,
+    reset_peak, run_reference, sum_timings, time, Row, Timing,
 };
 
 /// The official `options/SUPIR_v0.yaml`, used when no `--config` is given.
@@ -339,13 +339,7 @@ fn run_torch(
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let mut pythonpath = std::ffi::OsString::from(script_dir.as_os_str());
-    pythonpath.push(":");
-    pythonpath.push(env.official_src.as_os_str());
-    if let Some(old) = std::env::var_os("PYTHONPATH") {
-        pythonpath.push(":");
-        pythonpath.push(old);
-    }
+    let pythonpath = python_path(&[&script_dir, &env.official_src]);
     eprintln!(
         "PyTorch reference: {} {} --latent {latent} --reps {reps}",
         env.python,
