@@ -62,7 +62,13 @@ pub fn caption_path(dir: &Path, image: &Path) -> PathBuf {
     dir.join(stem).with_extension("txt")
 }
 
-/// Writes a caption file atomically.
+/// `<output stem>.txt` beside an output: where `restore --caption auto` keeps an image's caption
+/// and `--save-prompts` its prompt.
+pub fn text_beside(output: &Path) -> PathBuf {
+    output.with_extension("txt")
+}
+
+/// Writes a caption (or prompt) file atomically.
 pub fn write_caption(path: &Path, caption: &str) -> anyhow::Result<()> {
     file::write_atomic(path, |w| {
         use std::io::Write;

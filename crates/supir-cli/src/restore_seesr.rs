@@ -1,7 +1,7 @@
 //! The SeeSR backend of `supir restore`: the release folders, `test_seesr.py`'s options under
 //! clear names (folded into `supir::pipelines::seesr::SeesrOptions`), progress, the per-image loop.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -14,6 +14,7 @@ use supir::pipelines::seesr::{
 };
 use supir::schedulers::sampler::SeededNoise;
 
+use crate::caption::{text_beside, write_caption};
 use crate::restore::{pending_jobs, run_jobs};
 use crate::restore_supir::{seed_arg, ColorFixArg, PresetArg, SupirArgs};
 
@@ -224,11 +225,6 @@ impl SeesrArgs {
     }
 }
 
-/// `<output stem>.txt` beside an output.
-fn prompt_file(output: &Path) -> PathBuf {
-    output.with_extension("txt")
-}
-
 /// Runs SeeSR over `jobs` (`(input, output)` pairs, already checked).
 pub fn run(
     jobs: &[(PathBuf, PathBuf)],
@@ -241,7 +237,7 @@ pub fn run(
     let save_prompts = opts.save_prompts;
     let todo = pending_jobs(jobs, opts.samples, folder, shared.overwrite, |out| {
         if save_prompts {
-            vec![prompt_file(out)]
+            vec![text_beside(out)]
         } else {
             vec![]
         }
@@ -297,15 +293,7 @@ pub fn run(
             file::save(&image::DynamicImage::ImageRgb8(res.image), out)?;
         }
         if opts.save_prompts {
-            let path = prompt_file(&job.output);
-            file::write_atomic(&path, |w| {
-                use std::io::Write;
-                w.write_all(prepared.prompt.as_bytes())
-                    .map_err(|source| supir::Error::Io {
-                        path: path.clone(),
-                        source,
-                    })
-            })?;
+            write_caption(&text_beside(&job.output), &prepared.prompt)?;
         }
         tracing::info!(
             "{} -> {} ({}x{}, prompt `{}`) in {:.2?}",

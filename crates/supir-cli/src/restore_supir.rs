@@ -18,7 +18,7 @@ use supir::pipelines::supir::restore::{
 };
 use supir::schedulers::sampler::SamplerKind;
 
-use crate::caption::{write_caption, CaptionerArg};
+use crate::caption::{text_beside, write_caption, CaptionerArg};
 use crate::restore::{pending_jobs, run_jobs, Job};
 use crate::restore_seesr::TaggerArgs;
 
@@ -330,11 +330,6 @@ pub(crate) fn seed_arg(s: i64) -> anyhow::Result<u64> {
     }
 }
 
-/// `<output stem>.txt`: where `--caption auto` keeps an image's caption.
-pub fn caption_file(output: &Path) -> PathBuf {
-    output.with_extension("txt")
-}
-
 /// The automatic captions of one image: one, or one per tile of a tiled sampler (the tiled
 /// demo's local prompts).
 enum Captions {
@@ -357,7 +352,7 @@ fn auto_captions(
     let mut captions = HashMap::new();
     let mut missing = Vec::new();
     for job in todo {
-        let path = caption_file(&job.output);
+        let path = text_beside(&job.output);
         if !path.is_file() {
             missing.push(job);
             continue;
@@ -393,7 +388,7 @@ fn auto_captions(
                     &loaded
                 }
             };
-            let path = caption_file(&job.output);
+            let path = text_beside(&job.output);
             if tiled {
                 let tiles = restorer.denoised_tiles_for_caption(img, opts)?;
                 let v = tiles

@@ -545,3 +545,28 @@ pub fn torch_bicubic_resize(x: &Tensor, out_h: usize, out_w: usize) -> Result<Te
     shape[n - 1] = out_w;
     Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_device(x.device())?)
 }
+
+/// `[H, W, 3]` u8 tensor of an image.
+pub fn rgb8_to_hwc(img: &RgbImage, dev: &Device) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    Ok(Tensor::from_vec(
+        img.as_raw().clone(),
+        (h as usize, w as usize, 3),
+        dev,
+    )?)
+}
+
+/// An `[H, W, 3]` u8 tensor as an image.
+pub fn hwc_to_rgb8(t: &Tensor) -> Result<RgbImage> {
+    let (h, w, c) = t.dims3()?;
+    if c != 3 || t.dtype() != DType::U8 {
+        return Err(Error::Option(format!(
+            "expected an [H, W, 3] u8 image tensor, got {:?} {:?}",
+            t.dims(),
+            t.dtype()
+        )));
+    }
+    let raw = t.flatten_all()?.to_vec1::<u8>()?;
+    RgbImage::from_raw(w as u32, h as u32, raw)
+        .ok_or_else(|| Error::Option("image buffer size mismatch".into()))
+}

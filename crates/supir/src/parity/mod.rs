@@ -181,14 +181,14 @@ pub(crate) fn compare(
     }
 }
 
-fn param_f64(case: &Case, key: &str) -> Result<f64> {
+pub(crate) fn param_f64(case: &Case, key: &str) -> Result<f64> {
     case.params
         .get(key)
         .and_then(|v| v.as_f64())
         .ok_or_else(|| crate::Error::Option(format!("case {}: no number `{key}`", case.name)))
 }
 
-fn param_str<'a>(case: &'a Case, key: &str) -> Result<&'a str> {
+pub(crate) fn param_str<'a>(case: &'a Case, key: &str) -> Result<&'a str> {
     case.params
         .get(key)
         .and_then(|v| v.as_str())

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+use crate::image_io::convert::rgb8_to_hwc;
 use crate::models::ram::{self, Ram, RamConfig};
 use crate::{Error, Result};
 
@@ -48,20 +49,10 @@ impl FromStr for Captioner {
     }
 }
 
-/// `[H, W, 3]` u8 tensor of an image.
-fn hwc(img: &RgbImage, dev: &Device) -> Result<Tensor> {
-    let (w, h) = img.dimensions();
-    Ok(Tensor::from_vec(
-        img.as_raw().clone(),
-        (h as usize, w as usize, 3),
-        dev,
-    )?)
-}
-
 /// DAPE on one image: `ram_transforms(tensor_transforms(img))`, then `inference_ram` and
 /// `generate_image_embeds`: the tag string and the image embeddings `[1, 145, 512]` (f32).
 pub fn tag_image(ram: &Ram, image: &RgbImage, dev: &Device) -> Result<(String, Tensor)> {
-    let pixels = ram::preprocess(&hwc(image, dev)?)?;
+    let pixels = ram::preprocess(&rgb8_to_hwc(image, dev)?)?;
     let out = ram.forward(&pixels)?;
     let tags = out.tags.into_iter().next().unwrap_or_default();
     Ok((tags, out.image_embeds.to_dtype(DType::F32)?))

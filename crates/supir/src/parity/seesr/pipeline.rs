@@ -4,8 +4,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::color_fix::ColorFix;
+use crate::image_io::convert::hwc_to_rgb8;
 use crate::parity::fixture::{Case, Fixture};
-use crate::pipelines::seesr::flow::{self, hwc_to_rgb8, Trace};
+use crate::parity::{param_f64, param_str};
+use crate::pipelines::seesr::flow::{self, Trace};
 use crate::pipelines::seesr::model::{SeesrModel, SeesrPaths};
 use crate::pipelines::seesr::options::{SeesrOptions, SeesrPreset};
 use crate::schedulers::sampler::{DrawKind, ReplayNoise};
@@ -21,38 +23,24 @@ pub(super) struct Cache {
     turbo: Option<SeesrModel>,
 }
 
-fn num(case: &Case, key: &str) -> Result<f64> {
-    case.params
-        .get(key)
-        .and_then(|v| v.as_f64())
-        .ok_or_else(|| Error::Option(format!("case {}: no number `{key}`", case.name)))
-}
-
-fn text<'a>(case: &'a Case, key: &str) -> Result<&'a str> {
-    case.params
-        .get(key)
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| Error::Option(format!("case {}: no text `{key}`", case.name)))
-}
-
 /// The case's options: `test_seesr.py`'s defaults with the case's parameters.
 fn options(case: &Case, preset: SeesrPreset) -> Result<SeesrOptions> {
     let mut o = SeesrOptions::preset(preset);
-    o.guidance = num(case, "guidance_scale")?;
-    o.steps = num(case, "num_inference_steps")? as usize;
-    o.start_point = text(case, "start_point")?.parse()?;
-    o.conditioning_scale = num(case, "conditioning_scale")?;
-    o.upscale = num(case, "upscale")? as u32;
-    o.process_size = num(case, "process_size")? as u32;
-    o.color_fix = match text(case, "align_method")? {
+    o.guidance = param_f64(case, "guidance_scale")?;
+    o.steps = param_f64(case, "num_inference_steps")? as usize;
+    o.start_point = param_str(case, "start_point")?.parse()?;
+    o.conditioning_scale = param_f64(case, "conditioning_scale")?;
+    o.upscale = param_f64(case, "upscale")? as u32;
+    o.process_size = param_f64(case, "process_size")? as u32;
+    o.color_fix = match param_str(case, "align_method")? {
         "nofix" => ColorFix::None,
         other => other.parse()?,
     };
-    o.latent_tile = num(case, "latent_tiled_size")? as usize;
-    o.latent_overlap = num(case, "latent_tiled_overlap")? as usize;
-    o.vae_encoder_tile = num(case, "vae_encoder_tiled_size")? as usize;
-    o.vae_decoder_tile = num(case, "vae_decoder_tiled_size")? as usize;
-    o.negative_prompt = text(case, "negative_prompt")?.to_string();
+    o.latent_tile = param_f64(case, "latent_tiled_size")? as usize;
+    o.latent_overlap = param_f64(case, "latent_tiled_overlap")? as usize;
+    o.vae_encoder_tile = param_f64(case, "vae_encoder_tiled_size")? as usize;
+    o.vae_decoder_tile = param_f64(case, "vae_decoder_tiled_size")? as usize;
+    o.negative_prompt = param_str(case, "negative_prompt")?.to_string();
     Ok(o)
 }
 
@@ -104,7 +92,7 @@ pub(super) fn run_case(
         Some(&mut trace),
         &mut |_, _| {},
     )?;
-    let want = text(case, "prompt")?;
+    let want = param_str(case, "prompt")?;
     if out.prompt != want {
         return Err(Error::Option(format!(
             "case {}: prompt `{}`, the official flow built `{want}`",

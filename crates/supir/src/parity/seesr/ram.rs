@@ -21,17 +21,21 @@ fn bad(case: &Case, msg: String) -> Error {
     Error::Option(format!("case {}: {msg}", case.name))
 }
 
-/// The RAM model of the fixture folder, configured from the `ram` case's `ram_config` and
-/// `q2l_config` params.
-pub fn load_ram(fx: &Fixture, case: &Case) -> Result<Ram> {
+/// The RAM config a `ram` case was made with (its `ram_config` and `q2l_config` params).
+fn case_ram_config(case: &Case) -> Result<RamConfig> {
     let null = serde_json::Value::Null;
-    let swin = case.params.get("ram_config").unwrap_or(&null);
-    let q2l = case.params.get("q2l_config").unwrap_or(&null);
-    let cfg = RamConfig::from_official(swin, q2l)?;
+    RamConfig::from_official(
+        case.params.get("ram_config").unwrap_or(&null),
+        case.params.get("q2l_config").unwrap_or(&null),
+    )
+}
+
+/// The RAM model of the fixture folder, configured as the `ram` case says.
+pub fn load_ram(fx: &Fixture, case: &Case) -> Result<Ram> {
     Ram::load(
         &fx.dir.join("ram_swin_large_14m.pth"),
         Some(&fx.dir.join("DAPE.pth")),
-        &cfg,
+        &case_ram_config(case)?,
         DType::F32,
         &Device::Cpu,
     )
@@ -44,11 +48,7 @@ pub(super) fn fixture_ram_config(fx: &Fixture) -> Result<RamConfig> {
         .iter()
         .find(|c| c.kind == "ram")
         .ok_or_else(|| Error::Option("fixture has no `ram` case (RAM config)".into()))?;
-    let null = serde_json::Value::Null;
-    RamConfig::from_official(
-        case.params.get("ram_config").unwrap_or(&null),
-        case.params.get("q2l_config").unwrap_or(&null),
-    )
+    case_ram_config(case)
 }
 
 pub(super) fn run_case(

@@ -22,7 +22,7 @@ use image::RgbImage;
 use super::model::SeesrModel;
 use super::options::{SeesrOptions, StartPoint, MAX_PIXELS};
 use crate::color_fix::{self, ColorFix};
-use crate::image_io::convert::pil_bicubic_resize_rgb8;
+use crate::image_io::convert::{hwc_to_rgb8, pil_bicubic_resize_rgb8, rgb8_to_hwc};
 use crate::models::controlnet::ControlNetOutput;
 use crate::schedulers::ddpm::DdpmScheduler;
 use crate::schedulers::sampler::NoiseSource;
@@ -99,31 +99,6 @@ pub fn resize_chain(img: &RgbImage, upscale: u32, process_size: u32) -> Result<R
     cur = pil_bicubic_resize_rgb8(&cur, w1 * upscale, h1 * upscale)?;
     let (w2, h2) = cur.dimensions();
     pil_bicubic_resize_rgb8(&cur, w2 / 8 * 8, h2 / 8 * 8)
-}
-
-/// `[H, W, 3]` u8 tensor of an image.
-pub fn rgb8_to_hwc(img: &RgbImage, dev: &Device) -> Result<Tensor> {
-    let (w, h) = img.dimensions();
-    Ok(Tensor::from_vec(
-        img.as_raw().clone(),
-        (h as usize, w as usize, 3),
-        dev,
-    )?)
-}
-
-/// An `[H, W, 3]` u8 tensor as an image.
-pub fn hwc_to_rgb8(t: &Tensor) -> Result<RgbImage> {
-    let (h, w, c) = t.dims3()?;
-    if c != 3 || t.dtype() != DType::U8 {
-        return Err(Error::Option(format!(
-            "expected an [H, W, 3] u8 image tensor, got {:?} {:?}",
-            t.dims(),
-            t.dtype()
-        )));
-    }
-    let raw = t.flatten_all()?.to_vec1::<u8>()?;
-    RgbImage::from_raw(w as u32, h as u32, raw)
-        .ok_or_else(|| Error::Option("image buffer size mismatch".into()))
 }
 
 /// `prepare_image`: u8 / 255 as `[1, 3, H, W]` f32 in [0, 1] (numpy's true division).
@@ -304,8 +279,7 @@ pub fn sample(
     let (w, h) = control.dimensions();
     let (lh, lw) = (h as usize / 8, w as usize / 8);
     let image = control_tensor(control, &dev)?;
-    let mut scheduler = DdpmScheduler::new(model.scheduler.clone(), opts.steps)?;
-    scheduler.set_timesteps(opts.steps)?;
+    let scheduler = DdpmScheduler::new(model.scheduler.clone(), opts.steps)?;
     let init = (noise.randn(&[1, 4, lh, lw], &dev)? * scheduler.init_noise_sigma())?;
     let mut latents = match opts.start_point {
         StartPoint::Noise => init,
