@@ -20,8 +20,6 @@ use supir::models::unet::sd2::{UNet2DConditionConfig, UNet2DConditionModel};
 use supir::models::vae::{AutoencoderKL, VaeConfig};
 use supir::weights::RandomSource;
 
-const KEYS_TSV: &str = include_str!("../assets/seesr-keys.tsv");
-
 fn dtype(s: Option<&String>) -> anyhow::Result<DType> {
     Ok(match s.map(String::as_str).unwrap_or("f32") {
         "f32" | "fp32" => DType::F32,
@@ -34,16 +32,8 @@ fn dtype(s: Option<&String>) -> anyhow::Result<DType> {
 /// `seesr-keys.tsv` grouped by file: key -> shape.
 fn keys() -> HashMap<String, HashMap<String, Vec<usize>>> {
     let mut out: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
-    for line in KEYS_TSV.lines().skip(1) {
-        let f: Vec<&str> = line.split('\t').collect();
-        let shape = f[2]
-            .split(',')
-            .filter(|d| !d.is_empty())
-            .map(|d| d.parse().expect("a dimension"))
-            .collect();
-        out.entry(f[0].to_string())
-            .or_default()
-            .insert(f[1].to_string(), shape);
+    for r in supir::inspect::seesr_release_keys() {
+        out.entry(r.file).or_default().insert(r.key, r.shape);
     }
     out
 }

@@ -16,8 +16,6 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use supir::weights::RandomSource;
 
-const KEYS_TSV: &str = include_str!("../assets/seesr-keys.tsv");
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let out = Path::new(
@@ -31,20 +29,10 @@ fn main() -> anyhow::Result<()> {
         d => anyhow::bail!("unknown dtype {d}"),
     };
     let mut files: HashMap<String, Vec<(String, Vec<usize>)>> = HashMap::new();
-    for line in KEYS_TSV.lines().skip(1) {
-        let f: Vec<&str> = line.split('\t').collect();
-        if f.len() < 4 || !f[3].starts_with("float") {
-            continue;
+    for r in supir::inspect::seesr_release_keys() {
+        if r.dtype.starts_with("float") {
+            files.entry(r.file).or_default().push((r.key, r.shape));
         }
-        let shape = f[2]
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse::<usize>())
-            .collect::<Result<Vec<_>, _>>()?;
-        files
-            .entry(f[0].to_string())
-            .or_default()
-            .push((f[1].to_string(), shape));
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tiny = root.join("fixtures/seesr-tiny/stable-diffusion-2-base");

@@ -32,6 +32,54 @@ pub fn full_size_keys() -> BTreeMap<String, Vec<usize>> {
         .collect()
 }
 
+/// Every file, key, shape and dtype of the full-size SeeSR release (`assets/seesr-keys.tsv`,
+/// written by the refgen-seesr generator from the official models; buffers included).
+pub const SEESR_KEYS_TSV: &str = include_str!("../assets/seesr-keys.tsv");
+
+/// One row of [`SEESR_KEYS_TSV`]: a tensor of a release file (path relative to `preset/models`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseKey {
+    pub file: String,
+    pub key: String,
+    pub shape: Vec<usize>,
+    /// torch's name: `float32`, `int64`, ...
+    pub dtype: String,
+}
+
+/// The rows of [`SEESR_KEYS_TSV`].
+pub fn seesr_release_keys() -> Vec<ReleaseKey> {
+    SEESR_KEYS_TSV
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let [file, key, shape, dtype] = f[..] else {
+                return None;
+            };
+            let shape = shape
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(|d| d.parse().expect("tsv shape"))
+                .collect();
+            Some(ReleaseKey {
+                file: file.into(),
+                key: key.into(),
+                shape,
+                dtype: dtype.into(),
+            })
+        })
+        .collect()
+}
+
+/// key -> shape of one release file (e.g. `seesr/unet/diffusion_pytorch_model.safetensors`).
+pub fn seesr_file_keys(file: &str) -> BTreeMap<String, Vec<usize>> {
+    seesr_release_keys()
+        .into_iter()
+        .filter(|r| r.file == file)
+        .map(|r| (r.key, r.shape))
+        .collect()
+}
+
 /// Which published file normally provides a part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {

@@ -277,21 +277,7 @@ fn bad_files_are_errors_naming_file_and_key() {
 
 /// Rows of `seesr-keys.tsv` of one file: key -> shape.
 fn key_rows(file: &str) -> BTreeMap<String, Vec<usize>> {
-    let tsv = include_str!("../assets/seesr-keys.tsv");
-    tsv.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            (f[0] == file).then(|| {
-                let shape = if f[2].is_empty() {
-                    vec![]
-                } else {
-                    f[2].split(',').map(|d| d.parse().unwrap()).collect()
-                };
-                (f[1].to_string(), shape)
-            })
-        })
-        .collect()
+    supir::inspect::seesr_file_keys(file)
 }
 
 #[test]

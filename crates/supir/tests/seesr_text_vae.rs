@@ -251,24 +251,7 @@ fn one_vae_under_sgm_and_both_diffusers_namings() {
 
 /// Rows of `crates/supir/assets/seesr-keys.tsv` for one file: key -> shape.
 fn official_keys(file: &str) -> BTreeMap<String, Vec<usize>> {
-    let tsv = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/seesr-keys.tsv"),
-    )
-    .unwrap();
-    tsv.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split('\t').collect();
-            (cols[0] == file).then(|| {
-                let shape = cols[2]
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|d| d.parse().unwrap())
-                    .collect();
-                (cols[1].to_string(), shape)
-            })
-        })
-        .collect()
+    supir::inspect::seesr_file_keys(file)
 }
 
 fn assert_same_keys(

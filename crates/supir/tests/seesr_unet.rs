@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use supir::inspect::seesr_file_keys;
 
 use candle_core::{DType, Device, Tensor};
 use supir::models::controlnet::{ControlNetConfig, ControlNetModel};
@@ -53,18 +54,7 @@ fn unet_cases_match_official() {
 
 /// `(key, shape)` rows of `assets/seesr-keys.tsv` in the file `<prefix>/diffusion_pytorch_model.safetensors`.
 fn official_keys(prefix: &str) -> BTreeMap<String, Vec<usize>> {
-    let tsv = include_str!("../assets/seesr-keys.tsv");
-    let file = format!("{prefix}/diffusion_pytorch_model.safetensors");
-    tsv.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split('\t').collect();
-            (cols[0] == file).then(|| {
-                let shape = cols[2].split(',').map(|d| d.parse().unwrap()).collect();
-                (cols[1].to_string(), shape)
-            })
-        })
-        .collect()
+    seesr_file_keys(&format!("{prefix}/diffusion_pytorch_model.safetensors"))
 }
 
 /// The release configs (`fixtures/official/seesr/<model>_config.json`): the keys of the tiny

@@ -73,7 +73,6 @@ const CONFIGS: [(&str, &str); 4] = [
 ];
 
 /// Keys and shapes of every file of the release.
-const KEYS_TSV: &str = include_str!("../../../supir/assets/seesr-keys.tsv");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Stage {
@@ -197,6 +196,15 @@ fn torch_env(a: &SeesrBenchArgs) -> Result<Option<TorchEnv>> {
     }))
 }
 
+/// `seesr-keys.tsv` grouped by file: file -> key -> shape.
+fn release_keys() -> HashMap<String, HashMap<String, Vec<usize>>> {
+    let mut out: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+    for r in supir::inspect::seesr_release_keys() {
+        out.entry(r.file).or_default().insert(r.key, r.shape);
+    }
+    out
+}
+
 /// Where the networks come from.
 enum Weights {
     /// Seeded random weights; configs written from the embedded release configs.
@@ -207,27 +215,6 @@ enum Weights {
         configs: TempDir,
     },
     Release(SeesrPaths),
-}
-
-/// `seesr-keys.tsv` grouped by file.
-fn release_keys() -> Result<HashMap<String, HashMap<String, Vec<usize>>>> {
-    let mut out: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
-    for line in KEYS_TSV.lines().skip(1) {
-        let f: Vec<&str> = line.split('\t').collect();
-        let [file, key, shape, _] = f[..] else {
-            bail!("seesr-keys.tsv: bad line `{line}`");
-        };
-        let shape = shape
-            .split(',')
-            .filter(|d| !d.is_empty())
-            .map(|d| d.parse::<usize>())
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .with_context(|| format!("seesr-keys.tsv: bad shape in `{line}`"))?;
-        out.entry(file.to_string())
-            .or_default()
-            .insert(key.to_string(), shape);
-    }
-    Ok(out)
 }
 
 const TEXT_FILE: &str = "stable-diffusion-2-base/text_encoder/model.safetensors";
@@ -255,7 +242,7 @@ impl Weights {
                 }
                 Self::Random {
                     seed: a.seed,
-                    keys: release_keys()?,
+                    keys: release_keys(),
                     configs,
                 }
             }
@@ -602,7 +589,7 @@ mod tests {
 
     #[test]
     fn key_list_has_every_file_the_bench_builds() {
-        let keys = release_keys().unwrap();
+        let keys = release_keys();
         for f in [TEXT_FILE, VAE_FILE, UNET_FILE, CONTROLNET_FILE, RAM_FILE] {
             assert!(keys.get(f).is_some_and(|k| !k.is_empty()), "{f}");
         }
