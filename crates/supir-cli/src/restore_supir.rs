@@ -145,8 +145,9 @@ pub struct SupirArgs {
     /// Tiled VAE decoder tile, latent pixels (implies --vae-tiles) [default: 64].
     #[arg(long, help_heading = "SUPIR size and memory")]
     pub(crate) decoder_tile: Option<usize>,
-    /// Precision of control + UNet weights: fp32, fp16 or bf16 (on the CPU half-precision
-    /// weights halve the memory and every layer computes in f32) [default: fp32].
+    /// Precision of control + UNet weights: fp32, fp16, bf16 (on the CPU half-precision
+    /// weights halve the memory and every layer computes in f32) or q8_0 (linear layers in
+    /// GGUF Q8_0 on 8-bit integer dot products, the rest f16) [default: fp32].
     #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
     pub(crate) diffusion_dtype: Option<PrecisionArg>,
     /// Precision of the VAE and text encoder weights: fp32 or bf16 [default: fp32].
@@ -209,6 +210,8 @@ pub(crate) enum PrecisionArg {
     Fp32,
     Fp16,
     Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -232,6 +235,7 @@ impl From<PrecisionArg> for Precision {
             PrecisionArg::Fp32 => Precision::Fp32,
             PrecisionArg::Fp16 => Precision::Fp16,
             PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::Q8_0 => Precision::Q8_0,
         }
     }
 }

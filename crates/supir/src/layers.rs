@@ -9,12 +9,14 @@
 //! candle's own ops, so a CUDA path needs nothing from here. `SUPIR_KERNELS=candle` forces
 //! candle's ops on the CPU too (comparisons).
 
+use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Result, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::kernels::packed::{self, PackedWeight};
+use crate::kernels::q8::{self, Q8Weight};
 use crate::kernels::{attention as attn, conv, norm};
 
 /// The activations' dtype for weights stored in `storage` on `dev`: f32 on the CPU (f16/bf16
@@ -67,11 +69,77 @@ fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
 
 // ---------------------------------------------------------------------------- Linear
 
+/// Block-quantised storage for linear weights, in GGUF's formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quant {
+    /// Blocks of 32 signed bytes and an f16 scale (8.5 bits per weight), multiplied on 8-bit
+    /// integer dot products ([`crate::kernels::q8`]).
+    Q8_0,
+}
+
+impl Quant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// What a [`with_linear_quant`] scope built: linear layers quantised, and those kept as loaded
+/// because their input width is not a multiple of the block size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuantStats {
+    pub quantised: usize,
+    pub kept: usize,
+}
+
+thread_local! {
+    static LINEAR_QUANT: Cell<(Option<Quant>, QuantStats)> =
+        const { Cell::new((None, QuantStats { quantised: 0, kept: 0 })) };
+}
+
+/// Runs `build` with every [`Linear`] it constructs on this thread stored as `quant` (`None`:
+/// as loaded), and counts them. The networks take their weights by name from a `VarBuilder`,
+/// whose dtypes have no quantised kinds; this scope is how one part (GLVControl + UNet,
+/// ControlNet + UNet) asks for quantised linear layers while its convolutions and norms keep
+/// the builder's dtype.
+pub fn with_linear_quant<R>(quant: Option<Quant>, build: impl FnOnce() -> R) -> (R, QuantStats) {
+    struct Restore((Option<Quant>, QuantStats));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LINEAR_QUANT.with(|q| q.set(self.0));
+        }
+    }
+    let restore = Restore(LINEAR_QUANT.with(|q| q.replace((quant, QuantStats::default()))));
+    let out = build();
+    let stats = LINEAR_QUANT.with(|q| q.get().1);
+    drop(restore);
+    (out, stats)
+}
+
+fn linear_quant() -> Option<Quant> {
+    LINEAR_QUANT.with(|q| q.get().0)
+}
+
+fn count_linear(quantised: bool) {
+    LINEAR_QUANT.with(|q| {
+        let (quant, mut stats) = q.get();
+        if quantised {
+            stats.quantised += 1;
+        } else {
+            stats.kept += 1;
+        }
+        q.set((quant, stats));
+    });
+}
+
 /// `torch.nn.Linear`: `y = x Wᵀ + b`, `weight [out, in]`, on the last dimension of `x`.
 ///
 /// f32 weights on a CPU with AVX-512 are packed once at construction for
 /// [`packed`](crate::kernels::packed) (the same bytes in the micro-kernel's order; the BLAS
-/// would re-pack them on every call); other weights stay as loaded.
+/// would re-pack them on every call); under [`with_linear_quant`] weights whose input width is
+/// a multiple of 32 are quantised (CPU, f32 inputs: integer kernels; elsewhere dequantised per
+/// call); other weights stay as loaded.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
@@ -84,10 +152,20 @@ enum LinearWeight {
         bias: Option<Tensor>,
     },
     Packed(Arc<PackedWeight>),
+    Q8(Arc<Q8Weight>),
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        if let Some(Quant::Q8_0) = linear_quant() {
+            let q = Self::quantize_q8(&weight, bias.as_ref());
+            count_linear(q.is_some());
+            if let Some(q) = q {
+                return Self {
+                    weight: LinearWeight::Q8(Arc::new(q)),
+                };
+            }
+        }
         let packable = |t: &Tensor| {
             t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && t.rank() <= 2
         };
@@ -112,6 +190,31 @@ impl Linear {
         }
     }
 
+    /// Q8_0 of a `[out, in]` weight with `in` a multiple of 32 (read as f32 one layer at a time).
+    fn quantize_q8(weight: &Tensor, bias: Option<&Tensor>) -> Option<Q8Weight> {
+        let (n, k) = weight.dims2().ok()?;
+        if !k.is_multiple_of(q8::QK) || bias.is_some_and(|b| b.dims1().ok() != Some(n)) {
+            return None;
+        }
+        let w = weight.to_device(&Device::Cpu).ok()?;
+        let b = bias.map(|b| b.to_device(&Device::Cpu)).transpose().ok()?;
+        with_f32(&w, |w| {
+            with_opt_f32(b.as_ref(), |b| Q8Weight::quantize(w, n, k, b))
+        })
+        .ok()?
+        .ok()?
+        .ok()
+    }
+
+    /// How the weight is held: `"f32-packed"`, `"q8_0"` or the loaded dtype.
+    pub fn storage(&self) -> String {
+        match &self.weight {
+            LinearWeight::Loaded { weight, .. } => format!("{:?}", weight.dtype()).to_lowercase(),
+            LinearWeight::Packed(_) => "f32-packed".into(),
+            LinearWeight::Q8(_) => Quant::Q8_0.name().into(),
+        }
+    }
+
     /// `weight` (and `bias` when `with_bias`) under `vb`.
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, with_bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
@@ -128,6 +231,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Loaded { weight, .. } => weight.dims2(),
             LinearWeight::Packed(p) => Ok((p.n(), p.k())),
+            LinearWeight::Q8(q) => Ok((q.n(), q.k())),
         }
     }
 
@@ -139,6 +243,12 @@ impl Linear {
                 cpu_tensor(p.unpack_weight(), &[p.n(), p.k()])?,
                 p.bias()
                     .map(|b| cpu_tensor(b.to_vec(), &[p.n()]))
+                    .transpose()?,
+            )),
+            LinearWeight::Q8(q) => Ok((
+                cpu_tensor(q.dequantize(), &[q.n(), q.k()])?,
+                q.bias()
+                    .map(|b| cpu_tensor(b.to_vec(), &[q.n()]))
                     .transpose()?,
             )),
         }
@@ -158,6 +268,10 @@ impl Linear {
         match &self.weight {
             LinearWeight::Packed(p) if fast(x) => {
                 let out = with_f32(x, |xs| p.matmul(xs, m))?;
+                cpu_tensor(out, &shape)
+            }
+            LinearWeight::Q8(q) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                let out = with_f32(x, |xs| q.matmul(xs, m))?;
                 cpu_tensor(out, &shape)
             }
             LinearWeight::Loaded { weight, bias } if fast(x) => {

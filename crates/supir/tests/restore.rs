@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module};
 use supir::color_fix::ColorFix;
+use supir::layers::{Quant, QuantStats};
 use supir::models::supir_config::SupirConfig;
 use supir::models::tiled_vae::VaeTiling;
 use supir::parity::fixture::{max_abs_diff, Case, Fixture};
@@ -272,16 +273,25 @@ fn tiled_vae_matches_the_official_tilevae() {
     );
 }
 
-/// f16 / bf16 weights (the CPU computes in f32 with them) against the official f32 outputs on
-/// every `sample` case: diffusion in half precision with an f32 VAE, and both in bf16.
+/// f16 / bf16 weights (the CPU computes in f32 with them) and Q8_0 linear layers against the
+/// official f32 outputs on every `sample` case: diffusion in half precision or Q8_0 with an f32
+/// VAE, and both in bf16.
 #[test]
-fn half_precision_stays_close_to_f32() {
+fn reduced_precision_stays_close_to_f32() {
     for dtypes in [
         DTypes::new(DType::F16, DType::F32),
         DTypes::new(DType::BF16, DType::F32),
         DTypes::new(DType::BF16, DType::BF16),
+        DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0)),
     ] {
         let (fx, cfg, model) = load(dtypes);
+        let stats = model.diffusion.as_ref().unwrap().quant_stats;
+        if dtypes.diffusion_quant.is_some() {
+            // Every linear layer of the tiny GLVControl + UNet is 32-aligned.
+            assert!(stats.quantised > 20 && stats.kept == 0, "{stats:?}");
+        } else {
+            assert_eq!(stats, QuantStats::default());
+        }
         assert_eq!(model.weight_dtypes(), (Some(dtypes.diffusion), dtypes.vae));
         assert_eq!(
             model.diffusion_dtype(),
@@ -313,8 +323,9 @@ fn half_precision_stays_close_to_f32() {
                 .to_scalar::<f32>()
                 .unwrap();
             println!(
-                "diffusion {:?} / vae {:?}: {name}: max abs err {err:.3e} ({:.2} levels of 8 bits), mean {mean:.2e} ({:.2} levels)",
+                "diffusion {:?} {:?} / vae {:?}: {name}: max abs err {err:.3e} ({:.2} levels of 8 bits), mean {mean:.2e} ({:.2} levels)",
                 dtypes.diffusion,
+                dtypes.diffusion_quant,
                 dtypes.vae,
                 err * 127.5,
                 mean * 127.5
@@ -325,7 +336,12 @@ fn half_precision_stays_close_to_f32() {
             .iter()
             .zip(seen)
         {
-            if dtypes.diffusion == DType::F16 {
+            if dtypes.diffusion_quant.is_some() {
+                // Q8_0 on weights and activations (8 bits per 32-value block each).
+                // Measured: see README (Precision); the guards match bf16's.
+                assert!(mean < 3.0 / 127.5, "{dtypes:?} {name}: mean {mean}");
+                assert!(err < 32.0 / 127.5, "{dtypes:?} {name}: max {err}");
+            } else if dtypes.diffusion == DType::F16 {
                 // The fixture's weights are f16-exact: f16 storage must give the f32 result.
                 assert!(err < 1e-4, "{dtypes:?} {name}: {err}");
             } else {

@@ -26,6 +26,8 @@ pub(super) struct Timing {
 /// One line of the table.
 pub(super) struct Row {
     pub stage: &'static str,
+    /// What the stage ran with when a bench compares several settings (e.g. a weight dtype).
+    pub variant: Option<String>,
     /// Sorted seconds of the timed runs (empty for a derived row).
     pub times: Vec<f64>,
     pub ours: Timing,
@@ -197,6 +199,7 @@ pub(super) fn push<T>(rows: &mut Vec<Row>, stage: &'static str, timed: &Timed<T>
     ));
     rows.push(Row {
         stage,
+        variant: None,
         times: timed.times.clone(),
         ours: t,
         torch: None,
@@ -226,7 +229,11 @@ pub(super) fn sum_timings(parts: &[(&Timing, f64)]) -> Timing {
 
 /// A row summing other rows.
 pub(super) fn push_sum(rows: &mut Vec<Row>, stage: &'static str, parts: &[&str]) {
-    let found: Vec<&Row> = rows.iter().filter(|r| parts.contains(&r.stage)).collect();
+    let variant = rows.last().and_then(|r| r.variant.clone());
+    let found: Vec<&Row> = rows
+        .iter()
+        .filter(|r| parts.contains(&r.stage) && r.variant == variant)
+        .collect();
     if found.len() != parts.len() {
         return;
     }
@@ -235,6 +242,7 @@ pub(super) fn push_sum(rows: &mut Vec<Row>, stage: &'static str, parts: &[&str])
     let cpu_s = found.iter().map(|r| r.cpu_s).sum();
     rows.push(Row {
         stage,
+        variant,
         times: vec![],
         ours,
         torch: None,
@@ -270,11 +278,13 @@ pub(super) fn print_table(rows: &[Row], with_torch: bool, with_first: bool) {
     }
     out.push('\n');
     for r in rows {
-        let name = if r.derived {
-            format!("{} (sum)", r.stage)
-        } else {
-            r.stage.to_string()
-        };
+        let mut name = r.stage.to_string();
+        if let Some(v) = &r.variant {
+            name += &format!(" {v}");
+        }
+        if r.derived {
+            name += " (sum)";
+        }
         out.push_str(&format!("{name:<24}"));
         if with_first {
             out.push_str(&format!(" {:>9}", opt(r.ours.first, 3)));
@@ -354,8 +364,9 @@ pub(super) fn json_rows(rows: &[Row], with_first: bool) -> String {
         .map(|r| {
             let times: Vec<String> = r.times.iter().map(|t| format!("{t:.4}")).collect();
             format!(
-                "    {{\"stage\": {}, \"derived\": {}, \"times_s\": [{}], \"cores\": {}, \"cpu_s\": {}, \"load\": {}, \"ours\": {}, \"torch\": {}}}",
+                "    {{\"stage\": {}, \"variant\": {}, \"derived\": {}, \"times_s\": [{}], \"cores\": {}, \"cpu_s\": {}, \"load\": {}, \"ours\": {}, \"torch\": {}}}",
                 json_str(r.stage),
+                r.variant.as_deref().map_or("null".into(), json_str),
                 r.derived,
                 times.join(", "),
                 json_num(r.cores),

@@ -612,6 +612,7 @@ mod tests {
         .collect();
         let mut rows = vec![Row {
             stage: "step_b2",
+            variant: None,
             times: vec![],
             ours: t(1.0),
             torch: None,

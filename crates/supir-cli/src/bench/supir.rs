@@ -23,6 +23,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use supir::layers::{with_linear_quant, Quant};
 use supir::models::glv_control::GLVControl;
 use supir::models::supir_config::SupirConfig;
 use supir::models::unet::LightGLVUNet;
@@ -31,8 +32,8 @@ use supir::pipelines::supir::conditioner::Conditioner;
 use supir::weights::{Checkpoint, RandomSource, WeightSource};
 
 use super::common::{
-    build, json_rows, json_str, mem_available_gib, print_table, push, push_sum, python_path,
-    reset_peak, run_reference, sum_timings, time, Row, Timing,
+    build, cpu_description, json_rows, json_str, mem_available_gib, print_table, push, push_sum,
+    python_path, reset_peak, run_reference, sum_timings, time, Row, Timing,
 };
 
 /// The official `options/SUPIR_v0.yaml`, used when no `--config` is given.
@@ -71,9 +72,13 @@ pub struct SupirBenchArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Dtype the weights are held and run in.
+    /// Dtype the weights are held in (the CPU computes in f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
     dtype: String,
+    /// Weight formats of GLVControl + UNet to time side by side, comma separated (`q8_0`:
+    /// linear layers in Q8_0, the rest f16) [default: --dtype].
+    #[arg(long, value_delimiter = ',', value_parser = ["f32", "f16", "bf16", "q8_0"])]
+    diffusion_dtypes: Vec<String>,
     /// Timed runs per stage (best and median are reported).
     #[arg(long, default_value_t = 2)]
     reps: usize,
@@ -111,6 +116,14 @@ fn parse_dtype(s: &str) -> Result<DType> {
         "f16" => DType::F16,
         "bf16" => DType::BF16,
         _ => bail!("unsupported dtype `{s}`"),
+    })
+}
+
+/// A diffusion weight format: the builder's dtype and the linear layers' quantisation.
+fn parse_diffusion_dtype(s: &str) -> Result<(DType, Option<Quant>)> {
+    Ok(match s {
+        "q8_0" => (DType::F16, Some(Quant::Q8_0)),
+        other => (parse_dtype(other)?, None),
     })
 }
 
@@ -175,23 +188,29 @@ pub fn run(a: SupirBenchArgs) -> Result<()> {
     }
     let torch = torch_env(&a)?;
     let dtype = parse_dtype(&a.dtype)?;
-    let dev = Device::Cpu;
     let cfg = match &a.config {
         Some(p) => SupirConfig::load(p)?,
         None => SupirConfig::from_yaml_str(OFFICIAL_CONFIG, Path::new("SUPIR_v0.yaml"))?,
     };
-    let vb = if a.weights.is_empty() {
-        let known: HashMap<String, Vec<usize>> = match &a.shapes_from {
-            Some(p) => Checkpoint::open(p)?
-                .tensors()
-                .into_iter()
-                .map(|(k, m)| (k, m.shape))
-                .collect(),
-            None => supir::inspect::full_size_keys().into_iter().collect(),
-        };
-        RandomSource::new(known, a.seed).into_var_builder(dtype, &dev)
+    let known: HashMap<String, Vec<usize>> = match (&a.shapes_from, a.weights.is_empty()) {
+        (_, false) => HashMap::new(),
+        (Some(p), true) => Checkpoint::open(p)?
+            .tensors()
+            .into_iter()
+            .map(|(k, m)| (k, m.shape))
+            .collect(),
+        (None, true) => supir::inspect::full_size_keys().into_iter().collect(),
+    };
+    let source = if a.weights.is_empty() {
+        None
     } else {
-        WeightSource::open(&a.weights)?.into_var_builder(dtype, &dev)
+        Some(WeightSource::open(&a.weights)?)
+    };
+    let make_vb = |dt: DType| -> VarBuilder<'static> {
+        match &source {
+            None => RandomSource::new(known.clone(), a.seed).into_var_builder(dt, &Device::Cpu),
+            Some(src) => src.clone().into_var_builder(dt, &Device::Cpu),
+        }
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
@@ -210,8 +229,17 @@ pub fn run(a: SupirBenchArgs) -> Result<()> {
         avail = mem_available_gib().map_or("?".into(), |g| format!("{g:.1}")),
     );
 
-    let mut rows = ours(&a, &cfg, &vb, dtype)?;
-    drop(vb);
+    eprintln!(
+        "kernels: f32 linear {}, q8_0 linear {}; {}",
+        if supir::kernels::packed::available() {
+            "packed AVX-512"
+        } else {
+            "BLAS"
+        },
+        supir::kernels::q8::best_path().name(),
+        cpu_description()
+    );
+    let mut rows = ours(&a, &cfg, &make_vb, dtype)?;
 
     let mut torch_header = None;
     if let Some(env) = &torch {
@@ -225,7 +253,7 @@ pub fn run(a: SupirBenchArgs) -> Result<()> {
         );
     }
 
-    print_table(&rows, torch.is_some(), false);
+    print_table(&rows, torch.is_some(), true);
     if let Some(path) = &a.json {
         std::fs::write(path, to_json(&a, threads, torch_header.as_deref(), &rows))
             .with_context(|| format!("writing {}", path.display()))?;
@@ -234,7 +262,13 @@ pub fn run(a: SupirBenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn ours(a: &SupirBenchArgs, cfg: &SupirConfig, vb: &VarBuilder, dtype: DType) -> Result<Vec<Row>> {
+fn ours(
+    a: &SupirBenchArgs,
+    cfg: &SupirConfig,
+    make_vb: &dyn Fn(DType) -> VarBuilder<'static>,
+    dtype: DType,
+) -> Result<Vec<Row>> {
+    let vb = &make_vb(dtype);
     let p = &cfg.model.params;
     let dev = Device::Cpu;
     let (wu, reps) = (a.warmup, a.reps);
@@ -295,33 +329,53 @@ fn ours(a: &SupirBenchArgs, cfg: &SupirConfig, vb: &VarBuilder, dtype: DType) ->
         let ctx = randn(&[2, 77, np.context_dim])?;
         let y = randn(&[2, np.adm_in_channels.unwrap_or(0)])?;
 
-        let control = build("GLVControl", || {
-            Ok(GLVControl::new(
-                vb.pp("model.control_model"),
-                &p.control_stage_config.params,
-            )?)
-        })?;
-        let hints = if want_control {
-            // A new context tensor per call, as the sampler builds one each step (its values
-            // are the same, so the text keys/values computed on the first call are reused).
-            let timed = time(wu, reps, || {
-                Ok(control.forward(&zc, &t, &x, &ctx.copy()?, &y)?)
-            })?;
-            push(&mut rows, "glvcontrol_b2", &timed);
-            timed.last
+        let formats = if a.diffusion_dtypes.is_empty() {
+            vec![a.dtype.clone()]
         } else {
-            control.forward(&zc, &t, &x, &ctx, &y)?
+            a.diffusion_dtypes.clone()
         };
-        drop(control);
+        let tagged = formats.len() > 1 || formats[0] != a.dtype;
+        for format in &formats {
+            let (storage, quant) = parse_diffusion_dtype(format)?;
+            let vb = make_vb(storage);
+            let from = rows.len();
+            let control = build(&format!("GLVControl ({format})"), || {
+                let (net, _) = with_linear_quant(quant, || {
+                    GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)
+                });
+                Ok(net?)
+            })?;
+            let hints = if want_control {
+                // A new context tensor per call, as the sampler builds one each step (its
+                // values are the same, so the text keys/values computed on the first call
+                // are reused: the first warm-up run is the first sampling step).
+                let timed = time(wu, reps, || {
+                    Ok(control.forward(&zc, &t, &x, &ctx.copy()?, &y)?)
+                })?;
+                push(&mut rows, "glvcontrol_b2", &timed);
+                timed.last
+            } else {
+                control.forward(&zc, &t, &x, &ctx, &y)?
+            };
+            drop(control);
 
-        if want_unet {
-            let unet = build("UNet", || {
-                Ok(LightGLVUNet::new(vb.pp("model.diffusion_model"), np)?)
-            })?;
-            let timed = time(wu, reps, || {
-                Ok(unet.forward(&x, &t, &ctx.copy()?, &y, &hints, 1.0)?)
-            })?;
-            push(&mut rows, "unet_b2", &timed);
+            if want_unet {
+                let unet = build(&format!("UNet ({format})"), || {
+                    let (net, _) = with_linear_quant(quant, || {
+                        LightGLVUNet::new(vb.pp("model.diffusion_model"), np)
+                    });
+                    Ok(net?)
+                })?;
+                let timed = time(wu, reps, || {
+                    Ok(unet.forward(&x, &t, &ctx.copy()?, &y, &hints, 1.0)?)
+                })?;
+                push(&mut rows, "unet_b2", &timed);
+            }
+            if tagged {
+                for r in &mut rows[from..] {
+                    r.variant = Some(format.clone());
+                }
+            }
             push_sum(&mut rows, "step_b2", &["glvcontrol_b2", "unet_b2"]);
         }
     }
@@ -362,6 +416,10 @@ fn attach_torch(rows: &mut [Row], stages: &HashMap<String, Timing>) {
         Some(sum_timings(&ts))
     };
     for r in rows {
+        // The reference runs f32 weights.
+        if r.variant.as_deref().is_some_and(|v| v != "f32") {
+            continue;
+        }
         r.torch = match r.stage {
             // The denoise encoder has the encoder's structure.
             "vae_denoise_encode_b1" => stages.get("vae_encode_b1").cloned(),
@@ -412,6 +470,7 @@ mod tests {
         .collect();
         let mut rows = vec![Row {
             stage: "stage1_b1",
+            variant: None,
             times: vec![],
             ours: t(1.0),
             torch: None,

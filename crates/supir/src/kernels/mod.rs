@@ -15,6 +15,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod norm;
 pub mod packed;
+pub mod q8;
 pub mod scratch;
 pub mod winograd;
 pub mod winograd_nchw;

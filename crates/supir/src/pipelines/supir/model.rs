@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::layers::{with_linear_quant, Quant, QuantStats};
 use crate::models::glv_control::GLVControl;
 use crate::models::supir_config::SupirConfig;
 use crate::models::unet::LightGLVUNet;
@@ -37,15 +38,34 @@ pub struct DiffusionNets {
     pub control: GLVControl,
     /// `model.diffusion_model`.
     pub unet: LightGLVUNet,
+    /// Linear layers quantised at load (all zero without quantisation).
+    pub quant_stats: QuantStats,
 }
 
 impl DiffusionNets {
-    /// Builds both from `vb` at the root of the official state dict.
-    pub fn new(vb: VarBuilder, cfg: &SupirConfig) -> Result<Self> {
+    /// Builds both from `vb` at the root of the official state dict, their linear layers in
+    /// `quant` when given.
+    pub fn new(vb: VarBuilder, cfg: &SupirConfig, quant: Option<Quant>) -> Result<Self> {
         let p = &cfg.model.params;
+        let (nets, quant_stats) = with_linear_quant(quant, || -> Result<_> {
+            Ok((
+                GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)?,
+                LightGLVUNet::new(vb.pp("model.diffusion_model"), &p.network_config.params)?,
+            ))
+        });
+        let (control, unet) = nets?;
+        if let Some(q) = quant {
+            tracing::info!(
+                "GLVControl + UNet: {} linear layers in {}, {} kept (input width not a multiple of 32)",
+                quant_stats.quantised,
+                q.name(),
+                quant_stats.kept
+            );
+        }
         Ok(Self {
-            control: GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)?,
-            unet: LightGLVUNet::new(vb.pp("model.diffusion_model"), &p.network_config.params)?,
+            control,
+            unet,
+            quant_stats,
         })
     }
 
@@ -54,10 +74,11 @@ impl DiffusionNets {
         cfg: &SupirConfig,
         checkpoints: &[P],
         dtype: DType,
+        quant: Option<Quant>,
         dev: &Device,
     ) -> Result<Self> {
         let vb = WeightSource::open(checkpoints)?.into_var_builder(dtype, dev);
-        let nets = Self::new(vb, cfg);
+        let nets = Self::new(vb, cfg, quant);
         crate::memory::trace_rss("GLVControl + UNet loaded");
         nets
     }
@@ -138,6 +159,7 @@ impl SupirModel {
         DiffusionNets::new(
             src.clone().into_checking_var_builder(dtypes.diffusion, dev),
             cfg,
+            None,
         )?;
         Self::new_parts(src.into_var_builder(dtypes.vae, dev), cfg, dtypes, false)
     }
@@ -164,7 +186,11 @@ impl SupirModel {
             true,
         )?;
         let diffusion = if with_diffusion {
-            Some(DiffusionNets::new(vb.set_dtype(dtypes.diffusion), cfg)?)
+            Some(DiffusionNets::new(
+                vb.set_dtype(dtypes.diffusion),
+                cfg,
+                dtypes.diffusion_quant,
+            )?)
         } else {
             None
         };
@@ -191,6 +217,7 @@ impl SupirModel {
                 cfg,
                 checkpoints,
                 self.dtypes.diffusion,
+                self.dtypes.diffusion_quant,
                 &dev,
             )?);
         }
@@ -249,6 +276,8 @@ pub struct DTypes {
     pub vae: DType,
     /// Both text encoders (dropped once the prompts are encoded).
     pub text: DType,
+    /// Control + UNet linear layers block-quantised (their other weights in `diffusion`).
+    pub diffusion_quant: Option<Quant>,
 }
 
 impl DTypes {
@@ -258,6 +287,15 @@ impl DTypes {
             diffusion: dtype,
             vae: dtype,
             text: dtype,
+            diffusion_quant: None,
+        }
+    }
+
+    /// With the diffusion networks' linear layers in `quant`.
+    pub fn with_diffusion_quant(self, quant: Option<Quant>) -> Self {
+        Self {
+            diffusion_quant: quant,
+            ..self
         }
     }
 
@@ -268,6 +306,7 @@ impl DTypes {
             diffusion,
             vae,
             text: vae,
+            diffusion_quant: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use image::{DynamicImage, RgbImage};
 
 use crate::color_fix::ColorFix;
 use crate::image_io::convert;
+use crate::layers::Quant;
 use crate::models::supir_config::SupirConfig;
 use crate::models::tiled_vae::VaeTiling;
 use crate::pipelines::supir::conditioner::Conditioning;
@@ -150,20 +151,43 @@ impl FromStr for Residency {
     }
 }
 
-/// A compute precision, under the official names.
+/// A weight precision, under the official names, or a GGUF block quantisation of the linear
+/// layers (diffusion networks only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     Fp32,
     Fp16,
     Bf16,
+    /// Linear layers in Q8_0, everything else in f16 (the published files' own dtype).
+    Q8_0,
 }
 
 impl Precision {
+    /// The dtype of the weights that are not quantised.
     pub fn dtype(&self) -> DType {
         match self {
             Self::Fp32 => DType::F32,
-            Self::Fp16 => DType::F16,
+            Self::Fp16 | Self::Q8_0 => DType::F16,
             Self::Bf16 => DType::BF16,
+        }
+    }
+
+    /// The linear layers' quantisation, if any.
+    pub fn quant(&self) -> Option<Quant> {
+        match self {
+            Self::Q8_0 => Some(Quant::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Refuses a quantised precision for a part that has none (`part` names the option).
+    pub fn check_unquantised(&self, part: &str) -> Result<()> {
+        match self.quant() {
+            Some(q) => Err(opt_err(format!(
+                "{part} {}: quantisation is for the diffusion networks only; use fp32 or bf16",
+                q.name()
+            ))),
+            None => Ok(()),
         }
     }
 }
@@ -174,6 +198,7 @@ impl fmt::Display for Precision {
             Self::Fp32 => "fp32",
             Self::Fp16 => "fp16",
             Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
         })
     }
 }
@@ -185,8 +210,9 @@ impl FromStr for Precision {
             "fp32" | "f32" | "float32" => Ok(Self::Fp32),
             "fp16" | "f16" | "float16" | "half" => Ok(Self::Fp16),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
             _ => Err(opt_err(format!(
-                "unknown precision `{s}` (expected fp32, fp16 or bf16)"
+                "unknown precision `{s}` (expected fp32, fp16, bf16 or q8_0)"
             ))),
         }
     }
@@ -367,6 +393,7 @@ impl RestoreOptions {
             }
             irange("decoder tile size", t.decoder_tile, 8, 4096)?;
         }
+        self.vae_precision.check_unquantised("vae precision")?;
         if self.vae_precision == Precision::Fp16 {
             return Err(opt_err(
                 "vae precision fp16: not offered (the official code refuses it: NaNs in the VAE); use fp32 or bf16",
@@ -378,6 +405,7 @@ impl RestoreOptions {
     /// The compute dtypes of the model.
     pub fn dtypes(&self) -> DTypes {
         DTypes::new(self.diffusion_precision.dtype(), self.vae_precision.dtype())
+            .with_diffusion_quant(self.diffusion_precision.quant())
     }
 
     /// `batchify_sample`'s arguments for the model config `cfg` (its sampler and sampler-only

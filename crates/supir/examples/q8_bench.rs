@@ -1,0 +1,51 @@
+//! CPU time of one thread (immune to other processes' load) of the f32 packed GEMM and the Q8_0
+//! kernel paths at the UNet's linear-layer shapes: `cargo run --release -p supir --example q8_bench`.
+use supir::kernels::q8::{Q8Path, Q8Weight};
+/// Process CPU time (user + system) in ns, from /proc/self/stat (10 ms ticks).
+fn cpu_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) * 10_000_000
+}
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = cpu_ns();
+    let mut reps = 0;
+    while cpu_ns() - t < 1_500_000_000 {
+        f();
+        reps += 1;
+    }
+    (cpu_ns() - t) as f64 / reps as f64 / 1e6
+}
+fn main() {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build_global()
+        .unwrap();
+    for (m, k, n) in [
+        (1024usize, 1280usize, 1280usize),
+        (4096, 640, 640),
+        (1024, 5120, 1280),
+        (4096, 640, 5120),
+        (4096, 2560, 640),
+    ] {
+        let x = supir::kernels::test_noise(m * k, 1);
+        let w: Vec<f32> = supir::kernels::test_noise(n * k, 2)
+            .iter()
+            .map(|v| v * 0.02)
+            .collect();
+        let p = supir::kernels::packed::PackedWeight::new(&w, n, k, None);
+        let f = time(|| {
+            std::hint::black_box(p.matmul(&x, m));
+        });
+        let q = Q8Weight::quantize(&w, n, k, None).unwrap();
+        let v = time(|| {
+            std::hint::black_box(q.matmul_with(Q8Path::Avx512Vnni, &x, m));
+        });
+        let a = time(|| {
+            std::hint::black_box(q.matmul_with(Q8Path::Avx2, &x, m));
+        });
+        let g = (m * n * k) as f64 / 1e6;
+        println!("m{m} k{k} n{n}: f32 packed {f:.1} ms ({:.1} GMAC/s), vnni {v:.1} ms ({:.1}) x{:.2}, avx2 {a:.1} ms ({:.1})", g / f, g / v, f / v, g / a);
+    }
+}

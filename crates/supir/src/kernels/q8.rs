@@ -1,0 +1,690 @@
+//! Linear layers on 8-bit integer dot products: `y[m×n] = x[m×k] · Wᵀ + b` with `W [n×k]` in
+//! GGUF's Q8_0 blocks (32 weights `qw` and one f16 scale `dw` each: `w = dw·qw`) and `x`
+//! quantised per call to blocks of 32 (`qx`, an f32 scale `dx`), multiplied as ggml's
+//! `vec_dot_q8_0_q8_0` does: `y = b + Σ_blocks dx·dw·Σ_{i<32} qx[i]·qw[i]`.
+//!
+//! The integer sums are exact, so every path below (AVX512-VNNI, AVX2, plain) gives the same
+//! block sums; only the f32 accumulation over blocks may round differently.
+//!
+//! - AVX512-VNNI: `vpdpbusd` multiplies unsigned by signed bytes, so the activations are stored
+//!   offset by 128 (`qx + 128`, in 1..=255) and each block's sum starts from `-128·Σ qw`
+//!   (kept per column and block at packing). Micro-kernel [`MR`] rows x [`NR`] columns.
+//! - AVX2 (`vpmaddubsw` + `vpmaddwd`): the 16-bit pair sums of `vpmaddubsw` would saturate on
+//!   255·127, so it multiplies `|qx|` by `qw` carrying the sign of `qx` (`vpsignb`, as ggml's
+//!   AVX2 dot does); 2 rows x 16 columns.
+//! - elsewhere the plain loops.
+//!
+//! `W` is repacked once (the integers and scales as GGUF holds them, in the micro-kernel's
+//! order); [`Q8Weight::gguf_blocks`] gives the GGUF bytes back. Loops and threading as in
+//! [`super::packed`]: `mc x nc` output blocks as rayon tasks, depth in passes of [`KCB`] blocks;
+//! each output element is summed over `k` in order by one task, so results do not depend on
+//! the thread count. `SUPIR_Q8=avx2|plain` forces a slower path (comparisons).
+
+use std::sync::OnceLock;
+
+use half::f16;
+
+use super::SyncPtr;
+
+/// Values per quantisation block (GGUF `QK8_0`).
+pub const QK: usize = 32;
+/// Bytes of one GGUF Q8_0 block: the f16 scale, then 32 signed bytes.
+pub const BLOCK_BYTES: usize = 2 + QK;
+/// Columns of `Wᵀ` per packed panel (two 16-lane vectors).
+const NR: usize = 32;
+/// Rows per AVX512-VNNI micro-kernel call (12 i32 + 12 f32 accumulators).
+const MR: usize = 6;
+/// Rows per AVX2 micro-kernel call (over half a panel: 16 columns).
+const MR2: usize = 2;
+/// Blocks per depth pass (512 values: the `MR x 512` activation slice and a 16 KiB weight panel).
+const KCB: usize = 16;
+/// Largest block of output rows per task (a multiple of [`MR`] and [`MR2`]).
+const MC_MAX: usize = 144;
+/// Largest block of output columns per task.
+const NC_MAX: usize = 512;
+
+/// The kernel a CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Q8Path {
+    /// `vpdpbusd` on 512-bit vectors (AVX512-VNNI + AVX512BW).
+    Avx512Vnni,
+    /// `vpmaddubsw` / `vpmaddwd` on 256-bit vectors.
+    Avx2,
+    /// Plain loops.
+    Plain,
+}
+
+impl Q8Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx512Vnni => "avx512-vnni",
+            Self::Avx2 => "avx2",
+            Self::Plain => "plain",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Self::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Self::Avx2 => has!("avx2") && has!("fma"),
+                Self::Plain => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Self::Plain
+        }
+    }
+}
+
+/// The fastest path this CPU has, unless `SUPIR_Q8` names a slower one.
+pub fn best_path() -> Q8Path {
+    static PATH: OnceLock<Q8Path> = OnceLock::new();
+    *PATH.get_or_init(|| {
+        let want = std::env::var("SUPIR_Q8").unwrap_or_default();
+        let order: &[Q8Path] = match want.to_ascii_lowercase().as_str() {
+            "plain" => &[Q8Path::Plain],
+            "avx2" => &[Q8Path::Avx2, Q8Path::Plain],
+            _ => &[Q8Path::Avx512Vnni, Q8Path::Avx2, Q8Path::Plain],
+        };
+        *order
+            .iter()
+            .find(|p| p.supported())
+            .unwrap_or(&Q8Path::Plain)
+    })
+}
+
+/// GGUF Q8_0 blocks of one row (`k` a multiple of [`QK`]), as ggml's `quantize_row_q8_0_ref`
+/// makes them: `d = max|x| / 127` (stored as f16), `q = round(x / d)` from the f32 `d`.
+pub fn quantize_row_gguf(x: &[f32], out: &mut Vec<u8>) {
+    assert!(
+        x.len().is_multiple_of(QK),
+        "q8: row length not a multiple of 32"
+    );
+    for blk in x.chunks_exact(QK) {
+        let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(blk.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+}
+
+/// `W` in GGUF Q8_0, repacked for the kernels.
+#[derive(Debug)]
+pub struct Q8Weight {
+    n: usize,
+    k: usize,
+    /// Blocks per row (`k / 32`).
+    kb: usize,
+    /// `qw + 128` of panel `q`, block `b`, group `g` of 4 depths: `NR` columns x 4 bytes, at
+    /// `((q·kb + b)·8 + g)·128` (128, i.e. `qw = 0`, past `n`).
+    qs: Vec<u8>,
+    /// `dw` of panel `q`, block `b`, column `j` at `(q·kb + b)·NR + j` (0 past `n`).
+    scales: Vec<f16>,
+    /// The bias padded to whole panels.
+    bias: Option<Vec<f32>>,
+}
+
+impl Q8Weight {
+    /// Quantises `w [n×k]` (row-major; `k` a multiple of 32) to Q8_0 and packs it.
+    pub fn quantize(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<Self> {
+        if !k.is_multiple_of(QK) || w.len() != n * k {
+            candle_core::bail!("q8_0: a {n}x{k} weight needs its input width a multiple of {QK}");
+        }
+        let mut gguf = Vec::with_capacity(n * (k / QK) * BLOCK_BYTES);
+        for row in w.chunks_exact(k.max(1)).take(n) {
+            quantize_row_gguf(row, &mut gguf);
+        }
+        Self::from_gguf(&gguf, n, k, bias)
+    }
+
+    /// Packs GGUF Q8_0 bytes of `W [n×k]` (`n` rows of `k / 32` blocks of [`BLOCK_BYTES`]).
+    pub fn from_gguf(
+        blocks: &[u8],
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<Self> {
+        let kb = k / QK;
+        if !k.is_multiple_of(QK) || blocks.len() != n * kb * BLOCK_BYTES {
+            candle_core::bail!(
+                "q8_0: {} bytes are not a {n}x{k} weight in 34-byte blocks",
+                blocks.len()
+            );
+        }
+        if let Some(b) = bias {
+            if b.len() != n {
+                candle_core::bail!("q8_0: bias of {} values for {n} outputs", b.len());
+            }
+        }
+        let panels = n.div_ceil(NR);
+        let mut qs = vec![0x80u8; panels * kb * QK * NR];
+        let mut scales = vec![f16::ZERO; panels * kb * NR];
+        for col in 0..n {
+            let (q, j) = (col / NR, col % NR);
+            for b in 0..kb {
+                let blk = &blocks[(col * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                scales[(q * kb + b) * NR + j] = f16::from_le_bytes([blk[0], blk[1]]);
+                for (i, &v) in blk[2..].iter().enumerate() {
+                    let (g, t) = (i / 4, i % 4);
+                    qs[((q * kb + b) * 8 + g) * NR * 4 + j * 4 + t] = v ^ 0x80;
+                }
+            }
+        }
+        let bias = bias.map(|b| {
+            let mut v = b.to_vec();
+            v.resize(panels * NR, 0.0);
+            v
+        });
+        Ok(Self {
+            n,
+            k,
+            kb,
+            qs,
+            scales,
+            bias,
+        })
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held (integers, scales, bias).
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * self.scales.len() + 4 * self.bias.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The bias as given, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref().map(|b| &b[..self.n])
+    }
+
+    fn q(&self, col: usize, p: usize) -> i8 {
+        let (q, j, b, i) = (col / NR, col % NR, p / QK, p % QK);
+        (self.qs[((q * self.kb + b) * 8 + i / 4) * NR * 4 + j * 4 + i % 4] ^ 0x80) as i8
+    }
+
+    fn scale(&self, col: usize, b: usize) -> f32 {
+        self.scales[((col / NR) * self.kb + b) * NR + col % NR].to_f32()
+    }
+
+    /// The GGUF Q8_0 bytes of `W` (row-major blocks), as [`from_gguf`](Self::from_gguf) takes.
+    pub fn gguf_blocks(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.n * self.kb * BLOCK_BYTES);
+        for col in 0..self.n {
+            for b in 0..self.kb {
+                out.extend_from_slice(&f16::from_f32(self.scale(col, b)).to_le_bytes());
+                out.extend((0..QK).map(|i| self.q(col, b * QK + i) as u8));
+            }
+        }
+        out
+    }
+
+    /// `W` dequantised, `[n×k]` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = vec![0.0f32; self.n * self.k];
+        for (col, row) in w.chunks_mut(self.k.max(1)).enumerate().take(self.n) {
+            for (p, v) in row.iter_mut().enumerate() {
+                *v = self.scale(col, p / QK) * self.q(col, p) as f32;
+            }
+        }
+        w
+    }
+
+    /// `x [m×k] · Wᵀ + b` on the fastest path of this CPU.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_with(best_path(), x, m)
+    }
+
+    /// [`matmul`](Self::matmul) on `path`. Panics when the CPU lacks it or `x` is not `m×k`.
+    pub fn matmul_with(&self, path: Q8Path, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), m * k, "q8: input size");
+        assert!(
+            path.supported(),
+            "q8: the {} kernel is not available",
+            path.name()
+        );
+        let mut out = vec![0.0f32; m * n];
+        if m == 0 || n == 0 {
+            return out;
+        }
+        let acts = Activations::quantize(x, m, k, MR.max(MR2));
+        if path == Q8Path::Plain {
+            self.plain(&acts, m, &mut out);
+            return out;
+        }
+        let mr = if path == Q8Path::Avx512Vnni { MR } else { MR2 };
+        let mblocks = m.div_ceil(MC_MAX);
+        let mc = m.div_ceil(mblocks).next_multiple_of(mr);
+        let nc = NC_MAX.min(n.next_multiple_of(NR));
+        let (mb, nb) = (m.div_ceil(mc), n.div_ceil(nc));
+        let c = SyncPtr(out.as_mut_ptr());
+        let task = |t: usize| {
+            let (i0, j0) = ((t / nb) * mc, (t % nb) * nc);
+            let (rows, cols) = ((m - i0).min(mc), (n - j0).min(nc));
+            // SAFETY: tasks write disjoint `rows x cols` blocks of the `m x n` output; the
+            // path is supported (asserted above).
+            unsafe { self.block(path, &acts, i0, rows, j0, cols, c.get().add(i0 * n + j0)) }
+        };
+        if mb * nb == 1 || 2 * m * n * k < (1 << 22) {
+            (0..mb * nb).for_each(task);
+        } else {
+            use rayon::prelude::*;
+            (0..mb * nb).into_par_iter().for_each(task);
+        }
+        out
+    }
+
+    /// The plain loops over the same integers.
+    fn plain(&self, a: &Activations, m: usize, out: &mut [f32]) {
+        let n = self.n;
+        for i in 0..m {
+            for col in 0..n {
+                let mut acc = self.bias.as_ref().map_or(0.0, |b| b[col]);
+                for b in 0..self.kb {
+                    let mut s = 0i32;
+                    for t in 0..QK {
+                        let qx = a.q[i * a.lda + b * QK + t];
+                        s += qx as i32 * self.q(col, b * QK + t) as i32;
+                    }
+                    acc += s as f32 * (a.d[i * self.kb + b] * self.scale(col, b));
+                }
+                out[i * n + col] = acc;
+            }
+        }
+    }
+
+    /// One output block: rows `i0 ..+rows`, columns `j0 ..+cols` (from a panel boundary),
+    /// written at `c` with row stride `n`.
+    ///
+    /// # Safety
+    /// `path` is supported; `c` points at element `(i0, j0)` of the `m x n` output.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        &self,
+        path: Q8Path,
+        a: &Activations,
+        i0: usize,
+        rows: usize,
+        j0: usize,
+        cols: usize,
+        c: *mut f32,
+    ) {
+        let (n, kb) = (self.n, self.kb);
+        let mr = if path == Q8Path::Avx512Vnni { MR } else { MR2 };
+        for b0 in (0..kb).step_by(KCB) {
+            let nblk = (kb - b0).min(KCB);
+            let first = b0 == 0;
+            for ip in 0..rows.div_ceil(mr) {
+                let r0 = i0 + ip * mr;
+                let valid = (rows - ip * mr).min(mr);
+                let qa = a.q.as_ptr().add(r0 * a.lda + b0 * QK);
+                let da = a.d.as_ptr().add(r0 * kb + b0);
+                let sa = a.comp.as_ptr().add(r0 * kb + b0);
+                for jp in 0..cols.div_ceil(NR) {
+                    let j = j0 + jp * NR;
+                    let q = j / NR;
+                    let w = self.qs.as_ptr().add((q * kb + b0) * QK * NR);
+                    let ws = self.scales.as_ptr().add((q * kb + b0) * NR);
+                    let bias = match (&self.bias, first) {
+                        (Some(bv), true) => bv.as_ptr().add(j),
+                        _ => std::ptr::null(),
+                    };
+                    let nr = (n - j).min(NR);
+                    let cij = c.add(ip * mr * n + jp * NR);
+                    let tile = Tile {
+                        nblk,
+                        qa,
+                        lda: a.lda,
+                        da,
+                        sa,
+                        ldd: kb,
+                        w,
+                        ws,
+                        c: cij,
+                        ldc: n,
+                        mr: valid,
+                        nr,
+                        first,
+                        bias,
+                    };
+                    match path {
+                        Q8Path::Avx512Vnni => kernel_vnni(&tile),
+                        _ => {
+                            kernel_avx2_half(&tile, 0);
+                            if nr > 16 {
+                                kernel_avx2_half(&tile, 16);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Activations quantised per row in blocks of 32 (`qx`, scale `dx`, and `-128·Σ qx`, the
+/// VNNI kernel's starting sum), rows padded with zeros to a multiple of the kernels' heights.
+struct Activations {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    comp: Vec<i32>,
+    /// Bytes per row (`k`).
+    lda: usize,
+}
+
+impl Activations {
+    fn quantize(x: &[f32], m: usize, k: usize, row_multiple: usize) -> Self {
+        let kb = k / QK;
+        let rows = m.next_multiple_of(row_multiple);
+        let mut q = vec![0i8; rows * k];
+        let mut d = vec![0.0f32; rows * kb];
+        let mut comp = vec![0i32; rows * kb];
+        let quant_row = |(xr, (qr, (dr, cr))): Row| quantize_row(xr, qr, dr, cr);
+        let (kq, kd) = (k.max(1), kb.max(1));
+        if m * k >= 1 << 16 {
+            use rayon::prelude::*;
+            let outs = q.par_chunks_exact_mut(kq).zip(
+                d.par_chunks_exact_mut(kd)
+                    .zip(comp.par_chunks_exact_mut(kd)),
+            );
+            x.par_chunks_exact(kq).take(m).zip(outs).for_each(quant_row);
+        } else {
+            let outs = q
+                .chunks_exact_mut(kq)
+                .zip(d.chunks_exact_mut(kd).zip(comp.chunks_exact_mut(kd)));
+            x.chunks_exact(kq).take(m).zip(outs).for_each(quant_row);
+        }
+        Self { q, d, comp, lda: k }
+    }
+}
+
+type Row<'a> = (&'a [f32], (&'a mut [i8], (&'a mut [f32], &'a mut [i32])));
+
+super::avx2_dispatch! {
+    /// One activation row to blocks of 32: `dx = max|x| / 127`, `qx = x / dx` rounded to
+    /// nearest (ties to even, one instruction), `-128·Σ qx`.
+    fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], comp: &mut [i32]) {
+        let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
+        for (((blk, qb), db), cb) in blocks.zip(d.iter_mut()).zip(comp.iter_mut()) {
+            let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let s = amax / 127.0;
+            let id = if s != 0.0 { 1.0 / s } else { 0.0 };
+            *db = s;
+            let mut sum = 0i32;
+            for (o, &v) in qb.iter_mut().zip(blk) {
+                let r = (v * id).round_ties_even() as i32;
+                *o = r as i8;
+                sum += r;
+            }
+            *cb = -128 * sum;
+        }
+    }
+}
+
+/// One micro-kernel call: `nblk` blocks of rows `qa` (stride `lda` bytes; scales `da` and
+/// starting sums `sa`, stride `ldd`) against one packed panel (`w`, `ws` at the same first
+/// block), into `c`.
+struct Tile {
+    nblk: usize,
+    qa: *const i8,
+    lda: usize,
+    da: *const f32,
+    sa: *const i32,
+    ldd: usize,
+    w: *const u8,
+    ws: *const f16,
+    c: *mut f32,
+    ldc: usize,
+    /// Rows of `c` to write (the activation rows past them are zero padding).
+    mr: usize,
+    nr: usize,
+    first: bool,
+    bias: *const f32,
+}
+
+/// `MR x NR` tile on `vpdpbusd` (weights `qw + 128` unsigned, activations signed).
+///
+/// # Safety
+/// AVX512F/BW/VNNI and F16C present; the tile's pointers cover `MR` activation rows, `nblk`
+/// blocks of the panel, and `mr x nr` outputs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn kernel_vnni(t: &Tile) {
+    use std::arch::x86_64::*;
+    let zf = _mm512_setzero_ps();
+    let mut acc = [[zf; 2]; MR];
+    let rows: [*const i8; MR] = std::array::from_fn(|r| t.qa.add(r * t.lda));
+    for b in 0..t.nblk {
+        let mut s: [[__m512i; 2]; MR] = std::array::from_fn(|r| {
+            let c = _mm512_set1_epi32(*t.sa.add(r * t.ldd + b));
+            [c, c]
+        });
+        let wb = t.w.add(b * QK * NR);
+        for g in 0..8 {
+            let w0 = _mm512_loadu_si512(wb.add(g * 128) as *const _);
+            let w1 = _mm512_loadu_si512(wb.add(g * 128 + 64) as *const _);
+            for r in 0..MR {
+                let p = rows[r].add(b * QK + g * 4) as *const i32;
+                let xr = _mm512_set1_epi32(p.read_unaligned());
+                s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, xr);
+                s[r][1] = _mm512_dpbusd_epi32(s[r][1], w1, xr);
+            }
+        }
+        let ws = t.ws.add(b * NR) as *const __m256i;
+        let d0 = _mm512_cvtph_ps(_mm256_loadu_si256(ws));
+        let d1 = _mm512_cvtph_ps(_mm256_loadu_si256(ws.add(1)));
+        for r in 0..MR {
+            let dx = _mm512_set1_ps(*t.da.add(r * t.ldd + b));
+            let (f0, f1) = (_mm512_cvtepi32_ps(s[r][0]), _mm512_cvtepi32_ps(s[r][1]));
+            acc[r][0] = _mm512_fmadd_ps(f0, _mm512_mul_ps(d0, dx), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(f1, _mm512_mul_ps(d1, dx), acc[r][1]);
+        }
+    }
+    let (b0, b1) = if t.bias.is_null() {
+        (zf, zf)
+    } else {
+        (_mm512_loadu_ps(t.bias), _mm512_loadu_ps(t.bias.add(16)))
+    };
+    let bits = if t.nr >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << t.nr) - 1
+    };
+    let (m0, m1) = ((bits & 0xffff) as __mmask16, (bits >> 16) as __mmask16);
+    for (r, acc) in acc.iter().enumerate().take(t.mr) {
+        let ci = t.c.add(r * t.ldc);
+        let (v0, v1) = if t.first {
+            (_mm512_add_ps(acc[0], b0), _mm512_add_ps(acc[1], b1))
+        } else {
+            (
+                _mm512_add_ps(acc[0], _mm512_maskz_loadu_ps(m0, ci)),
+                _mm512_add_ps(acc[1], _mm512_maskz_loadu_ps(m1, ci.add(16))),
+            )
+        };
+        _mm512_mask_storeu_ps(ci, m0, v0);
+        _mm512_mask_storeu_ps(ci.add(16), m1, v1);
+    }
+}
+
+/// `MR2 x 16` tile (columns `half ..+16` of the panel) on `vpmaddubsw` with the sign trick.
+///
+/// # Safety
+/// AVX2, FMA and F16C present; as [`kernel_vnni`], with `MR2` activation rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn kernel_avx2_half(t: &Tile, half: usize) {
+    use std::arch::x86_64::*;
+    if t.nr <= half {
+        return;
+    }
+    let zf = _mm256_setzero_ps();
+    let mut acc = [[zf; 2]; MR2];
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    let rows: [*const i8; MR2] = std::array::from_fn(|r| t.qa.add(r * t.lda));
+    for b in 0..t.nblk {
+        let mut s = [[_mm256_setzero_si256(); 2]; MR2];
+        let wb = t.w.add(b * QK * NR + half * 4);
+        for g in 0..8 {
+            let w0 = _mm256_xor_si256(_mm256_loadu_si256(wb.add(g * 128) as *const _), flip);
+            let w1 = _mm256_xor_si256(_mm256_loadu_si256(wb.add(g * 128 + 32) as *const _), flip);
+            for r in 0..MR2 {
+                let p = rows[r].add(b * QK + g * 4) as *const i32;
+                let x = _mm256_set1_epi32(p.read_unaligned());
+                let ax = _mm256_sign_epi8(x, x);
+                let p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, x));
+                let p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, x));
+                s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(p0, ones));
+                s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(p1, ones));
+            }
+        }
+        let ws = t.ws.add(b * NR + half) as *const __m128i;
+        let d0 = _mm256_cvtph_ps(_mm_loadu_si128(ws));
+        let d1 = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(1)));
+        for r in 0..MR2 {
+            let dx = _mm256_set1_ps(*t.da.add(r * t.ldd + b));
+            let (f0, f1) = (_mm256_cvtepi32_ps(s[r][0]), _mm256_cvtepi32_ps(s[r][1]));
+            acc[r][0] = _mm256_fmadd_ps(f0, _mm256_mul_ps(d0, dx), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(f1, _mm256_mul_ps(d1, dx), acc[r][1]);
+        }
+    }
+    let cols = (t.nr - half).min(16);
+    for (r, acc) in acc.iter().enumerate().take(t.mr) {
+        let ci = t.c.add(r * t.ldc + half);
+        let mut v = [0.0f32; 16];
+        _mm256_storeu_ps(v.as_mut_ptr(), acc[0]);
+        _mm256_storeu_ps(v.as_mut_ptr().add(8), acc[1]);
+        for (j, v) in v.iter().enumerate().take(cols) {
+            let prev = if !t.first {
+                *ci.add(j)
+            } else if t.bias.is_null() {
+                0.0
+            } else {
+                *t.bias.add(half + j)
+            };
+            *ci.add(j) = prev + v;
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel_vnni(_: &Tile) {
+    unreachable!("q8: no VNNI off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel_avx2_half(_: &Tile, _: usize) {
+    unreachable!("q8: no AVX2 off x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_noise;
+
+    #[test]
+    fn quantisation_matches_candle_gguf_q8_0() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let (n, k) = (5, 96);
+        let mut w = test_noise(n * k, 9);
+        w[7] = 0.0;
+        w[40..72].iter_mut().for_each(|v| *v = 0.0); // an all-zero block: d = 0
+        let t =
+            candle_core::Tensor::from_vec(w.clone(), (n, k), &candle_core::Device::Cpu).unwrap();
+        let theirs = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let theirs = theirs.data().unwrap();
+        let ours = Q8Weight::quantize(&w, n, k, None).unwrap();
+        assert_eq!(ours.gguf_blocks(), &theirs[..]);
+        let back = Q8Weight::from_gguf(&theirs, n, k, None).unwrap();
+        assert_eq!(back.dequantize(), ours.dequantize());
+    }
+
+    #[test]
+    fn every_path_matches_the_plain_integer_sums() {
+        // Edges: m not a multiple of the micro-kernel heights or row blocks, n not a multiple
+        // of 16 or 32 (masked columns), k over several depth passes with a short last one.
+        for (m, n, k, bias) in [
+            (1, 1, 32, false),
+            (7, 33, 64, true),
+            (13, 17, 96, true),
+            (150, 70, 640, true),
+            (300, 544, 1280, false),
+            (37, 1030, 160, true),
+        ] {
+            let x = test_noise(m * k, 1 + m as u64);
+            let w: Vec<f32> = test_noise(n * k, 2 + n as u64)
+                .iter()
+                .map(|v| 0.05 * v)
+                .collect();
+            let b = test_noise(n, 3);
+            let b = bias.then_some(&b[..]);
+            let q = Q8Weight::quantize(&w, n, k, b).unwrap();
+            assert_eq!(q.bias(), b);
+            let reference = q.matmul_with(Q8Path::Plain, &x, m);
+            for path in [Q8Path::Avx512Vnni, Q8Path::Avx2] {
+                if !path.supported() {
+                    eprintln!("{} not on this CPU; skipped", path.name());
+                    continue;
+                }
+                let y = q.matmul_with(path, &x, m);
+                for (i, (u, v)) in y.iter().zip(&reference).enumerate() {
+                    let tol = 1e-5 * (1.0 + v.abs());
+                    assert!(
+                        (u - v).abs() <= tol,
+                        "{} {m}x{n}x{k} [{i}]: {u} vs {v}",
+                        path.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_product_is_close_to_f32() {
+        // Q8_0 on both operands: relative error of a few tenths of a percent on noise.
+        let (m, n, k) = (64, 96, 640);
+        let x = test_noise(m * k, 5);
+        let w = test_noise(n * k, 6);
+        let q = Q8Weight::quantize(&w, n, k, None).unwrap();
+        let y = q.matmul(&x, m);
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let r: f64 = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
+                num += (y[i * n + j] as f64 - r).powi(2);
+                den += r * r;
+            }
+        }
+        let rel = (num / den).sqrt();
+        assert!(rel < 0.01, "relative error {rel}");
+        assert!(rel > 1e-5, "suspiciously exact: {rel}");
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        assert!(Q8Weight::quantize(&[0.0; 40], 2, 20, None).is_err());
+        assert!(Q8Weight::from_gguf(&[0; 33], 1, 32, None).is_err());
+        assert!(Q8Weight::quantize(&[0.0; 64], 2, 32, Some(&[0.0])).is_err());
+    }
+}
