@@ -721,9 +721,9 @@ impl ModelConfig {
     pub fn description(&self) -> String {
         match self {
             Self::RealEsrgan(_) => Backend::RealEsrgan.description().into(),
-            Self::Supir(s) => format!("SUPIR ({})", s.description),
+            Self::Supir(s) => format!("SUPIR, {}", s.description),
             Self::Seesr(s) => format!(
-                "SeeSR ({}, preset {})",
+                "SeeSR, {}, preset {}",
                 s.paths.seesr.display(),
                 s.defaults.preset
             ),
