@@ -180,7 +180,7 @@ async fn cancel_running(c: &Client, base: &str, img: &DynamicImage, long: Value,
 /// --min-size 64` as the server's flags.
 fn supir_model() -> (SupirConfig, PathBuf, RestoreOptions) {
     let dir = fixtures().join("supir-tiny");
-    let cfg = SupirConfig::load(&dir.join("config.yaml")).unwrap();
+    let cfg = SupirConfig::load(dir.join("config.yaml")).unwrap();
     let mut o = RestoreOptions::preset(Preset::Default);
     o.steps = 2;
     o.min_size = 64;
