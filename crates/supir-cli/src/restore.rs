@@ -21,6 +21,13 @@ pub struct RestoreArgs {
     /// Output image (format from the extension), or the output folder for a folder input.
     #[arg(short, long, required_unless_present = "list_tiles")]
     output: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: BackendArgs,
+}
+
+/// The backend, its weights and its options: shared by `supir restore` and `supir serve`.
+#[derive(Args)]
+pub struct BackendArgs {
     /// Backend; `auto` runs SUPIR when its weights are configured, else SeeSR when its weights
     /// are, else the embedded Real-ESRGAN.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
@@ -28,23 +35,50 @@ pub struct RestoreArgs {
     /// Folder holding the published SUPIR weights: `sd_xl_base_1.0_0.9vae.safetensors` and
     /// `SUPIR-v0Q.ckpt` / `SUPIR-v0F.ckpt` (also `SUPIR_MODELS`).
     #[arg(long, env = "SUPIR_MODELS", help_heading = "SUPIR weights")]
-    supir_models: Option<PathBuf>,
+    pub supir_models: Option<PathBuf>,
     /// Output size over input size (Real-ESRGAN: the x4 result is Lanczos-resampled to it).
     #[arg(long, default_value_t = 4.0)]
-    outscale: f64,
+    pub outscale: f64,
     /// Real-ESRGAN tile side in input pixels (0: whole image at once; memory grows with it).
     #[arg(long, default_value_t = Tiling::default().tile)]
-    tile: usize,
+    pub tile: usize,
     /// Real-ESRGAN context around each tile, in input pixels.
     #[arg(long, default_value_t = Tiling::default().pad)]
-    tile_pad: usize,
+    pub tile_pad: usize,
     /// How the alpha channel is upscaled.
     #[arg(long, value_enum, default_value_t = AlphaArg::Model)]
     alpha: AlphaArg,
     #[command(flatten)]
-    supir: SupirArgs,
+    pub supir: SupirArgs,
     #[command(flatten)]
-    seesr: SeesrArgs,
+    pub seesr: SeesrArgs,
+}
+
+impl BackendArgs {
+    /// The backend that runs, by `--backend` (`auto`: SUPIR, else SeeSR, else Real-ESRGAN).
+    pub(crate) fn choose(&self) -> anyhow::Result<Backend> {
+        choose_backend(
+            self.backend,
+            self.supir_models.as_deref(),
+            &self.supir,
+            &self.seesr,
+        )
+    }
+
+    /// The Real-ESRGAN options of the flags.
+    pub(crate) fn upscale_options(&self) -> UpscaleOptions {
+        UpscaleOptions {
+            tiling: Tiling {
+                tile: self.tile,
+                pad: self.tile_pad,
+            },
+            outscale: self.outscale,
+            alpha: match self.alpha {
+                AlphaArg::Model => AlphaUpscale::Model,
+                AlphaArg::Lanczos => AlphaUpscale::Lanczos,
+            },
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -64,7 +98,7 @@ enum AlphaArg {
 }
 
 /// The backend that runs.
-enum Backend {
+pub(crate) enum Backend {
     /// SUPIR with these weights.
     Supir(ModelSpec),
     /// SeeSR with this release.
@@ -186,34 +220,34 @@ fn check_output(out: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
+    let RestoreArgs {
+        input,
+        output,
+        model: args,
+    } = args;
     if args.supir.list_tiles {
-        return restore_supir::list_tiles(&args.input, &args.supir, args.supir_models.as_deref());
+        return restore_supir::list_tiles(&input, &args.supir, args.supir_models.as_deref());
     }
-    let output = args.output.as_deref().context("--output is required")?;
-    let backend = choose_backend(
-        args.backend,
-        args.supir_models.as_deref(),
-        &args.supir,
-        &args.seesr,
-    )?;
+    let output = output.as_deref().context("--output is required")?;
+    let backend = args.choose()?;
     if !(args.outscale.is_finite() && args.outscale > 0.0) {
         bail!("--outscale {}: must be a positive number", args.outscale);
     }
     if let Some(f) = &args.supir.tile_prompts {
-        if args.input.is_dir() {
+        if input.is_dir() {
             bail!(
                 "--tile-prompts {}: the prompts describe the tiles of one image; give one input image, not a folder",
                 f.display()
             );
         }
     }
-    let jobs = plan(&args.input, output)?;
+    let jobs = plan(&input, output)?;
     for (_, out) in &jobs {
         check_output(out)?;
     }
     match backend {
         Backend::Supir(spec) => {
-            let folder = std::fs::metadata(&args.input).is_ok_and(|m| m.is_dir());
+            let folder = std::fs::metadata(&input).is_ok_and(|m| m.is_dir());
             restore_supir::run(&jobs, &args.supir, &spec, folder, &args.seesr.tagger)
         }
         Backend::Seesr(paths) => {
@@ -223,7 +257,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
                     f.display()
                 );
             }
-            let folder = std::fs::metadata(&args.input).is_ok_and(|m| m.is_dir());
+            let folder = std::fs::metadata(&input).is_ok_and(|m| m.is_dir());
             restore_seesr::run(&jobs, &args.supir, &args.seesr, &paths, folder)
         }
         Backend::RealEsrgan => {
@@ -236,18 +270,7 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
             eprintln!(
                 "backend: Real-ESRGAN x4plus (embedded weights, CPU); {SUPIR_HINT}; {SEESR_HINT}"
             );
-            let opts = UpscaleOptions {
-                tiling: Tiling {
-                    tile: args.tile,
-                    pad: args.tile_pad,
-                },
-                outscale: args.outscale,
-                alpha: match args.alpha {
-                    AlphaArg::Model => AlphaUpscale::Model,
-                    AlphaArg::Lanczos => AlphaUpscale::Lanczos,
-                },
-            };
-            run_realesrgan(&jobs, &opts)
+            run_realesrgan(&jobs, &args.upscale_options())
         }
     }
 }

@@ -288,6 +288,7 @@ pub fn run(
                 flow::sample_image(&model, &prepared, &opts, &mut noise, None, &mut |i, n| {
                     steps.set_length(n as u64);
                     steps.set_position(i as u64);
+                    Ok(())
                 })
                 .with_context(|| format!("{}: restoring failed", job.input.display()))?;
             file::save(&image::DynamicImage::ImageRgb8(res.image), out)?;

@@ -800,7 +800,14 @@ pub fn run(
             None => {}
         }
         let results = restorer
-            .restore_image(&img, &opts, Some(&mut || steps.inc(1)))
+            .restore_image(
+                &img,
+                &opts,
+                Some(&mut || {
+                    steps.inc(1);
+                    Ok(())
+                }),
+            )
             .with_context(|| format!("{}: restoring failed", job.input.display()))?;
         for (res, out) in results.into_iter().zip(&job.outs) {
             file::save(&image::DynamicImage::ImageRgb8(res), out)?;

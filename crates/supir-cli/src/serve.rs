@@ -1,12 +1,16 @@
-//! `supir serve`: flags -> [`supir_server::Config`]; the server crate does the rest.
+//! `supir serve`: flags -> [`supir_server::Config`]; the server crate does the rest. The
+//! backend, its weights and the jobs' default options are `supir restore`'s own flags
+//! ([`BackendArgs`]), and the backend is chosen by the same `auto` rule.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use supir::pipelines::realesrgan::Tiling;
-use supir_server::{AlphaChoice, Backend, Config, ResolvedOptions};
+use supir::pipelines::supir::restore::Preset;
+use supir_server::{Config, ModelConfig, RealEsrganResolved, SeesrSetup, SupirSetup};
+
+use crate::restore::{Backend, BackendArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -37,32 +41,62 @@ pub struct ServeArgs {
     /// Allow cross-origin requests from this one origin (e.g. http://localhost:3000).
     #[arg(long)]
     cors: Option<String>,
-    /// Backend; this version serves the embedded Real-ESRGAN.
-    #[arg(long, value_enum, default_value_t = ServeBackend::Realesrgan)]
-    backend: ServeBackend,
-    /// Default output size over input size (jobs may override: `outscale`).
-    #[arg(long, default_value_t = 4.0)]
-    outscale: f64,
-    /// Default Real-ESRGAN tile side in input pixels (0: whole image; `tile`).
-    #[arg(long, default_value_t = Tiling::default().tile)]
-    tile: usize,
-    /// Default Real-ESRGAN context around each tile (`tile_pad`).
-    #[arg(long, default_value_t = Tiling::default().pad)]
-    tile_pad: usize,
-    /// Default alpha upscaling (`alpha`).
-    #[arg(long, value_enum, default_value_t = AlphaArg::Model)]
-    alpha: AlphaArg,
+    /// The backend, its weights and the jobs' default options, as for `supir restore` (a job's
+    /// `options` override the sampling ones; SUPIR stays resident whatever `--residency` says).
+    #[command(flatten)]
+    model: BackendArgs,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ServeBackend {
-    Realesrgan,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum AlphaArg {
-    Model,
-    Lanczos,
+/// The model to load and the jobs' defaults, from `supir restore`'s flags.
+fn model_config(args: &BackendArgs) -> anyhow::Result<ModelConfig> {
+    let supir = &args.supir;
+    if supir.list_tiles {
+        bail!("--list-tiles: a `supir restore` option (it prints the tiles of one image)");
+    }
+    if let Some(f) = &supir.tile_prompts {
+        bail!(
+            "--tile-prompts {}: per-tile prompts are for one image of `supir restore`, not a server",
+            f.display()
+        );
+    }
+    if supir.overwrite {
+        bail!("--overwrite: a folder option of `supir restore`; the server keeps no outputs");
+    }
+    Ok(match args.choose()? {
+        Backend::RealEsrgan => {
+            let d = RealEsrganResolved::from_options(&args.upscale_options());
+            d.validate().map_err(anyhow::Error::msg)?;
+            ModelConfig::RealEsrgan(d)
+        }
+        Backend::Supir(spec) => {
+            // `--seed -1`: a random seed per job, not one for the whole server.
+            let mut flags = supir.clone();
+            let random_seed = flags.seed == Some(-1);
+            if random_seed {
+                flags.seed = None;
+            }
+            let defaults = flags.options()?;
+            let preset: Preset = supir
+                .preset
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+                .parse()?;
+            ModelConfig::Supir(Box::new(SupirSetup {
+                config: spec.load_config()?,
+                checkpoints: spec.checkpoints.clone(),
+                description: spec.describe(),
+                preset,
+                defaults,
+                random_seed,
+            }))
+        }
+        Backend::Seesr(paths) => {
+            let defaults = args.seesr.options(supir)?;
+            paths.check(defaults.preset)?;
+            ModelConfig::Seesr(Box::new(SeesrSetup { paths, defaults }))
+        }
+    })
 }
 
 /// `3600`, `90s`, `30m`, `1h`.
@@ -91,27 +125,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_upload_mb == 0 {
         bail!("--max-upload-mb 0: must be at least 1");
     }
-    for var in ["SUPIR_MODELS", "SEESR_MODELS"] {
-        if std::env::var_os(var).is_some() {
-            eprintln!(
-                "note: {var} is set, but this version of `supir serve` runs the embedded Real-ESRGAN only"
-            );
-        }
-    }
-    let backend = match args.backend {
-        ServeBackend::Realesrgan => Backend::RealEsrgan,
-    };
-    let defaults = ResolvedOptions {
-        outscale: args.outscale,
-        tile: args.tile,
-        tile_pad: args.tile_pad,
-        alpha: match args.alpha {
-            AlphaArg::Model => AlphaChoice::Model,
-            AlphaArg::Lanczos => AlphaChoice::Lanczos,
-        },
-        ..ResolvedOptions::realesrgan_defaults()
-    };
-    defaults.validate().map_err(anyhow::Error::msg)?;
+    let model = model_config(&args.model)?;
+    model.validate().map_err(anyhow::Error::msg)?;
     let cfg = Config {
         host: args.host,
         port: args.port,
@@ -125,8 +140,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         keep_for: args.keep_results,
         keep_max: args.keep_jobs,
         cors: args.cors,
-        backend,
-        defaults,
+        model,
         temp_root: None,
     };
     supir_server::run(cfg)

@@ -21,7 +21,9 @@ use tokio_stream::{Stream, StreamExt};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::engine::{
-    result_path, AlphaChoice, Backend, EngineState, JobOptions, Payload, ResolvedOptions,
+    result_path, AlphaChoice, Backend, EngineState, JobOptions, Payload, RealEsrganJobOptions,
+    RealEsrganResolved, ResolvedOptions, SeesrJobOptions, SeesrResolved, SupirJobOptions,
+    SupirResolved,
 };
 use crate::Config;
 
@@ -38,6 +40,10 @@ pub struct AppState {
     pub dir: PathBuf,
     pub engine: Arc<Mutex<EngineState>>,
     pub backend: Backend,
+    /// The loaded model, in words.
+    pub description: String,
+    /// The options of a job that gives none.
+    pub defaults: ResolvedOptions,
     pub uploads: AtomicU64,
     /// Uploads being received at once (each may hold up to `--max-upload-mb` on disk).
     pub receiving: Arc<tokio::sync::Semaphore>,
@@ -222,7 +228,8 @@ pub struct JobForm {
     /// The image file (PNG, JPEG, WebP, TIFF).
     #[schema(value_type = String, format = Binary)]
     pub image: Vec<u8>,
-    /// JSON object of restore options named as the CLI's long flags.
+    /// JSON object of restore options named as the CLI's long flags, for the loaded backend
+    /// (see `GET /v1/models`).
     pub options: Option<JobOptions>,
 }
 
@@ -280,7 +287,7 @@ async fn receive(
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let multipart_err =
         |e: axum::extract::multipart::MultipartError| ApiError::new(e.status(), e.body_text());
-    let mut options = JobOptions::default();
+    let mut options = serde_json::Map::new();
     let mut name = None;
     let mut got_image = false;
     while let Some(mut field) = form.next_field().await.map_err(multipart_err)? {
@@ -310,8 +317,16 @@ async fn receive(
                     }
                     buf.extend_from_slice(&chunk);
                 }
-                options = serde_json::from_slice(&buf)
+                let v: serde_json::Value = serde_json::from_slice(&buf)
                     .map_err(|e| ApiError::bad(format!("`options`: {e}")))?;
+                options = match v {
+                    serde_json::Value::Object(m) => m,
+                    _ => {
+                        return Err(ApiError::bad(
+                            "`options`: expected a JSON object of restore options",
+                        ))
+                    }
+                };
             }
             Some(other) => {
                 return Err(ApiError::bad(format!(
@@ -325,7 +340,7 @@ async fn receive(
     if !got_image {
         return Err(ApiError::bad("no `image` part in the form"));
     }
-    let resolved = s.cfg.defaults.resolve(&options).map_err(ApiError::bad)?;
+    let resolved = s.cfg.model.resolve(&options).map_err(ApiError::bad)?;
     let path = upload.to_path_buf();
     let (w, h) = tokio::task::spawn_blocking(move || image_size(&path))
         .await
@@ -341,22 +356,29 @@ async fn receive(
             ),
         ));
     }
-    // The output (x4 inside Real-ESRGAN, then `outscale`) is bounded too.
-    let scale = resolved.outscale.max(4.0);
-    let out_pixels = pixels as f64 * scale * scale;
-    if out_pixels > 16.0 * s.cfg.max_pixels as f64 {
+    // What the job processes and outputs (x4 inside Real-ESRGAN, then `outscale`; SUPIR's
+    // model input and output) is bounded too.
+    let work = s.cfg.model.work_pixels(&resolved.run, w, h).map_err(|e| {
+        let status = if e.too_large {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(status, e.msg)
+    })?;
+    if work > 16.0 * s.cfg.max_pixels as f64 {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "a {w}x{h} image at --outscale {} is {out_pixels:.0} output pixels, over this server's limit (16 x --max-pixels)",
-                resolved.outscale
+                "a {w}x{h} image with these options is {work:.0} output pixels, over this server's limit (16 x --max-pixels)"
             ),
         ));
     }
     crate::prune(s);
+    let view = resolved.view.clone();
     let payload = Payload {
         input: upload.to_path_buf(),
-        options: resolved.clone(),
+        options: resolved,
     };
     let (id, _) = s.queue.submit(payload).map_err(|e| match e {
         SubmitError::Full => ApiError {
@@ -373,7 +395,7 @@ async fn receive(
         ),
     })?;
     let rec = Record {
-        options: resolved,
+        options: view,
         name: name.unwrap_or_else(|| "image".into()),
         width: w,
         height: h,
@@ -582,7 +604,8 @@ pub async fn health(State(s): State<Shared>) -> Json<Health> {
 pub struct ModelView {
     pub name: String,
     pub description: String,
-    /// Loaded by this server (jobs run on it).
+    /// Loaded by this server and ready (jobs run on it); the first entry is the server's
+    /// backend, loaded or still loading.
     pub loaded: bool,
     /// The options a job gets when it gives none.
     pub defaults: Option<ResolvedOptions>,
@@ -600,23 +623,18 @@ pub async fn models(State(s): State<Shared>) -> Json<Models> {
     let loaded = *s.engine.lock().unwrap_or_else(|e| e.into_inner()) == EngineState::Ready;
     let mut models = vec![ModelView {
         name: s.backend.name().into(),
-        description: s.backend.description().into(),
+        description: s.description.clone(),
         loaded,
-        defaults: Some(s.cfg.defaults.clone()),
+        defaults: Some(s.defaults.clone()),
     }];
-    for (name, description) in [
-        (
-            "supir",
-            "SUPIR (not served by this version of `supir serve`)",
-        ),
-        (
-            "seesr",
-            "SeeSR (not served by this version of `supir serve`)",
-        ),
-    ] {
+    for b in Backend::ALL.into_iter().filter(|b| *b != s.backend) {
         models.push(ModelView {
-            name: name.into(),
-            description: description.into(),
+            name: b.name().into(),
+            description: format!(
+                "{} (not loaded: start `supir serve --backend {}` with its weights)",
+                b.description(),
+                b.name()
+            ),
             loaded: false,
             defaults: None,
         });
@@ -637,7 +655,13 @@ pub async fn models(State(s): State<Shared>) -> Json<Models> {
         JobView,
         JobForm,
         JobOptions,
+        RealEsrganJobOptions,
+        SupirJobOptions,
+        SeesrJobOptions,
         ResolvedOptions,
+        RealEsrganResolved,
+        SupirResolved,
+        SeesrResolved,
         AlphaChoice,
         StatusView,
         ProgressView,

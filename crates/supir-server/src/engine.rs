@@ -1,178 +1,131 @@
-//! The loaded backend, the job options it takes, and the worker thread that runs the queue.
+//! The loaded backend and the worker thread that runs the queue.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
 use image::DynamicImage;
-use serde::{Deserialize, Serialize};
 use supir::jobs::{CancelToken, JobId, JobQueue, Outcome, ProgressMeter};
-use supir::pipelines::realesrgan::{AlphaUpscale, RealEsrgan, Tiling, UpscaleOptions};
-use utoipa::ToSchema;
+use supir::pipelines::realesrgan::RealEsrgan;
+use supir::pipelines::seesr::{flow as seesr_flow, SeesrModel};
+use supir::pipelines::supir::restore::{Residency, Restorer};
+use supir::schedulers::sampler::SeededNoise;
 
+pub use crate::job_options::*;
 use crate::png_meta;
 
-/// Largest `outscale` a job may ask for (the output's pixels grow with its square).
-pub const MAX_OUTSCALE: f64 = 16.0;
-/// Largest `tile` / `tile_pad`, in input pixels.
-pub const MAX_TILE: usize = 1 << 16;
-
-/// How the alpha channel is upscaled (`--alpha`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AlphaChoice {
-    /// Through the network, as Real-ESRGAN does.
-    #[default]
-    Model,
-    /// Lanczos resampling (faster).
-    Lanczos,
-}
-
-/// A job's options: the restore options under the CLI's long-flag names (`tile_pad` or
-/// `tile-pad`); absent fields take the server's defaults (its own flags).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct JobOptions {
-    /// Output size over input size.
-    pub outscale: Option<f64>,
-    /// Real-ESRGAN tile side in input pixels (0: whole image at once).
-    pub tile: Option<usize>,
-    /// Real-ESRGAN context around each tile, in input pixels.
-    #[serde(alias = "tile-pad")]
-    pub tile_pad: Option<usize>,
-    /// How the alpha channel is upscaled.
-    pub alpha: Option<AlphaChoice>,
-}
-
-/// The options a job runs with, every default filled in.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub struct ResolvedOptions {
-    /// The backend that runs the job.
-    pub backend: String,
-    pub outscale: f64,
-    pub tile: usize,
-    pub tile_pad: usize,
-    pub alpha: AlphaChoice,
-}
-
-impl ResolvedOptions {
-    /// The embedded Real-ESRGAN's options with the CLI's defaults.
-    pub fn realesrgan_defaults() -> Self {
-        let t = Tiling::default();
-        Self {
-            backend: Backend::RealEsrgan.name().into(),
-            outscale: 4.0,
-            tile: t.tile,
-            tile_pad: t.pad,
-            alpha: AlphaChoice::Model,
-        }
-    }
-
-    /// `opts` over these defaults, validated with the CLI's messages.
-    pub fn resolve(&self, opts: &JobOptions) -> Result<Self, String> {
-        let r = Self {
-            backend: self.backend.clone(),
-            outscale: opts.outscale.unwrap_or(self.outscale),
-            tile: opts.tile.unwrap_or(self.tile),
-            tile_pad: opts.tile_pad.unwrap_or(self.tile_pad),
-            alpha: opts.alpha.unwrap_or(self.alpha),
-        };
-        r.validate()?;
-        Ok(r)
-    }
-
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.outscale.is_finite() && self.outscale > 0.0) {
-            return Err(format!(
-                "--outscale {}: must be a positive number",
-                self.outscale
-            ));
-        }
-        if self.outscale > MAX_OUTSCALE {
-            return Err(format!(
-                "--outscale {}: at most {MAX_OUTSCALE} on this server",
-                self.outscale
-            ));
-        }
-        for (flag, v) in [("--tile", self.tile), ("--tile-pad", self.tile_pad)] {
-            if v > MAX_TILE {
-                return Err(format!("{flag} {v}: at most {MAX_TILE} on this server"));
-            }
-        }
-        Ok(())
-    }
-
-    fn upscale_options(&self) -> UpscaleOptions {
-        UpscaleOptions {
-            tiling: Tiling {
-                tile: self.tile,
-                pad: self.tile_pad,
-            },
-            outscale: self.outscale,
-            alpha: match self.alpha {
-                AlphaChoice::Model => AlphaUpscale::Model,
-                AlphaChoice::Lanczos => AlphaUpscale::Lanczos,
-            },
-        }
-    }
-}
-
-/// The backends a server can load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    RealEsrgan,
-}
-
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::RealEsrgan => "realesrgan",
-        }
-    }
-
-    pub fn description(self) -> &'static str {
-        match self {
-            Backend::RealEsrgan => "Real-ESRGAN x4plus (embedded weights, CPU)",
-        }
-    }
-}
-
-/// A loaded model.
+/// A loaded model; it stays loaded for every job (SUPIR keeps its text encoders, so each job
+/// may bring its own prompts, and its GLVControl + UNet stay resident).
 pub enum Engine {
     RealEsrgan(Box<RealEsrgan>),
+    Supir(Box<Restorer>),
+    Seesr(Box<SeesrModel>),
+}
+
+/// A job's image and what else goes into the result's metadata.
+pub struct RunOutput {
+    pub image: DynamicImage,
+    /// `(PNG text keyword, text)`: the caption or prompt the image was made with.
+    pub text: Vec<(&'static str, String)>,
 }
 
 impl Engine {
-    pub fn load(backend: Backend) -> supir::Result<Self> {
-        match backend {
-            Backend::RealEsrgan => Ok(Engine::RealEsrgan(Box::new(RealEsrgan::embedded(
+    pub fn load(model: &ModelConfig) -> supir::Result<Self> {
+        match model {
+            ModelConfig::RealEsrgan(_) => Ok(Engine::RealEsrgan(Box::new(RealEsrgan::embedded(
+                &Device::Cpu,
+            )?))),
+            ModelConfig::Supir(s) => {
+                let dev = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
+                let mut opts = s.defaults.clone();
+                // A server reads its weights once.
+                opts.residency = Residency::Resident;
+                Ok(Engine::Supir(Box::new(Restorer::load(
+                    s.config.clone(),
+                    &s.checkpoints,
+                    &opts,
+                    &dev,
+                )?)))
+            }
+            ModelConfig::Seesr(s) => Ok(Engine::Seesr(Box::new(SeesrModel::load(
+                &s.paths,
+                &s.defaults,
                 &Device::Cpu,
             )?))),
         }
     }
 
-    /// Runs one image; `progress` after each unit of work; stops at the next tile once
-    /// `cancel` is set.
+    /// Runs one image; `progress` after each unit of work (tile, network call, sampler step);
+    /// stops with [`supir::Error::Canceled`] at the next unit once `cancel` is set.
     pub fn run(
-        &self,
+        &mut self,
         img: &DynamicImage,
-        opts: &ResolvedOptions,
+        opts: &RunOptions,
         cancel: &CancelToken,
         progress: &mut dyn FnMut(supir::jobs::Progress),
-    ) -> supir::Result<DynamicImage> {
-        match self {
-            Engine::RealEsrgan(m) => {
-                let o = opts.upscale_options();
+    ) -> supir::Result<RunOutput> {
+        cancel.check()?;
+        match (self, opts) {
+            (Engine::RealEsrgan(m), RunOptions::RealEsrgan(o)) => {
                 let units = m.work_units(
                     img.width() as usize,
                     img.height() as usize,
                     img.color().has_alpha(),
-                    &o,
+                    o,
                 );
                 let mut meter = ProgressMeter::new("tiles", units);
                 progress(meter.progress());
-                m.upscale_image_cancellable(img, &o, Some(cancel), &mut || progress(meter.tick()))
+                let image = m.upscale_image_cancellable(img, o, Some(cancel), &mut || {
+                    progress(meter.tick())
+                })?;
+                Ok(RunOutput {
+                    image,
+                    text: vec![],
+                })
             }
+            (Engine::Supir(r), RunOptions::Supir(o)) => {
+                let calls = r.network_calls(o, img.width(), img.height())?;
+                let mut meter = ProgressMeter::new("sampling", calls);
+                progress(meter.progress());
+                let mut out = r.restore_image(
+                    img,
+                    o,
+                    Some(&mut || {
+                        progress(meter.tick());
+                        cancel.check()
+                    }),
+                )?;
+                if out.is_empty() {
+                    return Err(supir::Error::Option("SUPIR returned no image".into()));
+                }
+                Ok(RunOutput {
+                    image: DynamicImage::ImageRgb8(out.swap_remove(0)),
+                    text: vec![("supir:caption", o.caption.clone())],
+                })
+            }
+            (Engine::Seesr(m), RunOptions::Seesr(o)) => {
+                let seed = o
+                    .seed
+                    .ok_or_else(|| supir::Error::Option("SeeSR job without a seed".into()))?;
+                let rgb = supir::image_io::convert::pil_convert_rgb8(img);
+                let mut meter = ProgressMeter::new("sampling", o.steps);
+                progress(meter.progress());
+                let prepared = seesr_flow::prepare(m, &rgb, o, None)?;
+                cancel.check()?;
+                let mut noise = SeededNoise::new(seed);
+                let res =
+                    seesr_flow::sample_image(m, &prepared, o, &mut noise, None, &mut |_, _| {
+                        progress(meter.tick());
+                        cancel.check()
+                    })?;
+                Ok(RunOutput {
+                    image: DynamicImage::ImageRgb8(res.image),
+                    text: vec![("supir:prompt", res.prompt), ("supir:tags", res.tags)],
+                })
+            }
+            _ => Err(supir::Error::Option(
+                "internal: the job's options are for another backend".into(),
+            )),
         }
     }
 }
@@ -181,7 +134,7 @@ impl Engine {
 pub struct Payload {
     /// The upload, in the server's temporary folder.
     pub input: PathBuf,
-    pub options: ResolvedOptions,
+    pub options: Resolved,
 }
 
 /// The file a job's result is written to.
@@ -199,26 +152,28 @@ pub enum EngineState {
 
 /// The worker: loads the backend, then runs the queue's jobs in order until it is closed.
 pub fn worker(
-    backend: Backend,
+    model: ModelConfig,
     queue: Arc<JobQueue<Payload>>,
     dir: PathBuf,
     state: Arc<std::sync::Mutex<EngineState>>,
 ) {
     let set_state = |s: EngineState| *state.lock().unwrap_or_else(|e| e.into_inner()) = s;
-    let engine = match Engine::load(backend) {
+    let t = std::time::Instant::now();
+    let mut engine = match Engine::load(&model) {
         Ok(e) => {
+            tracing::info!("{} loaded in {:.1?}", model.description(), t.elapsed());
             set_state(EngineState::Ready);
             Some(e)
         }
         Err(e) => {
-            tracing::error!("loading {}: {e}", backend.description());
+            tracing::error!("loading {}: {e}", model.description());
             set_state(EngineState::Failed(e.to_string()));
             None
         }
     };
     while let Some(job) = queue.next() {
-        let outcome = match &engine {
-            None => Outcome::Failed(format!("{} failed to load", backend.description())),
+        let outcome = match &mut engine {
+            None => Outcome::Failed(format!("{} failed to load", model.description())),
             Some(engine) => {
                 // A panic in a job fails that job, never the worker.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -231,12 +186,14 @@ pub fn worker(
         if outcome != Outcome::Succeeded {
             std::fs::remove_file(result_path(&dir, &job.id)).ok();
         }
+        // Activations of the job go back to the system between jobs.
+        supir::memory::release_free_heap();
         queue.finish(&job.id, outcome);
     }
 }
 
 fn run_one(
-    engine: &Engine,
+    engine: &mut Engine,
     queue: &JobQueue<Payload>,
     id: &JobId,
     p: &Payload,
@@ -252,21 +209,28 @@ fn run_one(
         Ok(i) => i,
         Err(e) => return Outcome::Failed(scrub(&e)),
     };
-    let out = match engine.run(&img, &p.options, cancel, &mut |pr| queue.progress(id, pr)) {
+    let out = match engine.run(&img, &p.options.run, cancel, &mut |pr| {
+        queue.progress(id, pr)
+    }) {
         Ok(o) => o,
         Err(supir::Error::Canceled) => return Outcome::Canceled,
         Err(e) => return Outcome::Failed(scrub(&e)),
     };
-    let options = serde_json::to_string(&p.options).unwrap_or_default();
-    let text = [
+    let view = &p.options.view;
+    let options = serde_json::to_string(view).unwrap_or_default();
+    let mut text = vec![
         (
             "Software",
             format!("supir-rs {}", env!("CARGO_PKG_VERSION")),
         ),
-        ("supir:backend", p.options.backend.clone()),
+        ("supir:backend", view.backend().to_string()),
         ("supir:options", options),
     ];
-    let bytes = match png_meta::encode(&out, &text) {
+    if let Some(seed) = view.seed() {
+        text.push(("supir:seed", seed.to_string()));
+    }
+    text.extend(out.text);
+    let bytes = match png_meta::encode(&out.image, &text) {
         Ok(b) => b,
         Err(e) => return Outcome::Failed(format!("encoding the result: {e}")),
     };

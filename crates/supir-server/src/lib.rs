@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod job_options;
 pub mod png_meta;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -20,7 +21,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use supir::jobs::{JobId, JobQueue};
 
-pub use engine::{AlphaChoice, Backend, JobOptions, ResolvedOptions};
+pub use job_options::{
+    AlphaChoice, Backend, ModelConfig, RealEsrganResolved, ResolvedOptions, SeesrSetup, SupirSetup,
+};
 
 use api::AppState;
 use engine::{EngineState, Payload};
@@ -44,9 +47,8 @@ pub struct Config {
     pub keep_max: usize,
     /// The one origin allowed cross-origin requests (CORS), if any.
     pub cors: Option<String>,
-    pub backend: Backend,
-    /// Options of jobs that give none.
-    pub defaults: ResolvedOptions,
+    /// The backend to load, its weights and the options of jobs that give none.
+    pub model: ModelConfig,
     /// Where the server's temporary folder is made (the system's by default).
     pub temp_root: Option<PathBuf>,
 }
@@ -63,8 +65,7 @@ impl Default for Config {
             keep_for: Duration::from_secs(3600),
             keep_max: 100,
             cors: None,
-            backend: Backend::RealEsrgan,
-            defaults: ResolvedOptions::realesrgan_defaults(),
+            model: ModelConfig::default(),
             temp_root: None,
         }
     }
@@ -145,7 +146,8 @@ impl Server {
             o.parse::<axum::http::HeaderValue>()
                 .with_context(|| format!("--cors {o:?}: not a valid origin"))?;
         }
-        cfg.defaults.validate().map_err(anyhow::Error::msg)?;
+        cfg.model.validate().map_err(anyhow::Error::msg)?;
+        let defaults = cfg.model.defaults_view().map_err(anyhow::Error::msg)?;
         let mut tb = tempfile::Builder::new();
         tb.prefix("supir-serve-");
         let temp = match &cfg.temp_root {
@@ -160,7 +162,9 @@ impl Server {
         let queue = Arc::new(JobQueue::<Payload>::new(cfg.queue));
         let engine = Arc::new(Mutex::new(EngineState::Loading));
         let state = Arc::new(AppState {
-            backend: cfg.backend,
+            backend: cfg.model.backend(),
+            description: cfg.model.description(),
+            defaults,
             queue: queue.clone(),
             records: Mutex::new(Default::default()),
             dir: temp.path().to_path_buf(),
@@ -170,10 +174,10 @@ impl Server {
             cfg,
         });
         let worker = {
-            let (queue, dir, backend) = (queue.clone(), state.dir.clone(), state.backend);
+            let (queue, dir, model) = (queue.clone(), state.dir.clone(), state.cfg.model.clone());
             std::thread::Builder::new()
                 .name("supir-worker".into())
-                .spawn(move || engine::worker(backend, queue, dir, engine))
+                .spawn(move || engine::worker(model, queue, dir, engine))
                 .context("starting the worker thread")?
         };
         let pruner = {
@@ -273,7 +277,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.host
             );
         }
-        let desc = cfg.backend.description();
+        let desc = cfg.model.description();
         let server = Server::start(cfg).await?;
         let addr = server.addr();
         let host = if addr.ip().is_ipv6() {

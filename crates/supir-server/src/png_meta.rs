@@ -3,7 +3,8 @@
 use image::DynamicImage;
 
 /// Encodes `img` as PNG (8 or 16 bit, grey or RGB, with or without alpha, as the image is)
-/// with one `tEXt` chunk per `(keyword, text)`.
+/// with one text chunk per `(keyword, text)`: `tEXt` when the text is Latin-1, else `iTXt`
+/// (UTF-8, e.g. a caption in another script).
 pub fn encode(img: &DynamicImage, text: &[(&str, String)]) -> Result<Vec<u8>, png::EncodingError> {
     use png::{BitDepth, ColorType};
     let be16 = |v: &[u16]| -> Vec<u8> { v.iter().flat_map(|s| s.to_be_bytes()).collect() };
@@ -31,7 +32,11 @@ pub fn encode(img: &DynamicImage, text: &[(&str, String)]) -> Result<Vec<u8>, pn
         enc.set_color(color);
         enc.set_depth(depth);
         for (k, v) in text {
-            enc.add_text_chunk(k.to_string(), v.clone())?;
+            if v.chars().all(|c| (c as u32) < 256) {
+                enc.add_text_chunk(k.to_string(), v.clone())?;
+            } else {
+                enc.add_itxt_chunk(k.to_string(), v.clone())?;
+            }
         }
         let mut w = enc.write_header()?;
         w.write_image_data(&data)?;
@@ -57,5 +62,12 @@ mod tests {
         let t = &reader.info().uncompressed_latin1_text;
         assert_eq!(t[0].keyword, "supir:backend");
         assert_eq!(t[0].text, "realesrgan");
+        let bytes = encode(&img, &[("supir:caption", "a cat ☕ 猫".into())]).unwrap();
+        let reader = png::Decoder::new(std::io::Cursor::new(&bytes))
+            .read_info()
+            .unwrap();
+        let t = &reader.info().utf8_text;
+        assert_eq!(t[0].keyword, "supir:caption");
+        assert_eq!(t[0].get_text().unwrap(), "a cat ☕ 猫");
     }
 }

@@ -487,7 +487,15 @@ async fn token_origin_openapi_and_page() {
             "{p} missing from /openapi.json"
         );
     }
-    assert!(doc["components"]["schemas"]["JobOptions"]["properties"]["tile_pad"].is_object());
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas["RealEsrganJobOptions"]["properties"]["tile_pad"].is_object());
+    assert!(schemas["SupirJobOptions"]["properties"]["cfg"].is_object());
+    assert!(schemas["SeesrJobOptions"]["properties"]["process_size"].is_object());
+    assert!(
+        schemas["JobOptions"]["oneOf"].is_array(),
+        "{}",
+        schemas["JobOptions"]
+    );
     for page in ["/", "/docs"] {
         let r = c.get(format!("{base}{page}")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);

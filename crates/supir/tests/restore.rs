@@ -108,7 +108,15 @@ fn restore_options_path_equals_batchify_sample() {
         let mut calls = 0usize;
         let mut rng = replay(&fx, case);
         let out = r
-            .restore_tensor(&x, &o, &mut rng, Some(&mut || calls += 1))
+            .restore_tensor(
+                &x,
+                &o,
+                &mut rng,
+                Some(&mut || {
+                    calls += 1;
+                    Ok(())
+                }),
+            )
             .unwrap();
         assert_eq!(rng.remaining(), 0, "{name}");
         let (_, _, h, w) = x.dims4().unwrap();

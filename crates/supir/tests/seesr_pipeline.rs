@@ -96,7 +96,7 @@ fn a_seed_gives_the_same_image_and_samples_differ() {
     });
     let run = |seed| {
         let mut noise = SeededNoise::new(seed);
-        flow::restore_image(&model, &img, &opts, &mut noise, None, &mut |_, _| {}).unwrap()
+        flow::restore_image(&model, &img, &opts, &mut noise, None, &mut |_, _| Ok(())).unwrap()
     };
     let (a, b, c) = (run(1), run(1), run(2));
     assert_eq!(a.image.dimensions(), (80, 48));

@@ -114,7 +114,10 @@ fn tile_prompts_equal_to_the_caption_change_nothing() {
                 &x,
                 &local,
                 &mut SeededNoise::new(o.seed),
-                Some(&mut || calls += 1),
+                Some(&mut || {
+                    calls += 1;
+                    Ok(())
+                }),
             )
             .unwrap();
         assert_eq!(calls, 2 * n);

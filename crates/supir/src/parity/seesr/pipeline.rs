@@ -90,7 +90,7 @@ pub(super) fn run_case(
         &opts,
         &mut noise,
         Some(&mut trace),
-        &mut |_, _| {},
+        &mut |_, _| Ok(()),
     )?;
     let want = param_str(case, "prompt")?;
     if out.prompt != want {

@@ -43,8 +43,9 @@ impl Trace {
     }
 }
 
-/// Progress of a run: the DDPM step just finished (1-based) of the total.
-pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+/// Progress of a run: the DDPM step just finished (1-based) of the total. An error from it
+/// (e.g. [`Error::Canceled`]) stops the run after that step.
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize) -> Result<()>;
 
 /// One restored image and what it was made with.
 #[derive(Debug, Clone)]
@@ -339,7 +340,7 @@ pub fn sample(
         };
         latents = scheduler.step(&e, t, &latents, z.as_ref())?;
         Trace::record(&mut trace, format!("latents_step_{i:02}"), &latents);
-        progress(i + 1, timesteps.len());
+        progress(i + 1, timesteps.len())?;
     }
     Ok(latents)
 }

@@ -133,7 +133,7 @@ pub fn check_tile_prompts(count: usize, x_dims: &[usize], o: &SampleOptions) -> 
 /// combined by `guider` (`DiscreteDenoiserWithControl` + `LinearCFG`). With per-tile prompts,
 /// tile `j` uses `c[j]`; `uc` is shared. The networks run in the model's diffusion dtype; the
 /// latent maths around them stays F32 (as under torch autocast). `on_call` runs after each
-/// network call (progress).
+/// network call (progress); an error from it (e.g. [`Error::Canceled`]) stops the sampler there.
 pub struct GuidedDenoiser<'a, 'f> {
     pub model: &'a SupirModel,
     /// The control latent `_z` of the whole image.
@@ -141,7 +141,7 @@ pub struct GuidedDenoiser<'a, 'f> {
     pub c: &'a PromptConditioning,
     pub uc: &'a Conditioning,
     pub guider: LinearCfg,
-    pub on_call: Option<&'f mut dyn FnMut()>,
+    pub on_call: Option<OnCall<'f>>,
 }
 
 impl Denoise for GuidedDenoiser<'_, '_> {
@@ -170,11 +170,15 @@ impl Denoise for GuidedDenoiser<'_, '_> {
             self.model
                 .denoise(&x2, &sigmas, &crossattn, &vector, &control, control_scale)?;
         if let Some(f) = self.on_call.as_mut() {
-            f();
+            f()?;
         }
         self.guider.guide(&denoised.to_dtype(DType::F32)?, sigma)
     }
 }
+
+/// Called after each network call of the sampler (progress); returning an error, e.g.
+/// [`Error::Canceled`] from [`crate::jobs::CancelToken::check`], stops sampling at that call.
+pub type OnCall<'a> = &'a mut dyn FnMut() -> Result<()>;
 
 /// Everything `batchify_sample` takes besides the image and captions.
 #[derive(Debug, Clone)]
@@ -222,7 +226,7 @@ pub fn sample_latent(
 /// [`sample_latent`] with the conditioning already encoded (`c`, `uc` with one row per image of
 /// `x`; `o.p_p` / `o.n_p` are not used). Conditioning draws no random numbers, so the draws are
 /// those of [`sample_latent`]. Per-tile `c` is checked by [`check_tile_prompts`] before any
-/// work. `on_call` runs after each network call.
+/// work. `on_call` runs after each network call; its error stops the run.
 pub fn sample_latent_with(
     model: &SupirModel,
     x: &Tensor,
@@ -230,7 +234,7 @@ pub fn sample_latent_with(
     uc: &Conditioning,
     o: &SampleOptions,
     rng: &mut dyn NoiseSource,
-    on_call: Option<&mut dyn FnMut()>,
+    on_call: Option<OnCall<'_>>,
 ) -> Result<SampleLatent> {
     check_conditioning(x, c, uc, o)?;
     let st = stage1(model, x, rng)?;
@@ -275,7 +279,7 @@ pub fn sample_from_stage1(
     uc: &Conditioning,
     o: &SampleOptions,
     rng: &mut dyn NoiseSource,
-    on_call: Option<&mut dyn FnMut()>,
+    on_call: Option<OnCall<'_>>,
 ) -> Result<SampleLatent> {
     model.diffusion()?;
     let sampler = Sampler::new(o.sampler, o.opts.clone())?;

@@ -23,7 +23,7 @@ use crate::models::tiled_vae::VaeTiling;
 use crate::pipelines::supir::conditioner::Conditioning;
 use crate::pipelines::supir::flow::{
     check_conditioning, check_tile_prompts, decode_and_fix, sample_from_stage1,
-    sampler_from_config, stage1, PromptConditioning, SampleOptions,
+    sampler_from_config, stage1, OnCall, PromptConditioning, SampleOptions,
 };
 use crate::pipelines::supir::model::{DTypes, SupirModel};
 use crate::schedulers::sampler::{NoiseSource, SamplerKind, SamplerOptions, SeededNoise};
@@ -626,13 +626,14 @@ impl Restorer {
 
     /// `batchify_sample` on a model input `x` `[1, 3, H, W]` in [-1, 1] with `opts`'
     /// `num_samples` (the image repeated, as the official code does): `[N, 3, H, W]` F32.
-    /// Every random draw comes from `rng`; `on_call` runs after each network call.
+    /// Every random draw comes from `rng`; `on_call` runs after each network call, and an
+    /// error from it (e.g. [`Error::Canceled`]) stops the restore at that call.
     pub fn restore_tensor(
         &mut self,
         x: &Tensor,
         opts: &RestoreOptions,
         rng: &mut dyn NoiseSource,
-        on_call: Option<&mut dyn FnMut()>,
+        on_call: Option<OnCall<'_>>,
     ) -> Result<Tensor> {
         opts.validate()?;
         if x.dim(0)? != 1 {
@@ -757,7 +758,7 @@ impl Restorer {
         &mut self,
         img: &DynamicImage,
         opts: &RestoreOptions,
-        on_call: Option<&mut dyn FnMut()>,
+        on_call: Option<OnCall<'_>>,
     ) -> Result<Vec<RgbImage>> {
         opts.validate()?;
         let rgb = convert::to_rgb8(img);
