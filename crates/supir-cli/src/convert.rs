@@ -1,4 +1,5 @@
-//! `supir convert`: weight files from other formats to safetensors with the model's key names.
+//! `supir convert`: weight files from other formats to safetensors with the model's key names,
+//! and checkpoints to GGUF (Q8_0 diffusion weights) under their official key names.
 
 use std::path::PathBuf;
 
@@ -22,6 +23,33 @@ enum From {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Checkpoints (safetensors, torch zip or GGUF; later files override earlier keys, e.g. the
+    /// SDXL base then the SUPIR file) -> one GGUF file with the official key names, which
+    /// `restore --sdxl`/`--supir` read directly (with `--diffusion-dtype q8_0` the Q8_0 layers
+    /// keep their bytes).
+    Gguf {
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// `q8_0`: the GLVControl + UNet linear weights in Q8_0, the rest f16 (vectors f32);
+        /// `f16`: everything f16 (vectors f32).
+        #[arg(long = "type", value_enum, default_value_t = GgufTypeArg::Q8_0)]
+        ty: GgufTypeArg,
+        /// Key prefixes whose linear weights are quantised (repeatable; default: SUPIR's
+        /// `model.diffusion_model.` and `model.control_model.`; `""` for a diffusers UNet or
+        /// ControlNet file).
+        #[arg(long = "quantize-prefix")]
+        prefixes: Vec<String>,
+        /// Output `.gguf` file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum GgufTypeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    F16,
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
@@ -38,6 +66,31 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
                 })
             })?;
             eprintln!("wrote {} ({} tensors)", output.display(), tensors.len());
+            Ok(())
+        }
+        From::Gguf {
+            inputs,
+            ty,
+            prefixes,
+            output,
+        } => {
+            let prefixes = if prefixes.is_empty() {
+                supir::gguf::SUPIR_QUANT_PREFIXES.map(String::from).to_vec()
+            } else {
+                prefixes
+            };
+            let target = match ty {
+                GgufTypeArg::Q8_0 => supir::gguf::GgufTarget::Q8_0,
+                GgufTypeArg::F16 => supir::gguf::GgufTarget::F16,
+            };
+            let s = supir::gguf::convert(&inputs, target, &prefixes, &output)?;
+            eprintln!(
+                "wrote {} ({} tensors, {} in q8_0, {:.2} GiB)",
+                output.display(),
+                s.tensors,
+                s.q8_0,
+                s.bytes as f64 / (1u64 << 30) as f64
+            );
             Ok(())
         }
     }

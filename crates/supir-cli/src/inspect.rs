@@ -63,6 +63,7 @@ pub fn run(args: Args) -> Result<()> {
         let format = match f.format() {
             Format::Safetensors => "safetensors",
             Format::TorchZip => "PyTorch zip",
+            Format::Gguf => "GGUF",
         };
         let dtypes: Vec<String> = s.dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
         println!(

@@ -8,13 +8,14 @@
 //! - [`pipelines`]: one folder per backend (SUPIR, Real-ESRGAN): model assembly, options,
 //!   presets and the restoration flow;
 //! - beside them: the compute layer ([`layers`], [`kernels`], [`memory`]), weight and image
-//!   I/O ([`weights`], [`inspect`], [`image_io`], [`tokenizer`]), shared post-processing
+//!   I/O ([`weights`], [`gguf`], [`inspect`], [`image_io`], [`tokenizer`]), shared post-processing
 //!   ([`color_fix`]), evaluation ([`eval`]: degradation synthesis, metrics) and golden-data
 //!   replay ([`parity`]).
 
 pub mod color_fix;
 pub mod error;
 pub mod eval;
+pub mod gguf;
 pub mod image_io;
 pub mod inspect;
 pub mod jobs;

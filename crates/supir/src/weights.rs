@@ -37,6 +37,11 @@ enum Store {
         index: HashMap<String, (TensorMeta, usize, usize)>,
     },
     Torch(candle_core::pickle::PthTensors),
+    /// Tensors dequantised on load (Q8_0 and the other ggml types, f16, f32).
+    Gguf {
+        mmap: Mmap,
+        index: crate::gguf::GgufIndex,
+    },
 }
 
 /// On-disk format, from the file's first bytes (not its extension).
@@ -44,6 +49,7 @@ enum Store {
 pub enum Format {
     Safetensors,
     TorchZip,
+    Gguf,
 }
 
 fn ckpt_err(path: &Path, msg: impl Into<String>) -> Error {
@@ -85,7 +91,7 @@ impl Checkpoint {
         let format = sniff(&mmap).ok_or_else(|| {
             ckpt_err(
                 path,
-                "not a checkpoint: neither safetensors nor a PyTorch zip archive",
+                "not a checkpoint: neither safetensors, a PyTorch zip archive nor GGUF",
             )
         })?;
         let store = match format {
@@ -96,6 +102,10 @@ impl Checkpoint {
             Format::TorchZip => {
                 drop(mmap);
                 Store::Torch(open_torch(path)?)
+            }
+            Format::Gguf => {
+                let index = crate::gguf::GgufIndex::read(&mmap, path)?;
+                Store::Gguf { mmap, index }
             }
         };
         Ok(Self {
@@ -112,6 +122,7 @@ impl Checkpoint {
         match self.store {
             Store::Safetensors { .. } => Format::Safetensors,
             Store::Torch(_) => Format::TorchZip,
+            Store::Gguf { .. } => Format::Gguf,
         }
     }
 
@@ -135,6 +146,19 @@ impl Checkpoint {
                     )
                 })
                 .collect(),
+            Store::Gguf { index, .. } => index
+                .tensors
+                .iter()
+                .map(|(k, (ty, shape, _, _))| {
+                    (
+                        k.clone(),
+                        TensorMeta {
+                            dtype: crate::gguf::GgufIndex::dtype(*ty),
+                            shape: shape.clone(),
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -145,6 +169,12 @@ impl Checkpoint {
                 dtype: ti.dtype,
                 shape: ti.layout.dims().to_vec(),
             }),
+            Store::Gguf { index, .. } => {
+                index.tensors.get(key).map(|(ty, shape, _, _)| TensorMeta {
+                    dtype: crate::gguf::GgufIndex::dtype(*ty),
+                    shape: shape.clone(),
+                })
+            }
         }
     }
 
@@ -178,12 +208,25 @@ impl Checkpoint {
                     ))
                 }
             },
+            Store::Gguf { mmap, index } => match index.load(mmap, key) {
+                Ok(Some(t)) => t,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    return Err(ckpt_err(
+                        &self.path,
+                        format!("tensor `{key}` unreadable: {e}"),
+                    ))
+                }
+            },
         };
         Ok(Some(t.to_dtype(dtype)?.to_device(dev)?))
     }
 }
 
 fn sniff(bytes: &[u8]) -> Option<Format> {
+    if bytes.starts_with(b"GGUF") {
+        return Some(Format::Gguf);
+    }
     if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
         return Some(Format::TorchZip);
     }

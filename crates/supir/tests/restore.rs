@@ -362,3 +362,46 @@ fn reduced_precision_stays_close_to_f32() {
         }
     }
 }
+
+/// `supir convert gguf`'s files load as checkpoints: the Q8_0 file gives the same restore as
+/// quantising the original file at load (the same Q8_0 bytes: ggml's quantiser on both sides),
+/// and the f16 file the f32 result (the fixture's weights are f16-exact).
+#[test]
+fn gguf_conversions_load_and_match_the_original() {
+    use supir::gguf::{convert, GgufTarget, SUPIR_QUANT_PREFIXES};
+    let fx = Fixture::load(fixture_dir()).unwrap();
+    let cfg = SupirConfig::load(fx.config_path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("supir-gguf-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefixes = SUPIR_QUANT_PREFIXES.map(String::from).to_vec();
+    let case = fx.case("sample_edm_restore").unwrap();
+    let o = options_of(case, &cfg);
+    let x = fx.input(case, "x").unwrap();
+    let restore = |path: &Path, dtypes: DTypes| {
+        let model = SupirModel::load_with(&cfg, &[path], dtypes, &Device::Cpu).unwrap();
+        let mut r = Restorer::from_model(cfg.clone(), model);
+        r.restore_tensor(&x, &o, &mut replay(&fx, case), None)
+            .unwrap()
+    };
+    let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
+    for (target, dtypes, name) in [
+        (GgufTarget::Q8_0, q8, "q8_0.gguf"),
+        (GgufTarget::F16, DTypes::uniform(DType::F32), "f16.gguf"),
+    ] {
+        let out = dir.join(name);
+        let summary = convert(&[fx.weights_path()], target, &prefixes, &out).unwrap();
+        if target == GgufTarget::Q8_0 {
+            assert!(summary.q8_0 > 20, "{summary:?}");
+        } else {
+            assert_eq!(summary.q8_0, 0);
+        }
+        let from_gguf = restore(&out, dtypes);
+        let from_original = restore(&fx.weights_path(), dtypes);
+        assert_eq!(
+            max_abs_diff(&from_gguf, &from_original).unwrap(),
+            0.0,
+            "{name}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -335,6 +335,10 @@ fn ours(
             a.diffusion_dtypes.clone()
         };
         let tagged = formats.len() > 1 || formats[0] != a.dtype;
+        // The first format's outputs: the others are compared with them, each network on the
+        // same inputs (the UNet gets the first format's control hints).
+        let mut reference: Option<(Vec<Tensor>, Tensor)> = None;
+        let mut errors = Vec::new();
         for format in &formats {
             let (storage, quant) = parse_diffusion_dtype(format)?;
             let vb = make_vb(storage);
@@ -366,10 +370,22 @@ fn ours(
                     });
                     Ok(net?)
                 })?;
+                let h = reference.as_ref().map_or(&hints, |r| &r.0);
                 let timed = time(wu, reps, || {
-                    Ok(unet.forward(&x, &t, &ctx.copy()?, &y, &hints, 1.0)?)
+                    Ok(unet.forward(&x, &t, &ctx.copy()?, &y, h, 1.0)?)
                 })?;
                 push(&mut rows, "unet_b2", &timed);
+                match &reference {
+                    None => reference = Some((hints, timed.last)),
+                    Some((h0, u0)) => errors.push((
+                        format.clone(),
+                        relative_error(&hints, h0)?,
+                        relative_error(
+                            std::slice::from_ref(&timed.last),
+                            std::slice::from_ref(u0),
+                        )?,
+                    )),
+                }
             }
             if tagged {
                 for r in &mut rows[from..] {
@@ -378,8 +394,25 @@ fn ours(
             }
             push_sum(&mut rows, "step_b2", &["glvcontrol_b2", "unet_b2"]);
         }
+        for (format, control, unet) in errors {
+            println!(
+                "relative error (L2) of {format} against {}: GLVControl hints {control:.2e}, UNet {unet:.2e}",
+                formats[0]
+            );
+        }
     }
     Ok(rows)
+}
+
+/// `‖a - b‖ / ‖b‖` over all elements of the tensor lists.
+fn relative_error(a: &[Tensor], b: &[Tensor]) -> Result<f64> {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (a, b) in a.iter().zip(b) {
+        let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+        num += (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        den += b.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok((num / den.max(f64::MIN_POSITIVE)).sqrt())
 }
 
 /// Runs `bench_torch_cpu.py`, echoing its output; returns its first line and its stages.

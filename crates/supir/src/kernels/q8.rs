@@ -143,10 +143,16 @@ impl Q8Weight {
         if !k.is_multiple_of(QK) || w.len() != n * k {
             candle_core::bail!("q8_0: a {n}x{k} weight needs its input width a multiple of {QK}");
         }
-        let mut gguf = Vec::with_capacity(n * (k / QK) * BLOCK_BYTES);
-        for row in w.chunks_exact(k.max(1)).take(n) {
-            quantize_row_gguf(row, &mut gguf);
-        }
+        use rayon::prelude::*;
+        let row_bytes = k / QK * BLOCK_BYTES;
+        let mut gguf = vec![0u8; n * row_bytes];
+        gguf.par_chunks_mut(row_bytes.max(1))
+            .zip(w.par_chunks(k.max(1)))
+            .for_each(|(out, row)| {
+                let mut v = Vec::with_capacity(row_bytes);
+                quantize_row_gguf(row, &mut v);
+                out.copy_from_slice(&v);
+            });
         Self::from_gguf(&gguf, n, k, bias)
     }
 
@@ -172,17 +178,22 @@ impl Q8Weight {
         let panels = n.div_ceil(NR);
         let mut qs = vec![0x80u8; panels * kb * QK * NR];
         let mut scales = vec![f16::ZERO; panels * kb * NR];
-        for col in 0..n {
-            let (q, j) = (col / NR, col % NR);
-            for b in 0..kb {
-                let blk = &blocks[(col * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
-                scales[(q * kb + b) * NR + j] = f16::from_le_bytes([blk[0], blk[1]]);
-                for (i, &v) in blk[2..].iter().enumerate() {
-                    let (g, t) = (i / 4, i % 4);
-                    qs[((q * kb + b) * 8 + g) * NR * 4 + j * 4 + t] = v ^ 0x80;
+        use rayon::prelude::*;
+        qs.par_chunks_mut((kb * QK * NR).max(1))
+            .zip(scales.par_chunks_mut((kb * NR).max(1)))
+            .enumerate()
+            .for_each(|(q, (qs, scales))| {
+                for j in 0..NR.min(n - q * NR) {
+                    let col = q * NR + j;
+                    for b in 0..kb {
+                        let blk = &blocks[(col * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                        scales[b * NR + j] = f16::from_le_bytes([blk[0], blk[1]]);
+                        for (i, &v) in blk[2..].iter().enumerate() {
+                            qs[(b * 8 + i / 4) * NR * 4 + j * 4 + i % 4] = v ^ 0x80;
+                        }
+                    }
                 }
-            }
-        }
+            });
         let bias = bias.map(|b| {
             let mut v = b.to_vec();
             v.resize(panels * NR, 0.0);

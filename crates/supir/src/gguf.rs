@@ -1,0 +1,389 @@
+//! GGUF files (the format of llama.cpp and stable-diffusion.cpp): a streaming writer that keeps
+//! the official key names with the diffusion networks' linear layers in Q8_0, and the index the
+//! weight loader ([`crate::weights::Checkpoint`]) reads any GGUF file through.
+//!
+//! Layout (GGUF v3): `"GGUF"`, version, tensor and key-value counts, the key-values, one info per
+//! tensor (name, dims innermost first, ggml type, offset), padding to `general.alignment` (32),
+//! then each tensor's bytes padded to the alignment. Q8_0 rows are ggml's
+//! `quantize_row_q8_0_ref` blocks ([`crate::kernels::q8::quantize_row_gguf`]), so a layer
+//! quantised at load from the original file and one read from the converted file hold the same
+//! bytes.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::kernels::q8;
+use crate::{Error, Result};
+
+const ALIGNMENT: usize = 32;
+
+/// How one tensor is stored in a GGUF file we write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufType {
+    F32,
+    F16,
+    Q8_0,
+}
+
+impl GgufType {
+    fn ggml(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 8,
+        }
+    }
+
+    fn bytes(self, elems: usize) -> usize {
+        match self {
+            Self::F32 => 4 * elems,
+            Self::F16 => 2 * elems,
+            Self::Q8_0 => elems / q8::QK * q8::BLOCK_BYTES,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// What `supir convert gguf --type` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufTarget {
+    /// Every float tensor of two or more dimensions in f16, vectors in f32.
+    F16,
+    /// As `F16`, but the linear weights under the quantised prefixes in Q8_0.
+    Q8_0,
+}
+
+/// The storage of `key` (shape `shape`) for `target`: Q8_0 for a `[out, in]` weight with `in`
+/// a multiple of 32 under one of `prefixes` (the networks `--diffusion-dtype q8_0` quantises),
+/// f32 for vectors and scalars (norms, biases: tiny), f16 otherwise.
+pub fn plan(key: &str, shape: &[usize], target: GgufTarget, prefixes: &[String]) -> GgufType {
+    if shape.len() <= 1 {
+        return GgufType::F32;
+    }
+    let linear = shape.len() == 2
+        && key.ends_with(".weight")
+        && shape[1].is_multiple_of(q8::QK)
+        && prefixes.iter().any(|p| key.starts_with(p.as_str()));
+    match target {
+        GgufTarget::Q8_0 if linear => GgufType::Q8_0,
+        _ => GgufType::F16,
+    }
+}
+
+/// One tensor to write: its name, shape and storage.
+pub struct PlannedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub ty: GgufType,
+}
+
+fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+fn pad(w: &mut impl Write, written: usize) -> std::io::Result<usize> {
+    let n = written.next_multiple_of(ALIGNMENT) - written;
+    w.write_all(&vec![0u8; n])?;
+    Ok(n)
+}
+
+/// Writes `tensors` to `w` as GGUF v3, reading each one through `fetch` (f32 or any float dtype)
+/// only when its bytes are due, so memory holds one tensor at a time. `name` goes in
+/// `general.name`.
+pub fn write(
+    w: &mut impl Write,
+    name: &str,
+    tensors: &[PlannedTensor],
+    mut fetch: impl FnMut(&PlannedTensor) -> Result<Tensor>,
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::Candle(candle_core::Error::wrap(e));
+    let mut head = Vec::new();
+    head.extend_from_slice(b"GGUF");
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    let kv: [(&str, &str); 2] = [("general.name", name), ("general.producer", "supir-rs")];
+    head.extend_from_slice(&(kv.len() as u64 + 1).to_le_bytes());
+    for (k, v) in kv {
+        write_str(&mut head, k).map_err(io)?;
+        head.extend_from_slice(&8u32.to_le_bytes()); // string
+        write_str(&mut head, v).map_err(io)?;
+    }
+    write_str(&mut head, "general.alignment").map_err(io)?;
+    head.extend_from_slice(&4u32.to_le_bytes()); // uint32
+    head.extend_from_slice(&(ALIGNMENT as u32).to_le_bytes());
+    let mut offset = 0usize;
+    for t in tensors {
+        let elems: usize = t.shape.iter().product();
+        write_str(&mut head, &t.name).map_err(io)?;
+        head.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        for &d in t.shape.iter().rev() {
+            head.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        head.extend_from_slice(&t.ty.ggml().to_le_bytes());
+        head.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset = (offset + t.ty.bytes(elems)).next_multiple_of(ALIGNMENT);
+    }
+    w.write_all(&head).map_err(io)?;
+    let mut pos = head.len();
+    pos += pad(w, pos).map_err(io)?;
+    for t in tensors {
+        let x = fetch(t)?;
+        if x.dims() != t.shape.as_slice() {
+            return Err(Error::Option(format!(
+                "gguf: tensor `{}` is {:?}, planned {:?}",
+                t.name,
+                x.dims(),
+                t.shape
+            )));
+        }
+        let bytes: Vec<u8> = match t.ty {
+            GgufType::F32 => x
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            GgufType::F16 => x
+                .to_dtype(DType::F16)?
+                .flatten_all()?
+                .to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            GgufType::Q8_0 => {
+                let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = Vec::with_capacity(t.ty.bytes(v.len()));
+                for row in v.chunks(t.shape[t.shape.len() - 1].max(1)) {
+                    q8::quantize_row_gguf(row, &mut out);
+                }
+                out
+            }
+        };
+        w.write_all(&bytes).map_err(io)?;
+        pos += bytes.len();
+        pos += pad(w, pos).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The key prefixes `--diffusion-dtype q8_0` quantises in a SUPIR state dict (GLVControl and
+/// the UNet).
+pub const SUPIR_QUANT_PREFIXES: [&str; 2] = ["model.diffusion_model.", "model.control_model."];
+
+/// What [`convert`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConvertSummary {
+    pub tensors: usize,
+    pub q8_0: usize,
+    pub bytes: u64,
+}
+
+/// Writes every float tensor of `inputs` (later files override earlier keys, as the loaders
+/// read them) to the GGUF file `out` (atomically: nothing is left on failure), stored as
+/// [`plan`] says; non-float tensors (step counters) are left out.
+pub fn convert(
+    inputs: &[impl AsRef<Path>],
+    target: GgufTarget,
+    prefixes: &[String],
+    out: &Path,
+) -> Result<ConvertSummary> {
+    let files = inputs
+        .iter()
+        .map(crate::weights::Checkpoint::open)
+        .collect::<Result<Vec<_>>>()?;
+    let mut owner: std::collections::BTreeMap<String, (usize, Vec<usize>)> = Default::default();
+    for (i, f) in files.iter().enumerate() {
+        for (k, m) in f.tensors() {
+            if m.dtype.is_float() {
+                owner.insert(k, (i, m.shape));
+            }
+        }
+    }
+    let planned: Vec<PlannedTensor> = owner
+        .iter()
+        .map(|(k, (_, shape))| PlannedTensor {
+            name: k.clone(),
+            shape: shape.clone(),
+            ty: plan(k, shape, target, prefixes),
+        })
+        .collect();
+    let name = out
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    crate::image_io::file::write_atomic_with(out, |tmp| {
+        let file = std::fs::File::create(tmp).map_err(|source| Error::Io {
+            path: tmp.to_path_buf(),
+            source,
+        })?;
+        let mut w = std::io::BufWriter::new(file);
+        write(&mut w, &name, &planned, |t| {
+            let f = &files[owner[&t.name].0];
+            f.load(&t.name, DType::F32, &Device::Cpu)?.ok_or_else(|| {
+                Error::Option(format!("{}: `{}` vanished", f.path().display(), t.name))
+            })
+        })?;
+        w.flush().map_err(|source| Error::Io {
+            path: tmp.to_path_buf(),
+            source,
+        })
+    })?;
+    Ok(ConvertSummary {
+        tensors: planned.len(),
+        q8_0: planned.iter().filter(|t| t.ty == GgufType::Q8_0).count(),
+        bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+    })
+}
+
+/// The tensors of a GGUF file: ggml type, shape (outermost first) and absolute byte range.
+#[derive(Debug)]
+pub struct GgufIndex {
+    pub tensors: HashMap<String, (GgmlDType, Vec<usize>, usize, usize)>,
+}
+
+impl GgufIndex {
+    /// Reads the header of the GGUF file in `bytes` (named `path` in errors); every tensor must
+    /// lie inside the file.
+    pub fn read(bytes: &[u8], path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let content = gguf_file::Content::read(&mut std::io::Cursor::new(bytes)).map_err(|e| {
+            bad(format!(
+                "unreadable GGUF header (truncated or corrupt?): {e}"
+            ))
+        })?;
+        let mut tensors = HashMap::new();
+        for (name, info) in &content.tensor_infos {
+            let dims = info.shape.dims().to_vec();
+            let elems: usize = dims.iter().product();
+            let bs = info.ggml_dtype.block_size();
+            if !elems.is_multiple_of(bs) {
+                return Err(bad(format!(
+                    "tensor `{name}`: {elems} values are not whole {bs}-value blocks"
+                )));
+            }
+            let len = elems / bs * info.ggml_dtype.type_size();
+            let start = (content.tensor_data_offset as usize).checked_add(info.offset as usize);
+            match start.and_then(|s| s.checked_add(len).map(|e| (s, e))) {
+                Some((s, e)) if e <= bytes.len() => {
+                    tensors.insert(name.clone(), (info.ggml_dtype, dims, s, e));
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "tensor `{name}` lies outside the file ({} bytes): truncated or corrupt",
+                        bytes.len()
+                    )))
+                }
+            }
+        }
+        Ok(Self { tensors })
+    }
+
+    /// The dtype a tensor dequantises to (f16 / f32 for those types, f32 for block types).
+    pub fn dtype(ty: GgmlDType) -> DType {
+        match ty {
+            GgmlDType::F16 => DType::F16,
+            GgmlDType::BF16 => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// Tensor `key` of the file `bytes`, dequantised; `None` when absent.
+    pub fn load(&self, bytes: &[u8], key: &str) -> candle_core::Result<Option<Tensor>> {
+        let Some((ty, dims, s, e)) = self.tensors.get(key) else {
+            return Ok(None);
+        };
+        let storage = QStorage::from_data(Cow::Borrowed(&bytes[*s..*e]), &Device::Cpu, *ty)?;
+        let q = QTensor::new(storage, dims.as_slice())?;
+        let t = q.dequantize(&Device::Cpu)?;
+        Ok(Some(t.to_dtype(Self::dtype(*ty))?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_noise;
+
+    #[test]
+    fn written_files_read_back_with_candle_and_our_index() {
+        let w = test_noise(8 * 64, 1);
+        let conv = test_noise(4 * 2 * 3 * 3, 2);
+        let b = test_noise(8, 3);
+        let items: Vec<(&str, Vec<usize>, Vec<f32>)> = vec![
+            ("model.diffusion_model.a.weight", vec![8, 64], w.clone()),
+            ("model.diffusion_model.a.bias", vec![8], b.clone()),
+            (
+                "model.diffusion_model.c.weight",
+                vec![4, 2, 3, 3],
+                conv.clone(),
+            ),
+            ("conditioner.t.weight", vec![8, 64], w.clone()),
+        ];
+        let prefixes = vec!["model.diffusion_model.".to_string()];
+        let planned: Vec<PlannedTensor> = items
+            .iter()
+            .map(|(n, s, _)| PlannedTensor {
+                name: n.to_string(),
+                shape: s.clone(),
+                ty: plan(n, s, GgufTarget::Q8_0, &prefixes),
+            })
+            .collect();
+        let tys: Vec<GgufType> = planned.iter().map(|p| p.ty).collect();
+        assert_eq!(
+            tys,
+            [GgufType::Q8_0, GgufType::F32, GgufType::F16, GgufType::F16]
+        );
+        let mut buf = Vec::new();
+        write(&mut buf, "test", &planned, |p| {
+            let (_, s, v) = items.iter().find(|i| i.0 == p.name).unwrap();
+            Ok(Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu)?)
+        })
+        .unwrap();
+        let index = GgufIndex::read(&buf, Path::new("t.gguf")).unwrap();
+        assert_eq!(index.tensors.len(), 4);
+        // The Q8_0 bytes are ggml's: candle's quantiser gives the same blocks.
+        let (ty, dims, s, e) = &index.tensors["model.diffusion_model.a.weight"];
+        assert_eq!((*ty, dims.as_slice()), (GgmlDType::Q8_0, &[8usize, 64][..]));
+        let t = Tensor::from_vec(w.clone(), (8, 64), &Device::Cpu).unwrap();
+        let theirs = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        assert_eq!(&buf[*s..*e], &theirs.data().unwrap()[..]);
+        // Values: exact for f32, f16-rounded for f16, within Q8_0's step for the linear.
+        let get = |k: &str| {
+            index
+                .load(&buf, k)
+                .unwrap()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(get("model.diffusion_model.a.bias"), b);
+        let c = get("model.diffusion_model.c.weight");
+        assert!(c.iter().zip(&conv).all(|(x, y)| (x - y).abs() <= 1e-3));
+        let q = get("model.diffusion_model.a.weight");
+        assert!(q.iter().zip(&w).all(|(x, y)| (x - y).abs() <= 1.0 / 127.0));
+        assert!(index.load(&buf, "absent").unwrap().is_none());
+        // Truncated: refused with the file named.
+        let err = GgufIndex::read(&buf[..buf.len() - 40], Path::new("t.gguf")).unwrap_err();
+        assert!(err.to_string().contains("t.gguf"), "{err}");
+    }
+}
