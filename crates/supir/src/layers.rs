@@ -55,6 +55,22 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// Runs `f` on the elements of a contiguous CPU tensor of element type `T` (its own dtype).
+fn with_slice<T: candle_core::cpu::kernels::VecOps + candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (o0, o1) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("layers: tensor not contiguous".into()))?;
+    match &*storage {
+        Storage::Cpu(cs) => Ok(f(&cs.as_slice::<T>()?[o0..o1])),
+        _ => candle_core::bail!("layers: CPU tensor expected"),
+    }
+}
+
 /// [`with_f32`] on an optional tensor.
 fn with_opt_f32<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> R) -> Result<R> {
     match t {
@@ -135,9 +151,9 @@ fn count_linear(quantised: bool) {
 
 /// `torch.nn.Linear`: `y = x Wᵀ + b`, `weight [out, in]`, on the last dimension of `x`.
 ///
-/// f32 weights on a CPU with AVX-512 are packed once at construction for
-/// [`packed`](crate::kernels::packed) (the same bytes in the micro-kernel's order; the BLAS
-/// would re-pack them on every call); under [`with_linear_quant`] weights whose input width is
+/// f32, bf16 and f16 weights on a CPU with AVX-512 are packed once at construction for
+/// [`packed`](crate::kernels::packed) (the same values in the micro-kernel's order, half
+/// precision kept at its size; the BLAS would re-pack them on every call); under [`with_linear_quant`] weights whose input width is
 /// a multiple of 32 are quantised (CPU, f32 inputs: integer kernels; elsewhere dequantised per
 /// call); other weights stay as loaded.
 #[derive(Debug, Clone)]
@@ -167,7 +183,10 @@ impl Linear {
             }
         }
         let packable = |t: &Tensor| {
-            t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && t.rank() <= 2
+            t.device().is_cpu()
+                && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+                && t.is_contiguous()
+                && t.rank() <= 2
         };
         if kernels_enabled()
             && packed::available()
@@ -175,9 +194,15 @@ impl Linear {
             && packable(&weight)
             && bias.as_ref().is_none_or(|b| b.rank() == 1 && packable(b))
         {
-            let dims = weight.dims2().expect("rank 2");
-            let pack = with_f32(&weight, |w| {
-                with_opt_f32(bias.as_ref(), |b| PackedWeight::new(w, dims.0, dims.1, b))
+            let (n, k) = weight.dims2().expect("rank 2");
+            let pack = with_opt_f32(bias.as_ref(), |b| match weight.dtype() {
+                DType::BF16 => {
+                    with_slice::<half::bf16, _>(&weight, |w| PackedWeight::new(w, n, k, b))
+                }
+                DType::F16 => {
+                    with_slice::<half::f16, _>(&weight, |w| PackedWeight::new(w, n, k, b))
+                }
+                _ => with_f32(&weight, |w| PackedWeight::new(w, n, k, b)),
             });
             if let Ok(Ok(p)) = pack {
                 return Self {
@@ -206,11 +231,11 @@ impl Linear {
         .ok()
     }
 
-    /// How the weight is held: `"f32-packed"`, `"q8_0"` or the loaded dtype.
+    /// How the weight is held: `"packed"`, `"q8_0"` or the loaded dtype.
     pub fn storage(&self) -> String {
         match &self.weight {
             LinearWeight::Loaded { weight, .. } => format!("{:?}", weight.dtype()).to_lowercase(),
-            LinearWeight::Packed(_) => "f32-packed".into(),
+            LinearWeight::Packed(_) => "packed".into(),
             LinearWeight::Q8(_) => Quant::Q8_0.name().into(),
         }
     }

@@ -55,23 +55,73 @@ fn cpu_has_avx512f() -> bool {
     }
 }
 
+/// The panels' element type: f32, or half precision kept at its own size and widened to f32
+/// one `KC x nc` weight block at a time (once per block of up to [`MC_MAX`] output rows, so the
+/// widening costs under 1% of the multiply-adds; the products are the f32 products of the
+/// half-precision values).
+#[derive(Debug)]
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+/// A weight element type [`PackedWeight`] keeps.
+pub trait PanelElem: Copy + Default + Send + Sync {
+    fn to_f32(self) -> f32;
+    #[doc(hidden)]
+    fn wrap(v: Vec<Self>) -> PanelsOf;
+}
+
+/// The panels of one element type (for [`PanelElem::wrap`]).
+#[doc(hidden)]
+pub struct PanelsOf(Panels);
+
+impl PanelElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn wrap(v: Vec<Self>) -> PanelsOf {
+        PanelsOf(Panels::F32(v))
+    }
+}
+
+impl PanelElem for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn wrap(v: Vec<Self>) -> PanelsOf {
+        PanelsOf(Panels::Bf16(v))
+    }
+}
+
+impl PanelElem for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn wrap(v: Vec<Self>) -> PanelsOf {
+        PanelsOf(Panels::F16(v))
+    }
+}
+
 /// `Wᵀ` (and the bias) in the micro-kernel's layout: panel `q` holds columns `q·NR ..` of
-/// `Wᵀ` as `k` rows of `NR` floats.
+/// `Wᵀ` as `k` rows of `NR` values (f32, bf16 or f16).
 #[derive(Debug)]
 pub struct PackedWeight {
     n: usize,
     k: usize,
-    data: Vec<f32>,
+    data: Panels,
     /// The bias padded to whole panels, or `None`.
     bias: Option<Vec<f32>>,
 }
 
 impl PackedWeight {
-    /// Packs `w [n×k]` (row-major) and an optional bias `[n]`.
-    pub fn new(w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Self {
+    /// Packs `w [n×k]` (row-major, f32, bf16 or f16, kept in that type) and an optional bias
+    /// `[n]`.
+    pub fn new<T: PanelElem>(w: &[T], n: usize, k: usize, bias: Option<&[f32]>) -> Self {
         assert_eq!(w.len(), n * k, "packed: weight size");
         let panels = n.div_ceil(NR);
-        let mut data = vec![0.0f32; panels * k * NR];
+        let mut data = vec![T::default(); panels * k * NR];
         use rayon::prelude::*;
         data.par_chunks_mut((k * NR).max(1))
             .enumerate()
@@ -94,7 +144,12 @@ impl PackedWeight {
             v.resize(panels * NR, 0.0);
             v
         });
-        Self { n, k, data, bias }
+        Self {
+            n,
+            k,
+            data: T::wrap(data).0,
+            bias,
+        }
     }
 
     /// Output features.
@@ -109,17 +164,27 @@ impl PackedWeight {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * (self.data.len() + self.bias.as_ref().map_or(0, Vec::len))
+        let data = match &self.data {
+            Panels::F32(v) => 4 * v.len(),
+            Panels::Bf16(v) => 2 * v.len(),
+            Panels::F16(v) => 2 * v.len(),
+        };
+        data + 4 * self.bias.as_ref().map_or(0, Vec::len)
     }
 
     /// `W [n×k]` back in its row-major layout.
     pub fn unpack_weight(&self) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let mut w = vec![0.0f32; n * k];
+        let at = |i: usize| match &self.data {
+            Panels::F32(v) => v[i],
+            Panels::Bf16(v) => v[i].to_f32(),
+            Panels::F16(v) => v[i].to_f32(),
+        };
         for (j, row) in w.chunks_mut(k.max(1)).enumerate().take(n) {
-            let panel = &self.data[(j / NR) * k * NR..];
+            let panel = (j / NR) * k * NR;
             for (p, v) in row.iter_mut().enumerate() {
-                *v = panel[p * NR + j % NR];
+                *v = at(panel + p * NR + j % NR);
             }
         }
         w
@@ -198,50 +263,101 @@ impl PackedWeight {
     unsafe fn block(&self, x: &[f32], i0: usize, rows: usize, j0: usize, cols: usize, c: *mut f32) {
         thread_local! {
             static ABUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+            static WBUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
         let (n, k) = (self.n, self.k);
         // Rows of `x` a multiple of 4 KiB apart fall in one L1 set (8 ways for 12 rows): such a
         // slice is copied out first, as is the last, short one. The copy's row stride is padded
         // off any power of two.
         let alias = (k * 4) % 4096 == 0;
+        let panels = cols.div_ceil(NR);
         ABUF.with(|buf| {
-            let mut abuf = buf.borrow_mut();
-            let lda_buf = KC + 16;
-            if abuf.len() < MR * lda_buf {
-                abuf.resize(MR * lda_buf, 0.0);
-            }
-            for p0 in (0..k).step_by(KC) {
-                let kc = (k - p0).min(KC);
-                let first = p0 == 0;
-                for ip in 0..rows.div_ceil(MR) {
-                    let mr = (rows - ip * MR).min(MR);
-                    let (a, lda) = if mr == MR && !alias {
-                        (x.as_ptr().add((i0 + ip * MR) * k + p0), k)
-                    } else {
-                        for r in 0..MR {
-                            let dst = &mut abuf[r * lda_buf..][..kc];
-                            if r < mr {
-                                dst.copy_from_slice(&x[(i0 + ip * MR + r) * k + p0..][..kc]);
-                            } else {
-                                dst.fill(0.0);
-                            }
+            WBUF.with(|wbuf| {
+                let mut abuf = buf.borrow_mut();
+                let mut wbuf = wbuf.borrow_mut();
+                let lda_buf = KC + 16;
+                if abuf.len() < MR * lda_buf {
+                    abuf.resize(MR * lda_buf, 0.0);
+                }
+                for p0 in (0..k).step_by(KC) {
+                    let kc = (k - p0).min(KC);
+                    let first = p0 == 0;
+                    let wblock: Option<*const f32> = match &self.data {
+                        Panels::F32(_) => None,
+                        Panels::Bf16(d) => {
+                            widen_bf16(d, &mut wbuf, panels, j0 / NR, k, p0, kc);
+                            Some(wbuf.as_ptr())
                         }
-                        (abuf.as_ptr(), lda_buf)
+                        Panels::F16(d) => {
+                            use half::slice::HalfFloatSliceExt;
+                            wbuf.resize(panels * KC * NR, 0.0);
+                            for jp in 0..panels {
+                                let from = (j0 / NR + jp) * k * NR + p0 * NR;
+                                d[from..][..kc * NR]
+                                    .convert_to_f32_slice(&mut wbuf[jp * kc * NR..][..kc * NR]);
+                            }
+                            Some(wbuf.as_ptr())
+                        }
                     };
-                    for jp in 0..cols.div_ceil(NR) {
-                        let j = j0 + jp * NR;
-                        let b = self.data.as_ptr().add((j / NR) * k * NR + p0 * NR);
-                        let bias = match (&self.bias, first) {
-                            (Some(bv), true) => bv.as_ptr().add(j),
-                            _ => std::ptr::null(),
+                    for ip in 0..rows.div_ceil(MR) {
+                        let mr = (rows - ip * MR).min(MR);
+                        let (a, lda) = if mr == MR && !alias {
+                            (x.as_ptr().add((i0 + ip * MR) * k + p0), k)
+                        } else {
+                            for r in 0..MR {
+                                let dst = &mut abuf[r * lda_buf..][..kc];
+                                if r < mr {
+                                    dst.copy_from_slice(&x[(i0 + ip * MR + r) * k + p0..][..kc]);
+                                } else {
+                                    dst.fill(0.0);
+                                }
+                            }
+                            (abuf.as_ptr(), lda_buf)
                         };
-                        let nr = (n - j).min(NR);
-                        let cij = c.add(ip * MR * n + jp * NR);
-                        kernel_12x32(kc, a, lda, b, cij, n, mr, nr, first, bias);
+                        for jp in 0..cols.div_ceil(NR) {
+                            let j = j0 + jp * NR;
+                            let b = match (&self.data, wblock) {
+                                (_, Some(wb)) => wb.add(jp * kc * NR),
+                                (Panels::F32(d), None) => {
+                                    d.as_ptr().add((j / NR) * k * NR + p0 * NR)
+                                }
+                                _ => unreachable!("half panels are widened above"),
+                            };
+                            let bias = match (&self.bias, first) {
+                                (Some(bv), true) => bv.as_ptr().add(j),
+                                _ => std::ptr::null(),
+                            };
+                            let nr = (n - j).min(NR);
+                            let cij = c.add(ip * MR * n + jp * NR);
+                            kernel_12x32(kc, a, lda, b, cij, n, mr, nr, first, bias);
+                        }
                     }
                 }
-            }
+            })
         });
+    }
+}
+
+super::avx2_dispatch! {
+    /// Rows `p0 ..+kc` of panels `q0 ..+panels` of bf16 `d` (panels of `k x NR`) into `out` as
+    /// f32 (`kc x NR` per panel, back to back): bf16 is the high half of an f32.
+    fn widen_bf16(
+        d: &[half::bf16],
+        out: &mut Vec<f32>,
+        panels: usize,
+        q0: usize,
+        k: usize,
+        p0: usize,
+        kc: usize,
+    ) {
+        out.resize(panels * KC * NR, 0.0);
+        for jp in 0..panels {
+            let from = (q0 + jp) * k * NR + p0 * NR;
+            let src = &d[from..][..kc * NR];
+            for (o, s) in out[jp * kc * NR..][..kc * NR].iter_mut().zip(src) {
+                *o = f32::from_bits((s.to_bits() as u32) << 16);
+            }
+        }
     }
 }
 
@@ -408,11 +524,45 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_panels_give_the_f32_product_of_their_values() {
+        if !available() {
+            return;
+        }
+        // Two depth passes and a short one, masked columns, several row blocks.
+        for (m, n, k) in [(13, 33, 7), (150, 70, 1100), (300, 544, 300)] {
+            let x = test_noise(m * k, 4);
+            let w = test_noise(n * k, 5);
+            let b = test_noise(n, 6);
+            let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            for (packed, widened) in [
+                (
+                    PackedWeight::new(&wb, n, k, Some(&b)),
+                    wb.iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                ),
+                (
+                    PackedWeight::new(&wh, n, k, Some(&b)),
+                    wh.iter().map(|v| v.to_f32()).collect(),
+                ),
+            ] {
+                assert_eq!(
+                    packed.bytes(),
+                    2 * n.div_ceil(NR) * NR * k + 4 * n.div_ceil(NR) * NR
+                );
+                assert_eq!(packed.unpack_weight(), widened);
+                // The same f32 kernel on the widened values: equal to packing them as f32.
+                let want = PackedWeight::new(&widened, n, k, Some(&b)).matmul(&x, m);
+                assert_eq!(packed.matmul(&x, m), want, "{m}x{n}x{k}");
+            }
+        }
+    }
+
+    #[test]
     fn packed_matmul_with_empty_depth_is_the_bias() {
         if !available() {
             return;
         }
-        let packed = PackedWeight::new(&[], 3, 0, Some(&[1.0, 2.0, 3.0]));
+        let packed = PackedWeight::new::<f32>(&[], 3, 0, Some(&[1.0, 2.0, 3.0]));
         assert_eq!(packed.matmul(&[], 2), vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
     }
 }
