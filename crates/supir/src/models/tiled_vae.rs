@@ -226,15 +226,21 @@ fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         drop(x);
         hs.push(block.conv1.forward(&n)?);
     }
+    // The freed tiles leave holes of other sizes in the heap (the CLI keeps freed blocks,
+    // `memory::keep_freed_heap`); hand them back between the phases so that they do not add up.
+    crate::memory::release_free_heap();
     let (mean, inv_std) = group_stats(&block.norm2, &hs)?;
-    res.into_iter()
+    let out = res
+        .into_iter()
         .zip(hs)
         .map(|(r, h)| {
             let n = block.norm2.forward_with_stats(&h, &mean, &inv_std, true)?;
             drop(h);
             r + block.conv2.forward(&n)?
         })
-        .collect()
+        .collect();
+    crate::memory::release_free_heap();
+    out
 }
 
 /// `attn2task`: norm (all tiles), attention within each tile, add.
