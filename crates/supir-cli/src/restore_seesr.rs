@@ -220,6 +220,7 @@ impl SeesrArgs {
         if let Some(p) = shared.vae_dtype {
             o.vae_dtype = p.into();
         }
+        o.residency = shared.residency.into();
         o.validate()?;
         Ok(o)
     }

@@ -153,11 +153,12 @@ pub struct SupirArgs {
     /// Precision of the VAE and text encoder weights: fp32 or bf16 [default: fp32].
     #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
     pub(crate) vae_dtype: Option<PrecisionArg>,
-    /// `staged`: GLVControl + UNet are read for sampling only and freed while the VAE runs
+    /// `staged`: GLVControl + UNet (SeeSR: ControlNet + UNet) are read for sampling only and
+    /// freed while the VAE runs, SeeSR's DAPE + text encoder once the prompts are encoded
     /// (lowest peak; a folder reads them again for each image). `resident`: everything stays
     /// loaded (no re-reading, higher peak).
     #[arg(long, value_enum, default_value_t = ResidencyArg::Staged, help_heading = "SUPIR size and memory")]
-    residency: ResidencyArg,
+    pub(crate) residency: ResidencyArg,
 
     /// Folder mode: redo images whose outputs exist (by default they are skipped).
     #[arg(long)]
@@ -215,7 +216,7 @@ pub(crate) enum PrecisionArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ResidencyArg {
+pub(crate) enum ResidencyArg {
     Staged,
     Resident,
 }

@@ -4,10 +4,14 @@
 //!
 //! usage: cargo run --release -p supir --example seesr_full_size_load -- [diffusion dtype] [text/VAE/RAM dtype]
 //!        (f32, bf16 or f16; default f32 f32, the release's own)
+//!    or: ... --example seesr_full_size_load -- --from DIR [diffusion dtype] [text/VAE/RAM dtype] [resident|staged]
+//!        (`SeesrModel::load` of a release folder, e.g. one written by `seesr_random_release`;
+//!        default `resident`: all five networks read from the files)
 //!
 //! Prints the resident set after each network and the peak (VmHWM). Loading the release files
 //! adds what the reader holds while a tensor is converted; a random tensor is drawn in f32 and
-//! converted, so the peak here also includes one tensor's f32 copy.
+//! converted, so the peak here also includes one tensor's f32 copy. `--from` measures that
+//! reading itself (memory-mapped files, each tensor's pages dropped once it is converted).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,8 +55,50 @@ fn report(what: &str, t: std::time::Instant) {
     );
 }
 
+/// `SeesrModel::load` of a release folder (the CLI's loader), as the CLI sets up the heap.
+fn load_from(dir: &Path, args: &[String]) -> anyhow::Result<()> {
+    use supir::pipelines::seesr::{Residency, SeesrModel, SeesrOptions, SeesrPaths};
+    use supir::pipelines::supir::restore::Precision;
+    supir::memory::keep_freed_heap();
+    let precision = |s: Option<&String>| -> anyhow::Result<Precision> {
+        Ok(match dtype(s)? {
+            DType::BF16 => Precision::Bf16,
+            DType::F16 => Precision::Fp16,
+            _ => Precision::Fp32,
+        })
+    };
+    let residency: Residency = args
+        .get(2)
+        .map(String::as_str)
+        .unwrap_or("resident")
+        .parse()?;
+    let opts = SeesrOptions {
+        diffusion_dtype: precision(args.first())?,
+        vae_dtype: precision(args.get(1))?,
+        residency,
+        ..Default::default()
+    };
+    println!(
+        "SeeSR release {}, diffusion {:?}, text/VAE/RAM {:?}, {residency}",
+        dir.display(),
+        opts.diffusion_dtype,
+        opts.vae_dtype
+    );
+    let t = std::time::Instant::now();
+    let model = SeesrModel::load(&SeesrPaths::from_models_dir(dir), &opts, &Device::Cpu)?;
+    report("SeesrModel", t);
+    drop(model);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--from") {
+        let dir = args
+            .get(2)
+            .ok_or_else(|| anyhow::anyhow!("--from needs a release folder"))?;
+        return load_from(Path::new(dir), &args[3..]);
+    }
     let (diff, vae_dt) = (dtype(args.get(1))?, dtype(args.get(2))?);
     let dev = Device::Cpu;
     let keys = keys();

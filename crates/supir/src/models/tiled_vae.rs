@@ -156,49 +156,91 @@ fn each(xs: Vec<Tensor>, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<Te
     xs.into_iter().map(|x| f(&x)).collect()
 }
 
-/// `GroupNormParam`: GroupNorm of every tile with the pixel-weighted average of the tiles'
-/// per-group means and biased variances (`get_var_mean`, `summary`, `custom_group_norm`),
-/// computed in F32; the result keeps each tile's dtype. `silu` applies the SiLU that follows
-/// every such norm in the VAE. Consumes the tiles (see [`each`]).
-fn group_norm_tiles(norm: &Norm, xs: Vec<Tensor>, silu: bool) -> Result<Vec<Tensor>> {
-    let g = norm.groups;
-    let mut means = Vec::with_capacity(xs.len());
-    let mut vars = Vec::with_capacity(xs.len());
-    let mut pixels = Vec::with_capacity(xs.len());
-    for x in &xs {
-        let (b, c, h, w) = x.dims4()?;
-        let v = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
-        let mean = v.mean_keepdim(2)?;
-        let var = v.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?;
-        means.push(mean);
-        vars.push(var);
-        pixels.push((h * w) as f64);
+/// Groups per step of [`tile_stats`]'s variance: bounds its two temporaries (`x - mean`, its
+/// square) to this many groups of one tile instead of the whole tile.
+const STAT_GROUPS: usize = 4;
+
+/// One tile's per-group mean and biased variance `[b, groups, 1]` (F32) and its pixel count.
+/// Each group's row is reduced on its own, so computing the variance a few groups at a time
+/// gives the same values, bit for bit, as over the whole tile at once.
+fn tile_stats(x: &Tensor, g: usize) -> Result<(Tensor, Tensor, f64)> {
+    let (b, c, h, w) = x.dims4()?;
+    let v = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
+    let mean = v.mean_keepdim(2)?;
+    let mut vars = Vec::with_capacity(g.div_ceil(STAT_GROUPS));
+    for g0 in (0..g).step_by(STAT_GROUPS) {
+        let n = STAT_GROUPS.min(g - g0);
+        let chunk = v.narrow(1, g0, n)?;
+        vars.push(
+            chunk
+                .broadcast_sub(&mean.narrow(1, g0, n)?)?
+                .sqr()?
+                .mean_keepdim(2)?,
+        );
     }
-    let total: f64 = pixels.iter().sum();
-    let mut mean = (&means[0] * (pixels[0] / total))?;
-    let mut var = (&vars[0] * (pixels[0] / total))?;
-    for i in 1..xs.len() {
-        mean = (mean + (&means[i] * (pixels[i] / total))?)?;
-        var = (var + (&vars[i] * (pixels[i] / total))?)?;
+    Ok((mean, Tensor::cat(&vars, 1)?, (h * w) as f64))
+}
+
+/// `GroupNormParam`'s statistics over all tiles: the pixel-weighted average of the tiles'
+/// per-group means and biased variances (`get_var_mean`, `summary`), computed in F32, as
+/// `(mean, 1 / sqrt(var + eps))`.
+fn group_stats(norm: &Norm, xs: &[Tensor]) -> Result<(Tensor, Tensor)> {
+    let stats = xs
+        .iter()
+        .map(|x| tile_stats(x, norm.groups))
+        .collect::<Result<Vec<_>>>()?;
+    let total: f64 = stats.iter().map(|s| s.2).sum();
+    let mut mean = (&stats[0].0 * (stats[0].2 / total))?;
+    let mut var = (&stats[0].1 * (stats[0].2 / total))?;
+    for (m, v, p) in &stats[1..] {
+        mean = (mean + (m * (p / total))?)?;
+        var = (var + (v * (p / total))?)?;
     }
     let inv_std = (var + norm.eps)?.sqrt()?.recip()?;
+    Ok((mean, inv_std))
+}
+
+/// GroupNorm of every tile with [`group_stats`] (`custom_group_norm`); the result keeps each
+/// tile's dtype. `silu` applies the SiLU that follows every such norm in the VAE. Consumes the
+/// tiles (see [`each`]).
+fn group_norm_tiles(norm: &Norm, xs: Vec<Tensor>, silu: bool) -> Result<Vec<Tensor>> {
+    let (mean, inv_std) = group_stats(norm, &xs)?;
     each(xs, |x| norm.forward_with_stats(x, &mean, &inv_std, silu))
 }
 
 /// `resblock2task`: shortcut, norm1 (all tiles), SiLU, conv1, norm2 (all tiles), SiLU, conv2, add.
+/// Tile by tile between the two norms' statistics, each tile's input freed once its shortcut
+/// and conv1 output exist, each conv1 output once its sum exists: at most one set of tiles
+/// plus one tile's temporaries is held, as in [`each`] (the same operations on the same tiles
+/// as layer by layer, so the same values).
 fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-    let res = match &block.nin_shortcut {
-        Some(s) => xs
-            .iter()
-            .map(|x| s.forward(x))
-            .collect::<Result<Vec<_>>>()?,
-        None => xs.clone(),
-    };
-    let h = group_norm_tiles(&block.norm1, xs, true)?;
-    let h = each(h, |x| block.conv1.forward(x))?;
-    let h = group_norm_tiles(&block.norm2, h, true)?;
-    let h = each(h, |x| block.conv2.forward(x))?;
-    res.into_iter().zip(h).map(|(r, h)| r + h).collect()
+    let (mean, inv_std) = group_stats(&block.norm1, &xs)?;
+    let mut res = Vec::with_capacity(xs.len());
+    let mut hs = Vec::with_capacity(xs.len());
+    for x in xs {
+        res.push(match &block.nin_shortcut {
+            Some(s) => s.forward(&x)?,
+            None => x.clone(),
+        });
+        let n = block.norm1.forward_with_stats(&x, &mean, &inv_std, true)?;
+        drop(x);
+        hs.push(block.conv1.forward(&n)?);
+    }
+    // The freed tiles leave holes of other sizes in the heap (the CLI keeps freed blocks,
+    // `memory::keep_freed_heap`); hand them back between the phases so that they do not add up.
+    crate::memory::release_free_heap();
+    let (mean, inv_std) = group_stats(&block.norm2, &hs)?;
+    let out = res
+        .into_iter()
+        .zip(hs)
+        .map(|(r, h)| {
+            let n = block.norm2.forward_with_stats(&h, &mean, &inv_std, true)?;
+            drop(h);
+            r + block.conv2.forward(&n)?
+        })
+        .collect();
+    crate::memory::release_free_heap();
+    out
 }
 
 /// `attn2task`: norm (all tiles), attention within each tile, add.
@@ -329,6 +371,39 @@ pub fn decode(dec: &Decoder, z: &Tensor, tile: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_a_few_groups_at_a_time_are_those_of_the_whole_tile() {
+        use candle_core::Device;
+        // 2 images, 6 groups (not a multiple of STAT_GROUPS), non-contiguous input.
+        let x = Tensor::randn(0.3f32, 2.0, (2, 12, 9, 14), &Device::Cpu)
+            .unwrap()
+            .narrow(3, 1, 11)
+            .unwrap();
+        let (mean, var, pixels) = tile_stats(&x, 6).unwrap();
+        let v = x.reshape((2, 6, 2 * 9 * 11)).unwrap();
+        let m = v.mean_keepdim(2).unwrap();
+        let want = v
+            .broadcast_sub(&m)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap();
+        let bits = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&mean), bits(&m));
+        assert_eq!(var.dims(), &[2, 6, 1]);
+        assert_eq!(bits(&var), bits(&want));
+        assert_eq!(pixels, 99.0);
+    }
 
     #[test]
     fn split_covers_the_output_once() {

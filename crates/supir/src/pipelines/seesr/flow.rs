@@ -209,11 +209,11 @@ fn eps(
     control: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    let nets = model.diffusion()?;
     let res: ControlNetOutput =
-        model
-            .controlnet
+        nets.controlnet
             .forward(x, t as f64, text, Some(ram), control, scale)?;
-    model.unet.forward(x, t as f64, text, Some(ram), Some(&res))
+    nets.unet.forward(x, t as f64, text, Some(ram), Some(&res))
 }
 
 /// Epsilon over the latent cut into Gaussian-weighted tiles (each tile one network call on the
@@ -376,6 +376,7 @@ pub fn prepare(
     let prompt = build_prompt(&tags, &opts.prompt, &opts.added_prompt);
     let negative = opts.uses_cfg().then_some(opts.negative_prompt.as_str());
     let text = encode_prompts(model, &prompt, negative)?;
+    model.release_after_prepare();
     Trace::record(&mut trace, "prompt_embeds", &text);
     let control = resize_chain(image, opts.upscale, opts.process_size)?;
     Trace::record(&mut trace, "control_u8", &rgb8_to_hwc(&control, &dev)?);
@@ -409,6 +410,7 @@ pub fn sample_image(
         trace.as_deref_mut(),
         progress,
     )?;
+    model.release_after_sampling();
     let decoded = model.vae_decode(&(latents / model.vae_scale)?, opts)?;
     let out = decoded_to_rgb8(&decoded)?;
     Trace::record(&mut trace, "image_u8", &rgb8_to_hwc(&out, &dev)?);

@@ -8,5 +8,5 @@ pub mod model;
 pub mod options;
 
 pub use flow::{restore_image, SeesrOutput};
-pub use model::{SeesrModel, SeesrPaths};
-pub use options::{SeesrOptions, SeesrPreset, StartPoint};
+pub use model::{DiffusionNets, SeesrModel, SeesrPaths};
+pub use options::{Residency, SeesrOptions, SeesrPreset, StartPoint};

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use crate::color_fix::ColorFix;
 use crate::pipelines::supir::restore::Precision;
+pub use crate::pipelines::supir::restore::Residency;
 use crate::{Error, Result};
 
 /// `test_seesr.py`'s `--added_prompt`.
@@ -140,6 +141,10 @@ pub struct SeesrOptions {
     pub diffusion_dtype: Precision,
     /// Storage dtype of the VAE, text encoder and DAPE weights.
     pub vae_dtype: Precision,
+    /// What stays in memory between the phases (read by [`super::SeesrModel::load`]):
+    /// `Staged` frees DAPE + the text encoder after the prompts and ControlNet + UNet before
+    /// the VAE decode, and reads them again for the next image; `Resident` keeps them all.
+    pub residency: Residency,
 }
 
 impl Default for SeesrOptions {
@@ -176,6 +181,7 @@ impl SeesrOptions {
             save_prompts: false,
             diffusion_dtype: Precision::Fp32,
             vae_dtype: Precision::Fp32,
+            residency: Residency::Staged,
         }
     }
 
