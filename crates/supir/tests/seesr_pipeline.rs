@@ -120,3 +120,39 @@ fn a_fixture_of_another_seed_and_structure_passes_too() {
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(report.passed(), 25);
 }
+
+/// `--diffusion-dtype q8_0` (ControlNet + UNet linear layers in Q8_0, the rest f16): the restored
+/// image of the tiny release against the f32 run with the same seed, in 8-bit levels.
+#[test]
+fn q8_0_diffusion_weights_stay_close_to_f32() {
+    use supir::pipelines::supir::restore::Precision;
+    let paths = SeesrPaths::from_models_dir(&fixture());
+    let img = image::RgbImage::from_fn(24, 16, |x, y| {
+        image::Rgb([(x * 10) as u8, (y * 15) as u8, ((x * y) % 251) as u8])
+    });
+    let run = |diffusion_dtype| {
+        let opts = SeesrOptions {
+            steps: 4,
+            process_size: 64,
+            diffusion_dtype,
+            ..Default::default()
+        };
+        let model = SeesrModel::load(&paths, &opts, &Device::Cpu).unwrap();
+        let mut noise = SeededNoise::new(5);
+        flow::restore_image(&model, &img, &opts, &mut noise, None, &mut |_, _| Ok(()))
+            .unwrap()
+            .image
+    };
+    let (f32_img, q8_img) = (run(Precision::Fp32), run(Precision::Q8_0));
+    let d: Vec<f64> = f32_img
+        .as_raw()
+        .iter()
+        .zip(q8_img.as_raw())
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .collect();
+    let max = d.iter().cloned().fold(0.0, f64::max);
+    let mean = d.iter().sum::<f64>() / d.len() as f64;
+    eprintln!("SeeSR q8_0 vs f32: max {max} levels, mean {mean:.2} levels");
+    assert!(max > 0.0, "q8_0 changed nothing: the layers were not quantised");
+    assert!(mean < 3.0 && max < 32.0, "max {max}, mean {mean}");
+}

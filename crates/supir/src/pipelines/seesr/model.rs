@@ -27,6 +27,7 @@ use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::schedulers::ddpm::DdpmConfig;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
+use crate::layers::{with_linear_quant, Quant};
 use crate::{Error, Result};
 
 /// Where each part of the release is.
@@ -191,6 +192,8 @@ struct Source {
     preset: SeesrPreset,
     vae_dtype: DType,
     diffusion_dtype: DType,
+    /// ControlNet + UNet linear layers block-quantised at read (`--diffusion-dtype q8_0`).
+    diffusion_quant: Option<Quant>,
     ram_cfg: RamConfig,
 }
 
@@ -216,6 +219,30 @@ impl Source {
     /// The UNet; with `check_only` its keys and shapes are checked against the files and
     /// nothing is read (the network built is a zero-size stand-in, dropped at once).
     fn unet(&self, dev: &Device, check_only: bool) -> Result<UNet2DConditionModel> {
+        self.quantised("UNet", check_only, || self.unet_as_loaded(dev, check_only))
+    }
+
+    /// Builds a diffusion network under [`with_linear_quant`] (not when only checking).
+    fn quantised<T>(
+        &self,
+        what: &str,
+        check_only: bool,
+        build: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let quant = self.diffusion_quant.filter(|_| !check_only);
+        let (net, stats) = with_linear_quant(quant, build);
+        if let Some(q) = quant {
+            tracing::info!(
+                "{what}: {} linear layers in {}, {} kept (input width not a multiple of 32)",
+                stats.quantised,
+                q.name(),
+                stats.kept
+            );
+        }
+        net
+    }
+
+    fn unet_as_loaded(&self, dev: &Device, check_only: bool) -> Result<UNet2DConditionModel> {
         let unet_dir = self.paths.seesr.join("unet");
         let seesr_unet = weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?;
         let dt = self.diffusion_dtype;
@@ -255,6 +282,12 @@ impl Source {
 
     /// The ControlNet (`check_only` as for [`Self::unet`]).
     fn controlnet(&self, dev: &Device, check_only: bool) -> Result<ControlNetModel> {
+        self.quantised("ControlNet", check_only, || {
+            self.controlnet_as_loaded(dev, check_only)
+        })
+    }
+
+    fn controlnet_as_loaded(&self, dev: &Device, check_only: bool) -> Result<ControlNetModel> {
         let cn_dir = self.paths.seesr.join("controlnet");
         let cn_cfg = ControlNetConfig::from_file(cn_dir.join("config.json"))?;
         let src = WeightSource::open(&[weights_file(&cn_dir, DIFFUSERS_WEIGHTS)?])?;
@@ -361,6 +394,7 @@ impl SeesrModel {
             preset,
             vae_dtype: opts.vae_dtype.dtype(),
             diffusion_dtype: opts.diffusion_dtype.dtype(),
+            diffusion_quant: opts.diffusion_dtype.quant(),
             ram_cfg: ram_cfg.clone(),
         };
         let staged = opts.residency == Residency::Staged;

@@ -257,6 +257,7 @@ impl SeesrOptions {
         ] {
             range(name, s.len() <= 16 * 1024, "longer than 16 KiB")?;
         }
+        self.vae_dtype.check_unquantised("vae precision")?;
         Ok(())
     }
 }
