@@ -379,6 +379,8 @@ async fn receive(
     let payload = Payload {
         input: upload.to_path_buf(),
         options: resolved,
+        // 16-bit RGBA pixels, and as much again for the decoders' own buffers.
+        max_decode_bytes: s.cfg.max_pixels.saturating_mul(16),
     };
     let (id, _) = s.queue.submit(payload).map_err(|e| match e {
         SubmitError::Full => ApiError {
