@@ -422,7 +422,9 @@ fn ncnn_reader_never_panics_or_overallocates() {
         read(p, &bin2)
     });
     let p2 = param.clone().into_bytes();
-    fuzz("ncnn .bin", std::slice::from_ref(&bin), 2000, 4, |b| read(&p2, b));
+    fuzz("ncnn .bin", std::slice::from_ref(&bin), 2000, 4, |b| {
+        read(&p2, b)
+    });
 
     // Token-level mutations of the .param: numbers replaced by extremes (weight sizes of
     // 2^62, negative counts, NaN...).
