@@ -135,7 +135,8 @@ async fn page_shows_the_backend_options_and_runs_a_job_in_chromium() {
             Value::String(s) => shown == s,
             Value::Number(n) => shown.parse::<f64>().ok() == n.as_f64(),
             Value::Null => shown.is_empty(),
-            v => shown == v.to_string(),
+            Value::Bool(b) => shown == if *b { "true" } else { "false" },
+            v => panic!("unexpected default {v}"),
         };
         assert!(
             same,

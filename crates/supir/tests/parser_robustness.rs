@@ -186,6 +186,13 @@ fn fuzz(
     ok
 }
 
+/// Writes a fresh file (unlinking the old one: truncating a file in place waits on the
+/// ext4 journal, which made thousands of rewrites take seconds).
+fn rewrite(path: &Path, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+    std::fs::remove_file(path).ok();
+    std::fs::write(path, bytes)
+}
+
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("supir-robust-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -200,7 +207,7 @@ fn data(name: &str) -> PathBuf {
 
 /// Opens a checkpoint from bytes and reads every tensor it lists.
 fn read_checkpoint(path: &Path, bytes: &[u8]) -> bool {
-    std::fs::write(path, bytes).unwrap();
+    rewrite(path, bytes).unwrap();
     let Ok(ck) = Checkpoint::open(path) else {
         return false;
     };
@@ -265,7 +272,7 @@ fn safetensors_reader_never_panics_or_overallocates() {
         let mut v = (header.len() as u64).to_le_bytes().to_vec();
         v.extend_from_slice(header.as_bytes());
         v.extend_from_slice(&[0u8; 64]);
-        std::fs::write(&path, &v).unwrap();
+        rewrite(&path, &v).unwrap();
         let e = Checkpoint::open(&path)
             .err()
             .expect("a huge tensor claim is refused");
@@ -274,7 +281,7 @@ fn safetensors_reader_never_panics_or_overallocates() {
     // A header length of 2^40 on a tiny file.
     let mut v = (1u64 << 40).to_le_bytes().to_vec();
     v.extend_from_slice(b"{\"t\":{}}");
-    std::fs::write(&path, &v).unwrap();
+    rewrite(&path, &v).unwrap();
     assert!(Checkpoint::open(&path).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -304,7 +311,7 @@ fn torch_zip_reader_never_panics_or_overallocates() {
             _ => continue,
         }
         tried += 1;
-        std::fs::write(&path, fix_crc(&v, "data.pkl")).unwrap();
+        rewrite(&path, fix_crc(&v, "data.pkl")).unwrap();
         match Checkpoint::open(&path) {
             Err(e) if e.to_string().contains("needs") => by_size += 1,
             Err(_) => {}
@@ -412,8 +419,8 @@ fn ncnn_reader_never_panics_or_overallocates() {
     let (param, bin) = ncnn_model();
     let (pp, bp) = (dir.join("m.param"), dir.join("m.bin"));
     let read = |p: &[u8], b: &[u8]| {
-        std::fs::write(&pp, p).unwrap();
-        std::fs::write(&bp, b).unwrap();
+        rewrite(&pp, p).unwrap();
+        rewrite(&bp, b).unwrap();
         ncnn::read_convolutions(&pp, &bp).is_ok()
     };
     // The .param text mutated with the .bin intact, then the .bin with the .param intact.
@@ -531,7 +538,7 @@ fn image_decoders_never_panic_or_overallocate() {
     // The decoders' allocations are capped by `load_limited` (the server passes a cap from
     // `--max-pixels`; `load` caps at 2 GiB); 16 MiB here.
     fuzz("image decoders", &seeds, 4000, 7, |b| {
-        std::fs::write(&path, b).unwrap();
+        rewrite(&path, b).unwrap();
         supir::image_io::file::load_limited(&path, 16 << 20).is_ok()
     });
     // Headers claiming a huge image over a few bytes of data: a PNG IHDR of 2^31-1 x 2^31-1
@@ -541,7 +548,7 @@ fn image_decoders_never_panic_or_overallocate() {
     png[20..24].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
     let crc = crc32(&png[12..29]);
     png[29..33].copy_from_slice(&crc.to_be_bytes());
-    std::fs::write(&path, &png).unwrap();
+    rewrite(&path, &png).unwrap();
     assert!(supir::image_io::file::load(&path).is_err());
     eprintln!(
         "image decoders: largest allocation {} bytes (limit {ALLOC_LIMIT})",
@@ -590,7 +597,7 @@ fn torch_pickle_bombs_are_refused_before_unpickling() {
         ("deep nesting", deep, "nested"),
         ("LONG1 of 255 bytes", long1, "integer"),
     ] {
-        std::fs::write(&path, torch_zip(&pickle)).unwrap();
+        rewrite(&path, torch_zip(&pickle)).unwrap();
         let e = Checkpoint::open(&path)
             .err()
             .unwrap_or_else(|| panic!("{what} accepted"));
