@@ -173,7 +173,7 @@ fn fuzz(
         }
     }
     eprintln!(
-        "{what}: {cases} mutated inputs, {ok} parsed, {} rejected, {} panicked; largest allocation so far {} bytes",
+        "{what}: {cases} mutated inputs, {ok} parsed, {} rejected, {} panicked; largest single allocation in this test process so far {} bytes",
         cases - ok - panics.len(),
         panics.len(),
         LARGEST.load(Ordering::Relaxed)
