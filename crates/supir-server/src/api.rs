@@ -248,15 +248,16 @@ pub async fn create_job(
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let mut form = form.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let _slot = s
-        .receiving
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError {
+    let Ok(_slot) = s.receiving.clone().try_acquire_owned() else {
+        // The body is read to its end and discarded (never stored, never buffered whole) so
+        // that the client, still sending, gets this answer rather than a broken connection.
+        drain(&mut form).await;
+        return Err(ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             msg: format!("{MAX_CONCURRENT_UPLOADS} uploads are being received; retry shortly"),
             retry_after: Some(1),
-        })?;
+        });
+    };
     let n = s.uploads.fetch_add(1, Ordering::Relaxed);
     let mut upload = Upload(Some(s.dir.join(format!("upload-{n}"))));
     let path = upload.0.clone().expect("set");
@@ -266,6 +267,13 @@ pub async fn create_job(
         upload.0 = None;
     }
     res
+}
+
+/// Reads a refused form to its end, chunk by chunk, keeping nothing (bounded by the body limit).
+async fn drain(form: &mut Multipart) {
+    while let Ok(Some(mut field)) = form.next_field().await {
+        while let Ok(Some(_)) = field.chunk().await {}
+    }
 }
 
 /// Removes an upload that did not become a job, also when the client goes away mid-request
@@ -379,6 +387,8 @@ async fn receive(
     let payload = Payload {
         input: upload.to_path_buf(),
         options: resolved,
+        // 16-bit RGBA pixels, and as much again for the decoders' own buffers.
+        max_decode_bytes: s.cfg.max_pixels.saturating_mul(16),
     };
     let (id, _) = s.queue.submit(payload).map_err(|e| match e {
         SubmitError::Full => ApiError {

@@ -135,6 +135,8 @@ pub struct Payload {
     /// The upload, in the server's temporary folder.
     pub input: PathBuf,
     pub options: Resolved,
+    /// Cap on the decoder's allocations (from `--max-pixels`, checked on the header already).
+    pub max_decode_bytes: u64,
 }
 
 /// The file a job's result is written to.
@@ -205,7 +207,7 @@ fn run_one(
         e.to_string()
             .replace(&p.input.display().to_string(), "image")
     };
-    let img = match supir::image_io::file::load(&p.input) {
+    let img = match supir::image_io::file::load_limited(&p.input, p.max_decode_bytes) {
         Ok(i) => i,
         Err(e) => return Outcome::Failed(scrub(&e)),
     };

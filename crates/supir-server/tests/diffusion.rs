@@ -394,7 +394,7 @@ async fn seesr_jobs_match_the_library_and_cancel() {
     for (bad, msg) in [
         (
             json!({"steps": 0}),
-            "invalid option: --steps: must be 1 to 1000",
+            "invalid option: --steps: must be 1 to 999 (1000 DDPM steps with SD-2's leading spacing and steps_offset 1 start at timestep 1000, past the trained 0..999; diffusers fails there too)",
         ),
         (
             json!({"upscale": 1.5}),
@@ -423,7 +423,7 @@ async fn seesr_jobs_match_the_library_and_cancel() {
         &c,
         &base,
         &input,
-        // 1000 steps fails in the scheduler (leading spacing, steps_offset 1: timestep 1000).
+        // At most 999 steps (see SeesrOptions::validate).
         json!({"steps": 500, "seed": 1}),
         json!({"steps": 1, "seed": 1}),
     )

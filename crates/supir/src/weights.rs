@@ -320,6 +320,9 @@ fn tensor_from_bytes(bytes: &[u8], meta: &TensorMeta) -> candle_core::Result<Ten
 /// `{"model": ...}` (RAM's `ram_swin_large_14m.pth`, read by `load_checkpoint_swinlarge`).
 fn open_torch(path: &Path) -> Result<candle_core::pickle::PthTensors> {
     use candle_core::pickle::PthTensors;
+    // candle's unpickler trusts the bytes (string lengths, memo copies, nesting, tensor
+    // sizes); what it would allocate is bounded here first.
+    let entries = torch_archive_precheck(path)?;
     let wrapped = ["state_dict", "model"].into_iter().find_map(|k| {
         PthTensors::new(path, Some(k))
             .ok()
@@ -340,7 +343,297 @@ fn open_torch(path: &Path) -> Result<candle_core::pickle::PthTensors> {
             "PyTorch archive holds no tensors (not a state dict)",
         ));
     }
+    for (name, ti) in tensors.tensor_infos() {
+        let bytes = ti
+            .layout
+            .dims()
+            .iter()
+            .try_fold(ti.dtype.size_in_bytes() as u64, |a, &d| {
+                a.checked_mul(d as u64)
+            });
+        let stored = entries.get(&ti.path).copied();
+        match (bytes, stored) {
+            (Some(b), Some(s)) if b <= s => {}
+            (_, None) => {
+                return Err(ckpt_err(
+                    path,
+                    format!("tensor `{name}`: its storage `{}` is not in the archive", ti.path),
+                ))
+            }
+            (b, Some(s)) => {
+                return Err(ckpt_err(
+                    path,
+                    format!(
+                        "tensor `{name}` of shape {:?} needs {} bytes, its storage holds {s}: the file is truncated or corrupt",
+                        ti.layout.dims(),
+                        b.map_or("more than 2^64".to_string(), |b| b.to_string())
+                    ),
+                ))
+            }
+        }
+    }
     Ok(tensors)
+}
+
+/// Largest `data.pkl` read (a full SDXL state dict's is a few MB).
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
+/// Largest nesting of pickled values (state dicts nest a handful of levels).
+const MAX_PICKLE_DEPTH: usize = 1000;
+/// Largest deflate ratio accepted for an archive entry (deflate's own maximum is about 1032).
+const MAX_DEFLATE_RATIO: u64 = 1100;
+
+/// Checks a torch zip archive before candle's unpickler reads it: every `data.pkl` is scanned
+/// opcode by opcode (the opcodes candle knows) for string lengths past the end of the data,
+/// oversized integers, nesting deeper than [`MAX_PICKLE_DEPTH`] and memo copies that would
+/// amplify the pickle beyond a small multiple of its size. Returns each entry's size, which
+/// bounds the tensors read from it: stored entries fit in the file, deflated ones within
+/// [`MAX_DEFLATE_RATIO`] of their compressed size.
+fn torch_archive_precheck(path: &Path) -> Result<HashMap<String, u64>> {
+    use std::io::Read;
+    let corrupt = |msg: String| ckpt_err(path, format!("unreadable PyTorch checkpoint: {msg}"));
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| corrupt(format!("not a zip archive (truncated or corrupt?): {e}")))?;
+    let mut sizes = HashMap::new();
+    let mut pickles = Vec::new();
+    for i in 0..zip.len() {
+        let e = zip
+            .by_index_raw(i)
+            .map_err(|e| corrupt(format!("archive entry {i}: {e}")))?;
+        let (size, csize) = (e.size(), e.compressed_size());
+        let ok = match e.compression() {
+            zip::CompressionMethod::Stored => size == csize && csize <= file_len,
+            _ => csize <= file_len && size <= csize.saturating_mul(MAX_DEFLATE_RATIO),
+        };
+        if !ok {
+            return Err(corrupt(format!(
+                "archive entry `{}` claims {size} bytes from {csize} stored",
+                e.name()
+            )));
+        }
+        if e.name().ends_with("data.pkl") {
+            pickles.push(i);
+        }
+        sizes.insert(e.name().to_string(), size);
+    }
+    for i in pickles {
+        let mut e = zip
+            .by_index(i)
+            .map_err(|e| corrupt(format!("archive entry {i}: {e}")))?;
+        let name = e.name().to_string();
+        let mut buf = Vec::new();
+        e.by_ref()
+            .take(MAX_PICKLE_BYTES + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| corrupt(format!("`{name}`: {e}")))?;
+        if buf.len() as u64 > MAX_PICKLE_BYTES {
+            return Err(corrupt(format!(
+                "`{name}` is over {MAX_PICKLE_BYTES} bytes"
+            )));
+        }
+        scan_pickle(&buf).map_err(|m| corrupt(format!("`{name}`: {m}")))?;
+    }
+    // candle names storages `<archive>/data/<key>` relative to the `data.pkl` folder: the
+    // same strings as the archive's entry names.
+    Ok(sizes)
+}
+
+/// Walks a pickle's opcodes tracking, per stack value, its nesting depth and an estimate of
+/// its in-memory size (values, plus string bytes / 8), the way candle's `Stack` would build
+/// them (memo puts and gets copy values). Stops quietly at anything candle itself refuses
+/// (unknown opcode, stack underflow): those are candle's errors to report.
+fn scan_pickle(b: &[u8]) -> std::result::Result<(), String> {
+    #[derive(Clone, Copy)]
+    enum V {
+        Mark,
+        Val { weight: u64, depth: usize },
+    }
+    let budget = 64 * b.len() as u64 + (1 << 20);
+    let mut total = 0u64;
+    let mut stack: Vec<V> = Vec::new();
+    let mut memo: HashMap<u32, V> = HashMap::new();
+    let mut pos = 0usize;
+    let take = |pos: &mut usize, n: usize| -> Option<&[u8]> {
+        let s = b.get(*pos..pos.checked_add(n)?)?;
+        *pos += n;
+        Some(s)
+    };
+    let leaf = V::Val {
+        weight: 1,
+        depth: 1,
+    };
+    fn combine(vs: &[V]) -> V {
+        let (mut w, mut d) = (1u64, 0usize);
+        for v in vs {
+            if let V::Val { weight, depth } = v {
+                w = w.saturating_add(*weight);
+                d = d.max(*depth);
+            }
+        }
+        V::Val {
+            weight: w,
+            depth: d + 1,
+        }
+    }
+    fn pop_n(stack: &mut Vec<V>, n: usize) -> Option<Vec<V>> {
+        if stack.len() < n {
+            return None;
+        }
+        Some(stack.split_off(stack.len() - n))
+    }
+    fn pop_mark(stack: &mut Vec<V>) -> Option<Vec<V>> {
+        let m = stack.iter().rposition(|v| matches!(v, V::Mark))?;
+        let vs = stack.split_off(m + 1);
+        stack.pop();
+        Some(vs)
+    }
+    while let Some(&op) = b.get(pos) {
+        pos += 1;
+        let pushed = match op {
+            0x80 => {
+                if take(&mut pos, 1).is_none() {
+                    return Ok(());
+                }
+                None
+            }
+            b'c' => {
+                let mut n = 0;
+                for _ in 0..2 {
+                    let Some(l) = b[pos..].iter().position(|&c| c == b'\n') else {
+                        return Ok(());
+                    };
+                    n += l;
+                    pos += l + 1;
+                }
+                Some(V::Val {
+                    weight: 1 + n as u64 / 8,
+                    depth: 1,
+                })
+            }
+            b'K' | b'M' | b'J' | b'G' => {
+                let n = match op {
+                    b'K' => 1,
+                    b'M' => 2,
+                    b'J' => 4,
+                    _ => 8,
+                };
+                if take(&mut pos, n).is_none() {
+                    return Ok(());
+                }
+                Some(leaf)
+            }
+            b'X' => {
+                let Some(l) = take(&mut pos, 4) else {
+                    return Ok(());
+                };
+                let len = u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize;
+                if len > b.len() - pos {
+                    return Err(format!(
+                        "a string of {len} bytes at offset {pos} runs past the end of the pickle"
+                    ));
+                }
+                pos += len;
+                Some(V::Val {
+                    weight: 1 + len as u64 / 8,
+                    depth: 1,
+                })
+            }
+            0x8a => {
+                let Some(n) = take(&mut pos, 1) else {
+                    return Ok(());
+                };
+                let n = n[0] as usize;
+                if n > 8 {
+                    return Err(format!("a {n}-byte integer (at most 8 are read)"));
+                }
+                if take(&mut pos, n).is_none() {
+                    return Ok(());
+                }
+                Some(leaf)
+            }
+            0x88 | 0x89 | b'N' | b'}' | b'd' | b')' | b']' => Some(leaf),
+            b'(' => Some(V::Mark),
+            b'Q' => match stack.pop() {
+                Some(v @ V::Val { .. }) => Some(combine(&[v])),
+                _ => return Ok(()),
+            },
+            b't' | b'e' | b'u' => {
+                let Some(mut vs) = pop_mark(&mut stack) else {
+                    return Ok(());
+                };
+                if op != b't' {
+                    let Some(c) = stack.pop() else {
+                        return Ok(());
+                    };
+                    vs.push(c);
+                }
+                Some(combine(&vs))
+            }
+            0x85..=0x87 | b'a' | b's' | b'b' | b'R' | 0x81 => {
+                let n = match op {
+                    0x85 => 1,
+                    0x86 | b'a' | b'b' | b'R' | 0x81 => 2,
+                    _ => 3,
+                };
+                let Some(vs) = pop_n(&mut stack, n) else {
+                    return Ok(());
+                };
+                Some(combine(&vs))
+            }
+            b'h' | b'j' | b'q' | b'r' => {
+                let n = if matches!(op, b'h' | b'q') { 1 } else { 4 };
+                let Some(a) = take(&mut pos, n) else {
+                    return Ok(());
+                };
+                let mut id = [0u8; 4];
+                id[..n].copy_from_slice(a);
+                let id = u32::from_le_bytes(id);
+                if matches!(op, b'h' | b'j') {
+                    match memo.get(&id) {
+                        Some(&v) => Some(v),
+                        None => return Ok(()),
+                    }
+                } else {
+                    let Some(&v) = stack.last() else {
+                        return Ok(());
+                    };
+                    if let V::Val { weight, .. } = v {
+                        total = total.saturating_add(weight);
+                    }
+                    memo.insert(id, v);
+                    None
+                }
+            }
+            b'.' => return Ok(()),
+            _ => return Ok(()),
+        };
+        if let Some(v) = pushed {
+            if let V::Val { weight, depth } = v {
+                if depth > MAX_PICKLE_DEPTH {
+                    return Err(format!("values nested over {MAX_PICKLE_DEPTH} deep"));
+                }
+                // A container built from stack values moves them (one new node); leaves and
+                // memo gets are new memory.
+                let built = matches!(
+                    op,
+                    b'Q' | b't' | b'e' | b'u' | 0x85..=0x87 | b'a' | b's' | b'b' | b'R' | 0x81
+                );
+                total = total.saturating_add(if built { 1 } else { weight });
+                if total > budget {
+                    return Err(format!(
+                        "its values would take over {budget} units of memory ({} bytes of pickle): a memo-copy bomb?",
+                        b.len()
+                    ));
+                }
+            }
+            stack.push(v);
+        }
+    }
+    Ok(())
 }
 
 /// Several checkpoints seen as one state dict: a key in a later file overrides the same key in an

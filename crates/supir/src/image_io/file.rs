@@ -32,6 +32,13 @@ fn image_err(path: &Path, msg: impl std::fmt::Display) -> Error {
 /// Decodes an image file (format from its content), applying its EXIF orientation. Truncated or corrupt data and images with a
 /// zero side are errors naming `path`.
 pub fn load(path: &Path) -> Result<DynamicImage> {
+    load_limited(path, MAX_DECODE_BYTES)
+}
+
+/// [`load`] with a cap on the decoder's allocations (`max_alloc` bytes: the decoded pixels and
+/// the decoders' own buffers, e.g. TIFF tag arrays), for callers that bound the image size
+/// themselves (the server: `--max-pixels`).
+pub fn load_limited(path: &Path, max_alloc: u64) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -43,10 +50,23 @@ pub fn load(path: &Path) -> Result<DynamicImage> {
         return Err(image_err(path, "not an image (unknown format)"));
     }
     let mut limits = image::Limits::default();
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    limits.max_alloc = Some(max_alloc.min(MAX_DECODE_BYTES));
     reader.limits(limits);
     let decode_err = |e| image_err(path, format!("cannot decode: {e}"));
     let mut decoder = reader.into_decoder().map_err(decode_err)?;
+    // Not every decoder applies `max_alloc` to the pixel buffer itself (seen with a corrupt
+    // header claiming ~450 MB): check the size the header claims before it is allocated.
+    let claimed = image::ImageDecoder::total_bytes(&decoder);
+    if claimed > max_alloc.min(MAX_DECODE_BYTES) {
+        let (w, h) = image::ImageDecoder::dimensions(&decoder);
+        return Err(image_err(
+            path,
+            format!(
+                "cannot decode: a {w}x{h} image needs {claimed} bytes, over the {} byte limit",
+                max_alloc.min(MAX_DECODE_BYTES)
+            ),
+        ));
+    }
     // EXIF orientation (JPEG, WebP, TIFF): the pixels as the camera meant them to be seen.
     let orientation = image::ImageDecoder::orientation(&mut decoder)
         .unwrap_or(image::metadata::Orientation::NoTransforms);

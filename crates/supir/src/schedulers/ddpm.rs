@@ -249,9 +249,13 @@ impl DdpmScheduler {
                     .collect()
             }
         };
+        // diffusers 0.21 sets such timesteps (leading spacing: 1000 steps with steps_offset 1
+        // give 1000, 999, ..., 1) and then fails in the first `step`, indexing
+        // `alphas_cumprod[1000]`: refused here, before any work.
         if let Some(bad) = ts.iter().find(|&&x| x < 0 || x as usize >= t) {
             return Err(Error::Option(format!(
-                "scheduler: timestep {bad} outside 0..{t} for {steps} steps (steps_offset {})",
+                "scheduler: {steps} steps ({} spacing, steps_offset {}) start at timestep {bad}, outside the {t} trained timesteps 0..{t}; use fewer steps",
+                format!("{:?}", self.cfg.timestep_spacing).to_lowercase(),
                 self.cfg.steps_offset
             )));
         }
@@ -353,5 +357,40 @@ impl DdpmScheduler {
             VarianceType::FixedLarge => cur_beta,
         };
         Ok((prev + (noise * variance.sqrt() as f64)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd2(spacing: &str) -> DdpmConfig {
+        DdpmConfig::from_json(&format!(
+            r#"{{"num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "{spacing}",
+                "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}}"#
+        ))
+        .unwrap()
+    }
+
+    /// diffusers 0.21 `set_timesteps` with leading spacing: `arange(n) * (1000 // n) + 1`,
+    /// descending. For n = 1000 that starts at 1000, which its `step` cannot index (the
+    /// official pipeline fails there): refused with a message naming the cause.
+    #[test]
+    fn leading_spacing_with_offset_refuses_1000_steps_and_accepts_999() {
+        let s = DdpmScheduler::new(sd2("leading"), 999).unwrap();
+        assert_eq!(s.timesteps().len(), 999);
+        assert_eq!((s.timesteps()[0], s.timesteps()[998]), (999, 1));
+        let s = DdpmScheduler::new(sd2("leading"), 50).unwrap();
+        assert_eq!((s.timesteps()[0], s.timesteps()[49]), (981, 1));
+        let e = DdpmScheduler::new(sd2("leading"), 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("1000 steps") && e.contains("timestep 1000") && e.contains("fewer steps"),
+            "{e}"
+        );
+        // Trailing spacing (SD-Turbo's) gives 999..0 for 1000 steps, as diffusers does.
+        let s = DdpmScheduler::new(sd2("trailing"), 1000).unwrap();
+        assert_eq!((s.timesteps()[0], s.timesteps()[999]), (999, 0));
     }
 }

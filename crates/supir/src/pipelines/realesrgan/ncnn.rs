@@ -168,10 +168,10 @@ pub fn read_convolutions(param: &Path, bin: &Path) -> Result<Vec<Conv>> {
         let counts: Option<(usize, usize)> = fields[2].parse().ok().zip(fields[3].parse().ok());
         let (bottoms, tops) =
             counts.ok_or_else(|| perr(format!("line {lineno}: bad blob counts")))?;
-        let first_param = 4 + bottoms + tops;
-        if fields.len() < first_param {
+        let first_param = bottoms.checked_add(tops).and_then(|n| n.checked_add(4));
+        let Some(first_param) = first_param.filter(|&n| n <= fields.len()) else {
             return Err(perr(format!("line {lineno}: missing blob names")));
-        }
+        };
         let params = Params::parse(&fields[first_param..], param, lineno)?;
         match kind {
             "Convolution" => convs.push(read_conv(name, &params, &mut reader, lineno)?),
@@ -215,7 +215,10 @@ fn read_conv(name: &str, p: &Params, r: &mut BinReader, line: usize) -> Result<C
         ),
         t => Activation::Other(t as i32),
     };
-    let per_in = out_channels * kh * kw;
+    let per_in = out_channels
+        .checked_mul(kh)
+        .and_then(|n| n.checked_mul(kw))
+        .unwrap_or(0);
     if per_in == 0 || !weight_size.is_multiple_of(per_in) {
         return Err(Error::Ncnn {
             path: r.path.clone(),
@@ -251,7 +254,7 @@ struct BinReader<'a> {
 
 impl BinReader<'_> {
     fn take(&mut self, n: usize, what: &str) -> Result<&[u8]> {
-        let end = self.pos + n;
+        let end = self.pos.saturating_add(n);
         if end > self.data.len() {
             return Err(Error::Ncnn {
                 path: self.path.clone(),
@@ -272,7 +275,7 @@ impl BinReader<'_> {
         let tag = u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes"));
         match tag {
             TAG_FP16 => {
-                let bytes = self.take((n * 2).div_ceil(4) * 4, what)?;
+                let bytes = self.take(n.saturating_mul(2).div_ceil(4).saturating_mul(4), what)?;
                 let v = bytes[..n * 2]
                     .chunks_exact(2)
                     .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
@@ -291,7 +294,7 @@ impl BinReader<'_> {
 
     fn raw_f32(&mut self, n: usize, what: &str) -> Result<Vec<f32>> {
         Ok(self
-            .take(n * 4, what)?
+            .take(n.saturating_mul(4), what)?
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())

@@ -211,8 +211,8 @@ impl SeesrOptions {
         )?;
         range(
             "steps",
-            (1..=1000).contains(&self.steps),
-            "must be 1 to 1000",
+            (1..=999).contains(&self.steps),
+            "must be 1 to 999 (1000 DDPM steps with SD-2's leading spacing and steps_offset 1 start at timestep 1000, past the trained 0..999; diffusers fails there too)",
         )?;
         range(
             "cfg",
