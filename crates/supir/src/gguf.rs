@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::kernels::q8;
@@ -254,47 +254,191 @@ pub struct GgufIndex {
     pub tensors: HashMap<String, (GgmlDType, Vec<usize>, usize, usize)>,
 }
 
-impl GgufIndex {
-    /// Reads the header of the GGUF file in `bytes` (named `path` in errors); every tensor must
-    /// lie inside the file.
-    pub fn read(bytes: &[u8], path: &Path) -> Result<Self> {
-        let bad = |msg: String| Error::Checkpoint {
-            path: path.to_path_buf(),
-            msg,
+/// A bounded reader over the header bytes: every length is checked against what is left
+/// before anything is allocated.
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len());
+        let end = end
+            .ok_or_else(|| format!("header runs past the end of the file at byte {}", self.pos))?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    /// A count of items of at least `min_size` bytes each that must fit in the rest.
+    fn count(&mut self, min_size: usize) -> std::result::Result<usize, String> {
+        let n = self.u64()?;
+        let left = (self.b.len() - self.pos) as u64;
+        if n.saturating_mul(min_size.max(1) as u64) > left {
+            return Err(format!(
+                "count {n} at byte {} exceeds the file",
+                self.pos - 8
+            ));
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> std::result::Result<String, String> {
+        let n = self.count(1)?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "a name is not UTF-8".to_string())
+    }
+    /// Skips a metadata value of type `ty`; returns it when it is an unsigned integer.
+    fn value(&mut self, ty: u32, depth: usize) -> std::result::Result<Option<u64>, String> {
+        let fixed = |ty: u32| match ty {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
         };
-        let content = gguf_file::Content::read(&mut std::io::Cursor::new(bytes)).map_err(|e| {
-            bad(format!(
-                "unreadable GGUF header (truncated or corrupt?): {e}"
-            ))
-        })?;
-        let mut tensors = HashMap::new();
-        for (name, info) in &content.tensor_infos {
-            let dims = info.shape.dims().to_vec();
-            let elems: usize = dims.iter().product();
-            let bs = info.ggml_dtype.block_size();
-            if !elems.is_multiple_of(bs) {
-                return Err(bad(format!(
-                    "tensor `{name}`: {elems} values are not whole {bs}-value blocks"
-                )));
+        match ty {
+            8 => {
+                self.string()?;
+                Ok(None)
             }
-            let len = elems / bs * info.ggml_dtype.type_size();
-            let start = (content.tensor_data_offset as usize).checked_add(info.offset as usize);
-            match start.and_then(|s| s.checked_add(len).map(|e| (s, e))) {
-                Some((s, e)) if e <= bytes.len() => {
-                    tensors.insert(name.clone(), (info.ggml_dtype, dims, s, e));
+            9 => {
+                if depth > 4 {
+                    return Err("metadata arrays nested too deep".into());
+                }
+                let et = self.u32()?;
+                let n = self.count(fixed(et).unwrap_or(8))?;
+                for _ in 0..n {
+                    self.value(et, depth + 1)?;
+                }
+                Ok(None)
+            }
+            t => {
+                let size = fixed(t).ok_or_else(|| format!("unknown metadata type {t}"))?;
+                let b = self.take(size)?;
+                Ok(match t {
+                    0 => Some(b[0] as u64),
+                    2 => Some(u16::from_le_bytes([b[0], b[1]]) as u64),
+                    4 => Some(u32::from_le_bytes(b.try_into().expect("4")) as u64),
+                    10 => Some(u64::from_le_bytes(b.try_into().expect("8"))),
+                    _ => None,
+                })
+            }
+        }
+    }
+}
+
+/// ggml's type numbers (`ggml.h`), for the types candle reads.
+fn ggml_type(ty: u32) -> Option<GgmlDType> {
+    use GgmlDType as G;
+    Some(match ty {
+        0 => G::F32,
+        1 => G::F16,
+        2 => G::Q4_0,
+        3 => G::Q4_1,
+        6 => G::Q5_0,
+        7 => G::Q5_1,
+        8 => G::Q8_0,
+        9 => G::Q8_1,
+        10 => G::Q2K,
+        11 => G::Q3K,
+        12 => G::Q4K,
+        13 => G::Q5K,
+        14 => G::Q6K,
+        15 => G::Q8K,
+        30 => G::BF16,
+        _ => return None,
+    })
+}
+
+impl GgufIndex {
+    /// Reads the header of the GGUF file (v2 or v3) in `bytes` (named `path` in errors); every
+    /// tensor must lie inside the file.
+    pub fn read(bytes: &[u8], path: &Path) -> Result<Self> {
+        Self::parse(bytes).map_err(|msg| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("not a readable GGUF file: {msg}"),
+        })
+    }
+
+    fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let mut r = Reader { b: bytes, pos: 0 };
+        if r.take(4)? != b"GGUF" {
+            return Err("no GGUF magic".into());
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(format!("version {version} (2 and 3 are read)"));
+        }
+        let n_tensors = r.count(8 + 4 + 8 + 4 + 8)?;
+        let n_kv = r.count(8 + 4 + 1)?;
+        let mut alignment = ALIGNMENT as u64;
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            let v = r.value(ty, 0)?;
+            if key == "general.alignment" {
+                alignment = v
+                    .filter(|a| (1..=1 << 16).contains(a))
+                    .ok_or("bad general.alignment")?;
+            }
+        }
+        let mut infos = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = r.string()?;
+            let n_dims = r.u32()? as usize;
+            if n_dims > 8 {
+                return Err(format!("tensor `{name}` has {n_dims} dimensions"));
+            }
+            let mut dims = (0..n_dims)
+                .map(|_| r.u64())
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            dims.reverse();
+            let ty = r.u32()?;
+            let offset = r.u64()?;
+            infos.push((name, dims, ty, offset));
+        }
+        let data = (r.pos as u64).div_ceil(alignment) * alignment;
+        let mut tensors = HashMap::new();
+        for (name, dims, ty, offset) in infos {
+            let dtype = ggml_type(ty)
+                .ok_or_else(|| format!("tensor `{name}` has unknown ggml type {ty}"))?;
+            let elems = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            let (bs, ts) = (dtype.block_size() as u64, dtype.type_size() as u64);
+            let len = elems
+                .filter(|e| e % bs == 0)
+                .and_then(|e| (e / bs).checked_mul(ts))
+                .ok_or_else(|| {
+                    format!("tensor `{name}`: {dims:?} is not whole {bs}-value blocks")
+                })?;
+            let start = data.checked_add(offset);
+            let end = start.and_then(|s| s.checked_add(len));
+            match (start, end) {
+                (Some(s), Some(e)) if e <= bytes.len() as u64 => {
+                    let dims = dims.iter().map(|&d| d as usize).collect();
+                    tensors.insert(name, (dtype, dims, s as usize, e as usize));
                 }
                 _ => {
-                    return Err(bad(format!(
+                    return Err(format!(
                         "tensor `{name}` lies outside the file ({} bytes): truncated or corrupt",
                         bytes.len()
-                    )))
+                    ))
                 }
             }
         }
         Ok(Self { tensors })
     }
 
-    /// The dtype a tensor dequantises to (f16 / f32 for those types, f32 for block types).
+    /// The dtype a tensor dequantises to (f16 / bf16 / f32 for those types, f32 for block
+    /// types).
     pub fn dtype(ty: GgmlDType) -> DType {
         match ty {
             GgmlDType::F16 => DType::F16,
@@ -308,10 +452,48 @@ impl GgufIndex {
         let Some((ty, dims, s, e)) = self.tensors.get(key) else {
             return Ok(None);
         };
-        let storage = QStorage::from_data(Cow::Borrowed(&bytes[*s..*e]), &Device::Cpu, *ty)?;
-        let q = QTensor::new(storage, dims.as_slice())?;
-        let t = q.dequantize(&Device::Cpu)?;
-        Ok(Some(t.to_dtype(Self::dtype(*ty))?))
+        let raw = &bytes[*s..*e];
+        let dims = dims.as_slice();
+        let t = match ty {
+            GgmlDType::F32 => {
+                let v: Vec<f32> = raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                    .collect();
+                Tensor::from_vec(v, dims, &Device::Cpu)?
+            }
+            GgmlDType::F16 => {
+                let v: Vec<half::f16> = raw
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                Tensor::from_vec(v, dims, &Device::Cpu)?
+            }
+            GgmlDType::BF16 => {
+                let v: Vec<half::bf16> = raw
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                Tensor::from_vec(v, dims, &Device::Cpu)?
+            }
+            _ => {
+                // candle's block types read the bytes in place: copy them to an 8-aligned
+                // buffer first (a file offset need not be aligned for them).
+                let mut words = vec![0u64; raw.len().div_ceil(8)];
+                // SAFETY: `words` holds at least `raw.len()` bytes.
+                let aligned = unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        raw.as_ptr(),
+                        words.as_mut_ptr() as *mut u8,
+                        raw.len(),
+                    );
+                    std::slice::from_raw_parts(words.as_ptr() as *const u8, raw.len())
+                };
+                let storage = QStorage::from_data(Cow::Borrowed(aligned), &Device::Cpu, *ty)?;
+                QTensor::new(storage, dims)?.dequantize(&Device::Cpu)?
+            }
+        };
+        Ok(Some(t))
     }
 }
 

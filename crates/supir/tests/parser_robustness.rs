@@ -610,3 +610,55 @@ fn torch_pickle_bombs_are_refused_before_unpickling() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A small GGUF file as `supir convert gguf` writes it (a Q8_0 linear, an f16 conv, an f32 bias).
+fn gguf_bytes() -> Vec<u8> {
+    use supir::gguf::{plan, write, GgufTarget, PlannedTensor};
+    let prefixes = vec![String::new()];
+    let items: Vec<(&str, Vec<usize>)> = vec![
+        ("l.weight", vec![4, 64]),
+        ("c.weight", vec![2, 2, 3, 3]),
+        ("l.bias", vec![4]),
+    ];
+    let planned: Vec<PlannedTensor> = items
+        .iter()
+        .map(|(n, s)| PlannedTensor {
+            name: n.to_string(),
+            shape: s.clone(),
+            ty: plan(n, s, GgufTarget::Q8_0, &prefixes),
+        })
+        .collect();
+    let mut buf = Vec::new();
+    write(&mut buf, "fuzz", &planned, |t| {
+        let n: usize = t.shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        Ok(candle_core::Tensor::from_vec(
+            v,
+            t.shape.as_slice(),
+            &Device::Cpu,
+        )?)
+    })
+    .unwrap();
+    buf
+}
+
+#[test]
+fn gguf_reader_never_panics_or_overallocates() {
+    let dir = tmpdir("gguf");
+    let path = dir.join("x.gguf");
+    let seed = gguf_bytes();
+    fuzz("gguf", &[seed.clone()], 3000, 7, |b| {
+        read_checkpoint(&path, b)
+    });
+    // A tensor count and a name length claiming 2^40: refused without allocating them.
+    for at in [8usize, 24] {
+        let mut v = seed.clone();
+        v[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        rewrite(&path, &v).unwrap();
+        assert!(
+            Checkpoint::open(&path).is_err(),
+            "claim at byte {at} accepted"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -153,6 +153,9 @@ fn q8_0_diffusion_weights_stay_close_to_f32() {
     let max = d.iter().cloned().fold(0.0, f64::max);
     let mean = d.iter().sum::<f64>() / d.len() as f64;
     eprintln!("SeeSR q8_0 vs f32: max {max} levels, mean {mean:.2} levels");
-    assert!(max > 0.0, "q8_0 changed nothing: the layers were not quantised");
+    assert!(
+        max > 0.0,
+        "q8_0 changed nothing: the layers were not quantised"
+    );
     assert!(mean < 3.0 && max < 32.0, "max {max}, mean {mean}");
 }

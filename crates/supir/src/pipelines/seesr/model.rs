@@ -18,6 +18,7 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use super::options::{Residency, SeesrOptions, SeesrPreset};
+use crate::layers::{with_linear_quant, Quant};
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::models::ram::{Ram, RamConfig};
@@ -27,7 +28,6 @@ use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::schedulers::ddpm::DdpmConfig;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
-use crate::layers::{with_linear_quant, Quant};
 use crate::{Error, Result};
 
 /// Where each part of the release is.
