@@ -647,7 +647,7 @@ fn gguf_reader_never_panics_or_overallocates() {
     let dir = tmpdir("gguf");
     let path = dir.join("x.gguf");
     let seed = gguf_bytes();
-    fuzz("gguf", &[seed.clone()], 3000, 7, |b| {
+    fuzz("gguf", std::slice::from_ref(&seed), 3000, 7, |b| {
         read_checkpoint(&path, b)
     });
     // A tensor count and a name length claiming 2^40: refused without allocating them.
