@@ -72,7 +72,7 @@ fn run(model: &SeesrModel, opts: &SeesrOptions) -> Vec<(flow::SeesrOutput, Trace
                 opts,
                 &mut noise,
                 Some(&mut trace),
-                &mut |_, _| {},
+                &mut |_, _| Ok(()),
             )
             .unwrap();
             if model.residency() == Residency::Staged {
