@@ -29,7 +29,7 @@ pub const SUPIR_F_FILE: &str = "SUPIR-v0F.ckpt";
 
 #[derive(Args, Debug, Clone)]
 pub struct SupirArgs {
-    /// A model folder in the fixture layout: `config.yaml` + `weights.safetensors` (one file with
+    /// A model folder in the fixture layout: `config.yaml` + `weights.safetensors` or `weights.gguf` (one file with
     /// every key), e.g. `fixtures/supir-tiny`.
     #[arg(long, help_heading = "SUPIR weights")]
     model_dir: Option<PathBuf>,
@@ -661,7 +661,12 @@ pub fn resolve(args: &SupirArgs, supir_models: Option<&Path>) -> anyhow::Result<
             bail!("--model-dir {}: no such folder", dir.display());
         }
         let config = existing_file("--model-dir: model config", &dir.join("config.yaml"))?;
-        let weights = existing_file("--model-dir: weights", &dir.join("weights.safetensors"))?;
+        let gguf = dir.join("weights.gguf");
+        let weights = if gguf.is_file() && !dir.join("weights.safetensors").exists() {
+            gguf
+        } else {
+            existing_file("--model-dir: weights", &dir.join("weights.safetensors"))?
+        };
         return Ok(Some(ModelSpec {
             config: ConfigSource::File(config),
             checkpoints: vec![weights],
