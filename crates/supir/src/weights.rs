@@ -209,7 +209,20 @@ impl Checkpoint {
                 }
             },
             Store::Gguf { mmap, index } => match index.load(mmap, key) {
-                Ok(Some(t)) => t,
+                Ok(Some(t)) => {
+                    // Decoded into a new buffer: drop the file's pages from our resident set.
+                    if let Some((_, _, s, e)) = index.tensors.get(key) {
+                        // SAFETY: a read-only file mapping; dropped pages are re-read on demand.
+                        unsafe {
+                            let _ = mmap.unchecked_advise_range(
+                                memmap2::UncheckedAdvice::DontNeed,
+                                *s,
+                                e - s,
+                            );
+                        }
+                    }
+                    t
+                }
                 Ok(None) => return Ok(None),
                 Err(e) => {
                     return Err(ckpt_err(
