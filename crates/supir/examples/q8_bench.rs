@@ -38,6 +38,11 @@ fn main() {
         let f = time(|| {
             std::hint::black_box(p.matmul(&x, m));
         });
+        let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let pb = supir::kernels::packed::PackedWeight::new(&wb, n, k, None);
+        let b = time(|| {
+            std::hint::black_box(pb.matmul(&x, m));
+        });
         let q = Q8Weight::quantize(&w, n, k, None).unwrap();
         let v = time(|| {
             std::hint::black_box(q.matmul_with(Q8Path::Avx512Vnni, &x, m));
@@ -46,6 +51,6 @@ fn main() {
             std::hint::black_box(q.matmul_with(Q8Path::Avx2, &x, m));
         });
         let g = (m * n * k) as f64 / 1e6;
-        println!("m{m} k{k} n{n}: f32 packed {f:.1} ms ({:.1} GMAC/s), vnni {v:.1} ms ({:.1}) x{:.2}, avx2 {a:.1} ms ({:.1})", g / f, g / v, f / v, g / a);
+        println!("m{m} k{k} n{n}: f32 packed {f:.1} ms ({:.1} GMAC/s), bf16 packed {b:.1} ms (x{:.2} of f32), vnni {v:.1} ms ({:.1}) x{:.2}, avx2 {a:.1} ms ({:.1})", g / f, b / f, g / v, f / v, g / a);
     }
 }
