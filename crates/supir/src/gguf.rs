@@ -455,26 +455,12 @@ impl GgufIndex {
         let raw = &bytes[*s..*e];
         let dims = dims.as_slice();
         let t = match ty {
-            GgmlDType::F32 => {
-                let v: Vec<f32> = raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                    .collect();
-                Tensor::from_vec(v, dims, &Device::Cpu)?
-            }
-            GgmlDType::F16 => {
-                let v: Vec<half::f16> = raw
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                Tensor::from_vec(v, dims, &Device::Cpu)?
-            }
-            GgmlDType::BF16 => {
-                let v: Vec<half::bf16> = raw
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                Tensor::from_vec(v, dims, &Device::Cpu)?
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                let meta = crate::weights::TensorMeta {
+                    dtype: Self::dtype(*ty),
+                    shape: dims.to_vec(),
+                };
+                crate::weights::tensor_from_bytes(raw, &meta)?
             }
             _ => {
                 // candle's block types read the bytes in place: copy them to an 8-aligned

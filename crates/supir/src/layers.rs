@@ -44,15 +44,7 @@ fn kernels_enabled() -> bool {
 
 /// Runs `f` on the f32 elements of a contiguous CPU tensor.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let (o0, o1) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("layers: tensor not contiguous".into()))?;
-    match &*storage {
-        Storage::Cpu(cs) => Ok(f(&cs.as_slice::<f32>()?[o0..o1])),
-        _ => candle_core::bail!("layers: CPU tensor expected"),
-    }
+    with_slice(&t.to_dtype(DType::F32)?, f)
 }
 
 /// Runs `f` on the elements of a contiguous CPU tensor of element type `T` (its own dtype).

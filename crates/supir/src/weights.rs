@@ -187,15 +187,7 @@ impl Checkpoint {
                 };
                 let t = tensor_from_bytes(&mmap[*start..*end], meta)
                     .map_err(|e| ckpt_err(&self.path, format!("tensor `{key}`: {e}")))?;
-                // The bytes are copied: drop their pages from our resident set.
-                // SAFETY: a read-only file mapping; dropped pages are re-read on demand.
-                unsafe {
-                    let _ = mmap.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        *start,
-                        end - start,
-                    );
-                }
+                drop_pages(mmap, *start, *end);
                 t
             }
             Store::Torch(p) => match p.get(key) {
@@ -210,16 +202,8 @@ impl Checkpoint {
             },
             Store::Gguf { mmap, index } => match index.load(mmap, key) {
                 Ok(Some(t)) => {
-                    // Decoded into a new buffer: drop the file's pages from our resident set.
                     if let Some((_, _, s, e)) = index.tensors.get(key) {
-                        // SAFETY: a read-only file mapping; dropped pages are re-read on demand.
-                        unsafe {
-                            let _ = mmap.unchecked_advise_range(
-                                memmap2::UncheckedAdvice::DontNeed,
-                                *s,
-                                e - s,
-                            );
-                        }
+                        drop_pages(mmap, *s, *e);
                     }
                     t
                 }
@@ -233,6 +217,15 @@ impl Checkpoint {
             },
         };
         Ok(Some(t.to_dtype(dtype)?.to_device(dev)?))
+    }
+}
+
+/// Bytes `start..end` of the mapping were copied into a tensor: drops their pages from our
+/// resident set.
+fn drop_pages(mmap: &Mmap, start: usize, end: usize) {
+    // SAFETY: a read-only file mapping; dropped pages are re-read on demand.
+    unsafe {
+        let _ = mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start);
     }
 }
 
@@ -301,7 +294,7 @@ fn index_safetensors(
 }
 
 /// Copies little-endian bytes into an aligned tensor of the stored dtype.
-fn tensor_from_bytes(bytes: &[u8], meta: &TensorMeta) -> candle_core::Result<Tensor> {
+pub(crate) fn tensor_from_bytes(bytes: &[u8], meta: &TensorMeta) -> candle_core::Result<Tensor> {
     fn copy<T: candle_core::WithDType + Default + Clone>(
         bytes: &[u8],
         shape: &[usize],

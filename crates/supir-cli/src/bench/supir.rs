@@ -29,6 +29,7 @@ use supir::models::supir_config::SupirConfig;
 use supir::models::unet::LightGLVUNet;
 use supir::models::vae::AutoencoderKL;
 use supir::pipelines::supir::conditioner::Conditioner;
+use supir::pipelines::supir::restore::Precision;
 use supir::weights::{Checkpoint, RandomSource, WeightSource};
 
 use super::common::{
@@ -119,12 +120,11 @@ fn parse_dtype(s: &str) -> Result<DType> {
     })
 }
 
-/// A diffusion weight format: the builder's dtype and the linear layers' quantisation.
+/// A diffusion weight format (`Precision`'s names): the builder's dtype and the linear layers'
+/// quantisation.
 fn parse_diffusion_dtype(s: &str) -> Result<(DType, Option<Quant>)> {
-    Ok(match s {
-        "q8_0" => (DType::F16, Some(Quant::Q8_0)),
-        other => (parse_dtype(other)?, None),
-    })
+    let p: Precision = s.parse()?;
+    Ok((p.dtype(), p.quant()))
 }
 
 /// Where the PyTorch reference lives, when it is to be run.
