@@ -66,6 +66,32 @@ impl SyncPtr {
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
+/// Runs `block(i0, rows, j0, cols)` over the GEMM output `m x n` cut into blocks of at most
+/// `mc_max` rows (near-equal, whole multiples of `mr`) and `nc_max` columns (from multiples of
+/// `nr`), as rayon tasks unless there is one block or the product (`m·n·k`) is small. Each
+/// block is handed to exactly one call, so callers may write their blocks without locks.
+pub(crate) fn for_each_gemm_block(
+    (m, n, k): (usize, usize, usize),
+    (mr, nr): (usize, usize),
+    (mc_max, nc_max): (usize, usize),
+    block: impl Fn(usize, usize, usize, usize) + Sync,
+) {
+    let mblocks = m.div_ceil(mc_max);
+    let mc = m.div_ceil(mblocks).next_multiple_of(mr);
+    let nc = nc_max.min(n.next_multiple_of(nr));
+    let (mb, nb) = (m.div_ceil(mc), n.div_ceil(nc));
+    let task = |t: usize| {
+        let (i0, j0) = ((t / nb) * mc, (t % nb) * nc);
+        block(i0, (m - i0).min(mc), j0, (n - j0).min(nc));
+    };
+    if mb * nb == 1 || 2 * m * n * k < (1 << 22) {
+        (0..mb * nb).for_each(task);
+    } else {
+        use rayon::prelude::*;
+        (0..mb * nb).into_par_iter().for_each(task);
+    }
+}
+
 /// Deterministic values in [-1, 1) (xorshift): the kernels' test and benchmark inputs.
 pub fn test_noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

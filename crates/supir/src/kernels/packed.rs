@@ -235,24 +235,17 @@ impl PackedWeight {
             return;
         }
         // Blocks: `mc` rows (whole micro-panels, blocks of near-equal size), `nc` columns.
-        let mblocks = m.div_ceil(MC_MAX);
-        let mc = m.div_ceil(mblocks).next_multiple_of(MR);
-        let nc = NC_MAX.min(n.next_multiple_of(NR));
-        let (mb, nb) = (m.div_ceil(mc), n.div_ceil(nc));
         let c = SyncPtr(out);
-        let task = |t: usize| {
-            let (i0, j0) = ((t / nb) * mc, (t % nb) * nc);
-            let (rows, cols) = ((m - i0).min(mc), (n - j0).min(nc));
-            // SAFETY: tasks write disjoint `rows x cols` blocks of the `m x n` output, which
-            // `block` writes completely (first pass over `k` stores, later passes accumulate).
-            unsafe { self.block(x, i0, rows, j0, cols, c.get().add(i0 * n + j0)) }
-        };
-        if mb * nb == 1 || 2 * m * n * k < (1 << 22) {
-            (0..mb * nb).for_each(task);
-        } else {
-            use rayon::prelude::*;
-            (0..mb * nb).into_par_iter().for_each(task);
-        }
+        super::for_each_gemm_block(
+            (m, n, k),
+            (MR, NR),
+            (MC_MAX, NC_MAX),
+            |i0, rows, j0, cols| {
+                // SAFETY: blocks are disjoint `rows x cols` parts of the `m x n` output, which
+                // `block` writes completely (first pass over `k` stores, later passes accumulate).
+                unsafe { self.block(x, i0, rows, j0, cols, c.get().add(i0 * n + j0)) }
+            },
+        );
     }
 
     /// One output block: rows `i0 ..+rows` of `x`, columns `j0 ..+cols` (a multiple of `NR`
