@@ -6,6 +6,9 @@
 //! the result fetched into the compare view), and the DOM must show the finished job and its
 //! result. A screenshot of that page is kept as a test artifact.
 //!
+//! A second test drives Chromium over the DevTools protocol as a person would: a file chosen in
+//! the file picker and a file dropped on the drop zone.
+//!
 //! Skips (with a message) when no Chromium is found: `SUPIR_CHROMIUM`, else `chromium`,
 //! `chromium-browser`, `google-chrome` on the PATH.
 
@@ -253,5 +256,289 @@ async fn readme_screenshot_on_the_tiny_supir_model() {
     )
     .await;
     eprintln!("wrote {}", shot.display());
+    server.shutdown().await.unwrap();
+}
+
+/// A minimal Chrome DevTools Protocol client: one WebSocket to the browser, commands sent to
+/// one page session (`Target.attachToTarget` with `flatten`), events skipped.
+mod cdp {
+    use std::net::TcpStream;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use serde_json::{json, Value};
+    use tungstenite::stream::MaybeTlsStream;
+    use tungstenite::{Message, WebSocket};
+
+    pub struct Cdp {
+        ws: WebSocket<MaybeTlsStream<TcpStream>>,
+        next: u64,
+        session: Option<String>,
+    }
+
+    /// The DevTools port Chromium wrote into its profile (`--remote-debugging-port=0`).
+    pub fn browser_url(profile: &Path, limit: Duration) -> String {
+        let file = profile.join("DevToolsActivePort");
+        let t = Instant::now();
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&file) {
+                let mut lines = s.lines();
+                if let (Some(port), Some(path)) = (lines.next(), lines.next()) {
+                    return format!("ws://127.0.0.1:{port}{path}");
+                }
+            }
+            assert!(t.elapsed() < limit, "chromium wrote no {}", file.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    impl Cdp {
+        pub fn connect(url: &str) -> Self {
+            let (ws, _) = tungstenite::connect(url).expect("DevTools WebSocket");
+            if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            }
+            Self {
+                ws,
+                next: 0,
+                session: None,
+            }
+        }
+
+        /// Sends `method` and waits for its answer; a protocol error fails the test.
+        pub fn call(&mut self, method: &str, params: Value) -> Value {
+            self.next += 1;
+            let id = self.next;
+            let mut msg = json!({"id": id, "method": method, "params": params});
+            if let Some(s) = &self.session {
+                msg["sessionId"] = json!(s);
+            }
+            self.ws
+                .send(Message::text(msg.to_string()))
+                .expect("send to chromium");
+            loop {
+                let m = self.ws.read().expect("answer from chromium");
+                let Message::Text(t) = m else { continue };
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["id"] == json!(id) {
+                    assert!(v.get("error").is_none(), "{method}: {v}");
+                    return v["result"].clone();
+                }
+            }
+        }
+
+        /// Opens `url` in a new page and sends later commands to it.
+        pub fn open_page(&mut self, url: &str) {
+            let t = self.call("Target.createTarget", json!({ "url": url }));
+            let s = self.call(
+                "Target.attachToTarget",
+                json!({"targetId": t["targetId"], "flatten": true}),
+            );
+            self.session = Some(s["sessionId"].as_str().unwrap().to_string());
+        }
+
+        /// The value of a JavaScript expression (promises awaited).
+        pub fn eval(&mut self, expr: &str) -> Value {
+            let r = self.call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "awaitPromise": true, "returnByValue": true}),
+            );
+            assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+            r["result"]["value"].clone()
+        }
+
+        /// Polls `expr` until it is truthy.
+        pub fn wait_for(&mut self, expr: &str, limit: Duration) -> Value {
+            let t = Instant::now();
+            loop {
+                let v = self.eval(expr);
+                if !(v.is_null() || v == json!(false) || v == json!("")) {
+                    return v;
+                }
+                assert!(t.elapsed() < limit, "timed out waiting for {expr}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        pub fn close(&mut self) {
+            self.session = None;
+            self.call("Browser.close", json!({}));
+        }
+    }
+}
+
+/// The upload paths a person uses: a file chosen in the page's file picker (the `<input
+/// type=file>` given a file by `DOM.setFileInputFiles`, which fires its `change` event as the
+/// dialog does) and a file dropped on the drop zone (`Input.dispatchDragEvent` with the file),
+/// each to its result in the compare view, checked in the live DOM; a screenshot is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_picker_and_drop_upload_in_chromium() {
+    use serde_json::json;
+    let Some(bin) = chromium() else {
+        eprintln!(
+            "SKIPPED: no chromium found (set SUPIR_CHROMIUM or install Debian's `chromium`; .ci/run does)"
+        );
+        return;
+    };
+    let server = Server::start(Config {
+        port: 0,
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", server.addr());
+    let t0 = Instant::now();
+    loop {
+        let h: Value = reqwest::get(format!("{base}/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["status"] != "loading" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not loaded: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let picked = dir.path().join("picked photo.png");
+    let dropped = dir.path().join("dropped.png");
+    image::RgbImage::from_fn(40, 28, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 9) as u8, 128])
+    })
+    .save(&picked)
+    .unwrap();
+    image::RgbImage::from_fn(24, 36, |x, y| {
+        image::Rgb([200, (x * 10) as u8, (y * 7) as u8])
+    })
+    .save(&dropped)
+    .unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(&bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--window-size=1280,760",
+            "--remote-debugging-port=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium starts");
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("serve-page-file-picker.png");
+    let profile_dir = profile.path().to_path_buf();
+    let (picked_s, dropped_s) = (picked.display().to_string(), dropped.display().to_string());
+    let shot_c = shot.clone();
+    let checks = tokio::task::spawn_blocking(move || {
+        let limit = Duration::from_secs(90);
+        let mut c = cdp::Cdp::connect(&cdp::browser_url(&profile_dir, limit));
+        c.open_page(&format!("{base}/"));
+        c.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 1280, "height": 760, "deviceScaleFactor": 1, "mobile": false}),
+        );
+        c.wait_for(
+            "document.readyState === 'complete' && !!document.querySelector('#pick') && \
+             document.body.textContent.includes('Options')",
+            limit,
+        );
+        // 1. The file picker.
+        let doc = c.call("DOM.getDocument", json!({"depth": 0}));
+        let input = c.call(
+            "DOM.querySelector",
+            json!({"nodeId": doc["root"]["nodeId"], "selector": "#pick"}),
+        );
+        c.call(
+            "DOM.setFileInputFiles",
+            json!({"files": [picked_s], "nodeId": input["nodeId"]}),
+        );
+        let first = c.wait_for("document.body.dataset.lastJob", limit);
+        let view = c.eval(
+            "(async () => { const a = document.querySelector('.after'); \
+             if (!a.complete) await new Promise((r) => a.onload = r); \
+             return [a.naturalWidth, a.naturalHeight, getComputedStyle(a).visibility, \
+             a.src.startsWith('blob:'), document.querySelector('#dl').download, \
+             document.querySelector('#vinfo').textContent]; })()",
+        );
+        // 2. A file dropped on the drop zone.
+        let r = c.eval(
+            "(() => { const r = document.querySelector('#drop').getBoundingClientRect(); \
+             return [r.x + r.width / 2, r.y + r.height / 2]; })()",
+        );
+        let (x, y) = (r[0].as_f64().unwrap(), r[1].as_f64().unwrap());
+        c.eval("delete document.body.dataset.lastJob; 1");
+        let data = json!({"items": [], "files": [dropped_s], "dragOperationsMask": 1});
+        for kind in ["dragEnter", "dragOver", "drop"] {
+            c.call(
+                "Input.dispatchDragEvent",
+                json!({"type": kind, "x": x, "y": y, "data": data}),
+            );
+        }
+        let second = c.wait_for("document.body.dataset.lastJob", limit);
+        let jobs = c.eval(
+            "[...document.querySelectorAll('.job')].map((j) => [j.querySelector('.name').textContent, \
+             j.querySelector('.st').className])",
+        );
+        let png = c.call("Page.captureScreenshot", json!({"format": "png"}));
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png["data"].as_str().unwrap())
+            .unwrap();
+        std::fs::write(&shot_c, bytes).unwrap();
+        c.close();
+        (first, view, second, jobs)
+    })
+    .await;
+    child.kill().ok();
+    child.wait().ok();
+    let (first, view, second, jobs) = checks.expect("the DevTools session");
+    assert_eq!(first, json!("succeeded with result"), "picked file's job");
+    assert_eq!(view[0], json!(160), "x4 result in the compare view: {view}");
+    assert_eq!(view[1], json!(112), "{view}");
+    assert_eq!(view[2], json!("visible"), "{view}");
+    assert_eq!(view[3], json!(true), "{view}");
+    assert!(
+        view[4].as_str().unwrap().starts_with("picked")
+            && view[4].as_str().unwrap().ends_with("-realesrgan.png"),
+        "the download names the picked file: {view}"
+    );
+    assert!(
+        view[5]
+            .as_str()
+            .unwrap()
+            .contains("picked photo.png · 40×28"),
+        "{view}"
+    );
+    assert_eq!(second, json!("succeeded with result"), "dropped file's job");
+    let names: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j[0].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"picked photo.png") && names.contains(&"dropped.png"),
+        "both jobs are listed: {jobs}"
+    );
+    assert!(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j[1].as_str().unwrap().contains("succeeded")),
+        "{jobs}"
+    );
+    let img = image::open(&shot).expect("the screenshot");
+    assert_eq!((img.width(), img.height()), (1280, 760));
+    eprintln!(
+        "chromium over DevTools: picked and dropped files restored in {:.1?} (screenshot: {})",
+        t0.elapsed(),
+        shot.display()
+    );
     server.shutdown().await.unwrap();
 }
