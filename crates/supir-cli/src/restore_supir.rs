@@ -770,7 +770,9 @@ pub fn run(
     let mut restorer =
         Restorer::load(cfg, &spec.checkpoints, &opts, &dev).context("loading the SUPIR model")?;
     // Captions first, with the tagger loaded alone beside the VAE; it is freed before the
-    // diffusion networks are read. The text encoders then stay for the per-image prompts.
+    // diffusion networks are read. Each image then has its own prompt: under staged residency
+    // the restorer drops the text encoders before sampling and reads them again for the next
+    // image's prompt.
     let captions = if auto_caption {
         Some(auto_captions(
             &restorer,

@@ -216,6 +216,59 @@ fn staged_residency_equals_resident() {
     assert_eq!(outputs[0], outputs[1], "staged differs from resident");
 }
 
+/// Staged residency with a caption per image (what `--caption auto` does on a folder): the text
+/// encoders are dropped before sampling and read again for the next image's prompt, and every
+/// output equals a resident model's with the same caption, bit for bit.
+#[test]
+fn staged_residency_rereads_the_text_encoders_for_new_prompts() {
+    let fx = Fixture::load(fixture_dir()).unwrap();
+    let cfg = SupirConfig::load(fx.config_path()).unwrap();
+    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(40, 40, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 5) as u8, ((x * y) % 251) as u8])
+    }));
+    let opts = |caption: &str, residency| RestoreOptions {
+        steps: 2,
+        min_size: 64,
+        seed: 5,
+        caption: caption.into(),
+        residency,
+        ..RestoreOptions::default()
+    };
+    let captions = ["a cat, ", "a red brick house by the sea, ", "a cat, "];
+    let mut resident = Restorer::load(
+        cfg.clone(),
+        &[fx.weights_path()],
+        &opts("", Residency::Resident),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut staged = Restorer::load(
+        cfg.clone(),
+        &[fx.weights_path()],
+        &opts("", Residency::Staged),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut outs = Vec::new();
+    for c in captions {
+        let want = resident
+            .restore_image(&img, &opts(c, Residency::Resident), None)
+            .unwrap();
+        assert!(resident.model.conditioner.has_text_encoders());
+        let got = staged
+            .restore_image(&img, &opts(c, Residency::Staged), None)
+            .unwrap();
+        assert!(
+            !staged.model.conditioner.has_text_encoders(),
+            "staged: text encoders dropped after `{c}`"
+        );
+        assert_eq!(got, want, "staged differs from resident for `{c}`");
+        outs.push(got);
+    }
+    assert_ne!(outs[0], outs[1], "the caption changes the output");
+    assert_eq!(outs[0], outs[2]);
+}
+
 /// The official `VAEHook` (tilevae.py) on the tiny model, made by
 /// `scripts/tiled_vae_reference.py`: encoder tiles of 64 px (2 x 3 tiles of a 192 x 256 image),
 /// decoder tiles of 8 latent px (1 x 3 tiles of a 24 x 40 latent).

@@ -224,6 +224,26 @@ impl SupirModel {
         Ok(())
     }
 
+    /// Reads the text encoders again from `checkpoints` in the model's text dtype after
+    /// [`Conditioner::drop_text_encoders`] (no-op when they are loaded): staged residency encodes
+    /// each image's own prompt (automatic captions) without keeping them beside GLVControl + UNet.
+    pub fn load_text_encoders<P: AsRef<Path>>(
+        &mut self,
+        cfg: &SupirConfig,
+        checkpoints: &[P],
+    ) -> Result<()> {
+        if !self.conditioner.has_text_encoders() {
+            let dev = self.device();
+            let vb = WeightSource::open(checkpoints)?.into_var_builder(self.dtypes.text, &dev);
+            self.conditioner = Conditioner::new(
+                &cfg.model.params.conditioner_config.params,
+                vb.pp("conditioner"),
+            )?;
+            crate::memory::trace_rss("text encoders read");
+        }
+        Ok(())
+    }
+
     /// Frees GLVControl + UNet and hands the free heap back to the system.
     pub fn release_diffusion(&mut self) {
         if self.diffusion.take().is_some() {

@@ -562,7 +562,9 @@ impl Restorer {
         }
     }
 
-    /// Encodes the prompts of `opts` (kept for every later image with the same prompts).
+    /// Encodes the prompts of `opts` (kept for every later image with the same prompts). When
+    /// they changed after [`Self::drop_text_encoders`], the text encoders are read again from the
+    /// checkpoints (a model built by the caller has none to read: an error).
     pub fn prepare_prompts(&mut self, opts: &RestoreOptions) -> Result<()> {
         let per_tile = !opts.tile_prompts.is_empty();
         let captions = if per_tile {
@@ -582,9 +584,13 @@ impl Restorer {
             return Ok(());
         }
         if !self.model.conditioner.has_text_encoders() {
-            return Err(opt_err(
-                "the prompts changed after the text encoders were dropped; load the model again",
-            ));
+            if self.checkpoints.is_empty() {
+                return Err(opt_err(
+                    "the prompts changed after the text encoders were dropped; load the model again",
+                ));
+            }
+            self.model
+                .load_text_encoders(&self.cfg, &self.checkpoints)?;
         }
         let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
         let cond = &self.model.conditioner;
@@ -647,6 +653,12 @@ impl Restorer {
             check_tile_prompts(opts.tile_prompts.len(), x.dims(), &so)?;
         }
         self.prepare_prompts(opts)?;
+        let staged = opts.residency == Residency::Staged && !self.checkpoints.is_empty();
+        if staged && self.model.conditioner.has_text_encoders() {
+            // Staged: the prompts are encoded; the text encoders are not kept beside GLVControl +
+            // UNet (read again if a later image has other prompts).
+            self.drop_text_encoders();
+        }
         let (_, c, uc) = self.prompts.as_ref().expect("prompts prepared");
         let n = opts.num_samples;
         let rep = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&vec![t; n], 0)?) };
@@ -664,7 +676,6 @@ impl Restorer {
         };
         let x = rep(&x.to_device(&self.model.device())?)?;
         check_conditioning(&x, &c, &uc, &so)?;
-        let staged = opts.residency == Residency::Staged && !self.checkpoints.is_empty();
         if staged {
             self.model.release_diffusion();
         }
