@@ -42,7 +42,9 @@ pub struct ServeArgs {
     #[arg(long)]
     cors: Option<String>,
     /// The backend, its weights and the jobs' default options, as for `supir restore` (a job's
-    /// `options` override the sampling ones; SUPIR stays resident whatever `--residency` says).
+    /// `options` override the sampling ones). `--residency` as for `restore`: `staged` (the
+    /// default) reads the diffusion networks for each job and keeps the peak low, `resident`
+    /// keeps every network loaded between jobs.
     #[command(flatten)]
     model: BackendArgs,
 }

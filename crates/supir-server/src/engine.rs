@@ -8,7 +8,7 @@ use image::DynamicImage;
 use supir::jobs::{CancelToken, JobId, JobQueue, Outcome, ProgressMeter};
 use supir::pipelines::realesrgan::RealEsrgan;
 use supir::pipelines::seesr::{flow as seesr_flow, SeesrModel};
-use supir::pipelines::supir::restore::{Residency, Restorer};
+use supir::pipelines::supir::restore::Restorer;
 use supir::schedulers::sampler::SeededNoise;
 
 pub use crate::job_options::*;
@@ -37,13 +37,12 @@ impl Engine {
             )?))),
             ModelConfig::Supir(s) => {
                 let dev = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
-                let mut opts = s.defaults.clone();
-                // A server reads its weights once.
-                opts.residency = Residency::Resident;
+                // `defaults.residency`: staged re-reads GLVControl + UNet (and the text encoders
+                // when a job's prompts differ) for each job, resident keeps everything loaded.
                 Ok(Engine::Supir(Box::new(Restorer::load(
                     s.config.clone(),
                     &s.checkpoints,
-                    &opts,
+                    &s.defaults,
                     &dev,
                 )?)))
             }
