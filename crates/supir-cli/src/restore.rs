@@ -383,11 +383,12 @@ pub(crate) fn pending_jobs(
     Ok(todo)
 }
 
-/// Runs `one(job, steps)` for each job under an image bar (several jobs) and a step bar;
-/// prints each written file; in a folder a failing image is reported and the others go on,
-/// then the run fails listing them.
+/// Runs `one(job, steps)` for each job under an image bar (several jobs) and a bar of `unit`s
+/// (sampler steps, network calls); prints each written file; in a folder a failing image is
+/// reported and the others go on, then the run fails listing them.
 pub(crate) fn run_jobs(
     todo: &[Job],
+    unit: &str,
     mut one: impl FnMut(&Job, &ProgressBar) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
@@ -401,8 +402,10 @@ pub(crate) fn run_jobs(
     });
     let steps = multi.add(
         ProgressBar::new(0).with_style(
-            ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(&format!(
+                "{{spinner}} {{bar:30}} {{pos}}/{{len}} {unit} {{msg}}"
+            ))
+            .expect("valid template"),
         ),
     );
     let mut failures = Vec::new();

@@ -272,7 +272,7 @@ pub fn run(
         None => seed_arg(-1)?,
     };
     let mut first = first;
-    run_jobs(&todo, |job, steps| {
+    run_jobs(&todo, "steps", |job, steps| {
         let t = Instant::now();
         let img = match first.take() {
             Some(img) => img,

@@ -789,7 +789,7 @@ pub fn run(
     tracing::info!("model loaded and prompts encoded in {:.1?}", t.elapsed());
 
     let mut first = first;
-    run_jobs(&todo, |job, steps| {
+    run_jobs(&todo, "network calls", |job, steps| {
         let t = Instant::now();
         let img = match first.take() {
             Some(img) => img,

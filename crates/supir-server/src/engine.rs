@@ -84,7 +84,8 @@ impl Engine {
             }
             (Engine::Supir(r), RunOptions::Supir(o)) => {
                 let calls = r.network_calls(o, img.width(), img.height())?;
-                let mut meter = ProgressMeter::new("sampling", calls);
+                // Units: stage 1's VAE passes, every sampler network call, the final decode.
+                let mut meter = ProgressMeter::new("restoring", calls);
                 progress(meter.progress());
                 let mut out = r.restore_image(
                     img,

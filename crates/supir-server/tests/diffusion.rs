@@ -12,7 +12,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use supir::models::supir_config::SupirConfig;
 use supir::pipelines::seesr::{flow, SeesrModel, SeesrOptions, SeesrPaths, SeesrPreset};
-use supir::pipelines::supir::restore::{Preset, Residency, RestoreOptions, Restorer};
+use supir::pipelines::supir::restore::{Preset, Residency, RestoreOptions, Restorer, VAE_PASSES};
 use supir::schedulers::sampler::SeededNoise;
 use supir_server::{Config, ModelConfig, SeesrSetup, Server, SupirSetup};
 
@@ -131,8 +131,16 @@ fn text_of<'a>(text: &'a [(String, String)], key: &str) -> &'a str {
 }
 
 /// Submits a job of `steps` sampler steps, waits until it runs, cancels it: it ends canceled
-/// before its last step, promptly, and the worker goes on with the next job.
-async fn cancel_running(c: &Client, base: &str, img: &DynamicImage, long: Value, short: Value) {
+/// before its last unit of work (in progress stage `stage`), promptly, and the worker goes on
+/// with the next job.
+async fn cancel_running(
+    c: &Client,
+    base: &str,
+    img: &DynamicImage,
+    long: Value,
+    short: Value,
+    stage: &str,
+) {
     let (s, v) = post(c, base, form(img, long)).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
@@ -159,7 +167,7 @@ async fn cancel_running(c: &Client, base: &str, img: &DynamicImage, long: Value,
         t.elapsed()
     );
     let p = &done["progress"];
-    assert_eq!(p["stage"], "sampling");
+    assert_eq!(p["stage"], stage);
     assert!(
         p["step"].as_u64().unwrap() < p["steps"].as_u64().unwrap(),
         "{p}"
@@ -219,7 +227,8 @@ async fn supir_jobs_match_the_library_and_cancel() {
     let p = &done["progress"];
     assert_eq!(
         (p["stage"].as_str(), p["step"].as_u64()),
-        (Some("sampling"), Some(2))
+        (Some("restoring"), Some(2 + VAE_PASSES as u64)),
+        "SUPIR's units: its sampler steps and VAE passes"
     );
     assert_eq!(p["fraction"], 1.0);
 
@@ -313,6 +322,7 @@ async fn supir_jobs_match_the_library_and_cancel() {
         &input,
         json!({"steps": 1000}),
         json!({"steps": 1}),
+        "restoring",
     )
     .await;
     server.shutdown().await.unwrap();
@@ -426,6 +436,7 @@ async fn seesr_jobs_match_the_library_and_cancel() {
         // At most 999 steps (see SeesrOptions::validate).
         json!({"steps": 500, "seed": 1}),
         json!({"steps": 1, "seed": 1}),
+        "sampling",
     )
     .await;
     server.shutdown().await.unwrap();

@@ -36,15 +36,30 @@ pub struct Stage1 {
 /// Stage 1 (`encode_first_stage_with_denoise(use_sample=False)`, `decode_first_stage`,
 /// `encode_first_stage`). Draws the posterior noise from `rng`. Runs in the VAE's dtype.
 pub fn stage1(model: &SupirModel, x: &Tensor, rng: &mut dyn NoiseSource) -> Result<Stage1> {
+    stage1_with(model, x, rng, None)
+}
+
+/// [`stage1`] with `on_pass` run after each of its three VAE passes (progress; an error from it,
+/// e.g. [`crate::Error::Canceled`], stops there).
+pub fn stage1_with(
+    model: &SupirModel,
+    x: &Tensor,
+    rng: &mut dyn NoiseSource,
+    mut on_pass: Option<OnCall<'_>>,
+) -> Result<Stage1> {
+    let mut pass = || on_pass.as_mut().map_or(Ok(()), |f| f());
     let dt = model.vae_dtype();
     let s = model.scale_factor;
     let x = x.to_dtype(dt)?;
     let z = model.vae.denoise_encode_scaled_mode(&x, s)?;
     crate::memory::release_free_heap();
+    pass()?;
     let x_stage1 = model.vae.decode_scaled(&z, s)?.to_dtype(DType::F32)?;
     crate::memory::release_free_heap();
+    pass()?;
     let moments = model.vae.encode_moments(&x_stage1.to_dtype(dt)?)?;
     crate::memory::release_free_heap();
+    pass()?;
     let post = crate::models::vae::DiagonalGaussian::from_moments(&moments)?;
     let noise = rng.randn(post.mean.dims(), post.mean.device())?;
     let z_stage1 = (post.sample(&noise.to_dtype(dt)?)? * s)?;

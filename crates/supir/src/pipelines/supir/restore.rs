@@ -23,7 +23,7 @@ use crate::models::tiled_vae::VaeTiling;
 use crate::pipelines::supir::conditioner::Conditioning;
 use crate::pipelines::supir::flow::{
     check_conditioning, check_tile_prompts, decode_and_fix, sample_from_stage1,
-    sampler_from_config, stage1, OnCall, PromptConditioning, SampleOptions,
+    sampler_from_config, stage1_with, OnCall, PromptConditioning, SampleOptions,
 };
 use crate::pipelines::supir::model::{DTypes, SupirModel};
 use crate::schedulers::sampler::{NoiseSource, SamplerKind, SamplerOptions, SeededNoise};
@@ -514,6 +514,10 @@ impl RestoreOptions {
 /// The positive texts of a prompt set and whether they are per tile, with the negative prompt.
 type PromptKey = (bool, Vec<String>, String);
 
+/// VAE passes of one restore counted as progress units: stage 1's denoise encode, decode and
+/// encode, and the final decode. The callback runs after each (a cancel takes effect there).
+pub const VAE_PASSES: usize = 4;
+
 /// The loaded model with its config and the encoded prompts.
 pub struct Restorer {
     pub model: SupirModel,
@@ -612,7 +616,8 @@ impl Restorer {
         crate::memory::release_free_heap();
     }
 
-    /// Network calls one image takes (for progress): steps, times the tiles of a tiled sampler.
+    /// Network calls one image takes (for progress): steps, times the tiles of a tiled sampler,
+    /// plus the [`VAE_PASSES`] (stage 1's three, the final decode).
     pub fn network_calls(&self, opts: &RestoreOptions, width: u32, height: u32) -> Result<usize> {
         let so = opts.sample_options(&self.cfg)?;
         let size = opts.model_size(width, height)?;
@@ -627,7 +632,7 @@ impl Restorer {
         } else {
             1
         };
-        Ok(opts.steps * tiles)
+        Ok(opts.steps * tiles + VAE_PASSES)
     }
 
     /// `batchify_sample` on a model input `x` `[1, 3, H, W]` in [-1, 1] with `opts`'
@@ -679,19 +684,23 @@ impl Restorer {
         if staged {
             self.model.release_diffusion();
         }
-        let st = stage1(&self.model, &x, rng)?;
+        let mut on_call = on_call;
+        let mut tick = || on_call.as_mut().map_or(Ok(()), |f| f());
+        let st = stage1_with(&self.model, &x, rng, Some(&mut tick))?;
         crate::memory::release_free_heap();
         if !self.checkpoints.is_empty() {
             self.model.load_diffusion(&self.cfg, &self.checkpoints)?;
         }
-        let s = sample_from_stage1(&self.model, st, &c, &uc, &so, rng, on_call)?;
+        let s = sample_from_stage1(&self.model, st, &c, &uc, &so, rng, Some(&mut tick))?;
         if staged {
             self.model.release_diffusion();
         }
         crate::memory::release_free_heap();
         let out = decode_and_fix(&self.model, &s, so.color_fix);
         crate::memory::release_free_heap();
-        out
+        let out = out?;
+        tick()?;
+        Ok(out)
     }
 
     /// `test.py`'s image for the captioner ("pre-denoise for LLaVA"): `PIL2Tensor` with
