@@ -188,14 +188,14 @@ impl Llava {
     /// converted to `dtype` (the compute type).
     pub fn load(paths: &LlavaPaths, dtype: DType, dev: &Device) -> Result<Self> {
         let dir = &paths.model;
+        if let Some(pair) = gguf::GgufPair::find(dir)? {
+            return gguf::load(&pair, paths.clip.as_deref(), dtype, dev);
+        }
         if !dir.is_dir() {
             return Err(Error::NotFound {
                 path: dir.clone(),
                 what: "LLaVA model folder".into(),
             });
-        }
-        if let Some(pair) = gguf::GgufPair::find(dir)? {
-            return gguf::load(&pair, paths.clip.as_deref(), dtype, dev);
         }
         let cfg_path = dir.join("config.json");
         let clip_cfg = paths.clip.as_ref().map(|c| c.join("config.json"));
@@ -274,6 +274,7 @@ impl Llava {
     }
 
     /// Assembles a model from parts (the GGUF loader).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
         vision: ClipVisionTransformer,
         projector: MMProjector,

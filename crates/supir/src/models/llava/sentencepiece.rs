@@ -23,7 +23,8 @@ pub enum PieceType {
 }
 
 impl PieceType {
-    fn from_proto(v: u64) -> Self {
+    /// The `sentencepiece_model.proto` / GGUF `tokenizer.ggml.token_type` value.
+    pub fn from_proto(v: u64) -> Self {
         match v {
             2 => Self::Unknown,
             3 => Self::Control,
@@ -40,6 +41,27 @@ pub struct Piece {
     pub piece: String,
     pub score: f32,
     pub kind: PieceType,
+}
+
+/// The trainer/normaliser settings encoding depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct SpOptions {
+    pub byte_fallback: bool,
+    pub add_dummy_prefix: bool,
+    pub remove_extra_whitespaces: bool,
+    pub escape_whitespaces: bool,
+}
+
+impl SpOptions {
+    /// LLaMA's `tokenizer.model` settings.
+    pub fn llama() -> Self {
+        Self {
+            byte_fallback: true,
+            add_dummy_prefix: true,
+            remove_extra_whitespaces: false,
+            escape_whitespaces: true,
+        }
+    }
 }
 
 /// A SentencePiece BPE model.
@@ -207,6 +229,22 @@ impl SentencePiece {
                  normaliser is supported)"
             ));
         }
+        Self::from_pieces(
+            pieces,
+            SpOptions {
+                byte_fallback,
+                add_dummy_prefix,
+                remove_extra_whitespaces,
+                escape_whitespaces,
+            },
+        )
+    }
+
+    /// From the pieces and the normaliser options (a GGUF vocabulary).
+    pub fn from_pieces(pieces: Vec<Piece>, o: SpOptions) -> std::result::Result<Self, String> {
+        if pieces.is_empty() {
+            return Err("no pieces".into());
+        }
         let mut merge_ids = HashMap::new();
         let mut ids = HashMap::new();
         let mut user_defined = vec![];
@@ -252,10 +290,10 @@ impl SentencePiece {
             unk_id: unk_id.ok_or("no unknown piece")?,
             bos_id,
             eos_id,
-            byte_fallback,
-            add_dummy_prefix,
-            remove_extra_whitespaces,
-            escape_whitespaces,
+            byte_fallback: o.byte_fallback,
+            add_dummy_prefix: o.add_dummy_prefix,
+            remove_extra_whitespaces: o.remove_extra_whitespaces,
+            escape_whitespaces: o.escape_whitespaces,
         })
     }
 

@@ -159,6 +159,32 @@ impl LlavaTokenizer {
         }
     }
 
+    /// The slow tokenizer over a SentencePiece model built elsewhere (a GGUF vocabulary), with
+    /// LLaVA-1.5's `tokenizer_config.json` settings (BOS added, no clean-up, specials not
+    /// stripped).
+    pub fn from_sentencepiece(sp: SentencePiece, bos: Option<u32>, eos: Option<u32>, add_bos: bool) -> Self {
+        let mut specials = vec![];
+        for id in [bos, eos, Some(sp.unk_id())].into_iter().flatten() {
+            if let Some(p) = sp.piece(id) {
+                specials.push(Special {
+                    content: p.piece.clone(),
+                    id,
+                    lstrip: false,
+                    rstrip: false,
+                });
+            }
+        }
+        let special_ids = specials.iter().map(|s| s.id).collect();
+        Self {
+            backend: Backend::Slow { sp, specials },
+            bos_id: bos,
+            eos_id: eos,
+            add_bos,
+            clean_up_spaces: false,
+            special_ids,
+        }
+    }
+
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_id
     }
