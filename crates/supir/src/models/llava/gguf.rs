@@ -604,12 +604,14 @@ fn load_mmproj(
     Ok((tower, projector, cfg, processor))
 }
 
-/// Loads a GGUF pair (the LLM computes in f32 over its quantised weights; the tower in `dtype`).
+/// Loads a GGUF pair (the LLM computes in f32 over its quantised weights, the tower in f32;
+/// `dtype` is the type the prompt embeddings are handed over in).
 pub fn load(pair: &GgufPair, _clip: Option<&Path>, dtype: DType, dev: &Device) -> Result<Llava> {
     let (llm, text, tokenizer) = QuantizedLlama::load(&pair.llm, dev)?;
-    let (tower, projector, mut cfg, processor) = load_mmproj(&pair.mmproj, text.hidden_size, dtype, dev)?;
+    let (tower, projector, mut cfg, processor) =
+        load_mmproj(&pair.mmproj, text.hidden_size, DType::F32, dev)?;
     let proj_out = projector
-        .forward(&Tensor::zeros((1, 1, cfg.mm_hidden_size), dtype, dev)?)
+        .forward(&Tensor::zeros((1, 1, cfg.mm_hidden_size), DType::F32, dev)?)
         .map_err(|e| gguf_err(&pair.mmproj, e))?
         .dim(D::Minus1)?;
     if proj_out != text.hidden_size {

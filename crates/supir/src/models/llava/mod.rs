@@ -185,7 +185,8 @@ fn map_candle(e: candle_core::Error) -> Error {
 impl Llava {
     /// Loads a LLaVA-1.5 model folder: the original layout with `clip` (the CLIP folder), the
     /// llava-hf layout, or a GGUF pair (`*.gguf` LLM + `mmproj*.gguf`, see [`gguf`]). Weights are
-    /// converted to `dtype` (the compute type).
+    /// converted to `dtype`, the decoder's compute type (the CLIP tower and the projector run in
+    /// f32).
     pub fn load(paths: &LlavaPaths, dtype: DType, dev: &Device) -> Result<Self> {
         let dir = &paths.model;
         if let Some(pair) = gguf::GgufPair::find(dir)? {
@@ -246,9 +247,12 @@ impl Llava {
             Self::build_vision(check.pp(vision_prefix), &cfg)?;
             MMProjector::load(&check, &projector_config(&cfg)).map_err(map_candle)?;
         }
+        // The tower and projector compute in f32 (candle's CPU conv has no bf16 kernel; they
+        // are small), the decoder in `dtype`.
+        let vvb = source.clone().into_var_builder(DType::F32, dev);
+        let vision = Self::build_vision(vvb.pp(vision_prefix), &cfg)?;
+        let projector = MMProjector::load(&vvb, &projector_config(&cfg)).map_err(map_candle)?;
         let vb = source.into_var_builder(dtype, dev);
-        let vision = Self::build_vision(vb.pp(vision_prefix), &cfg)?;
-        let projector = MMProjector::load(&vb, &projector_config(&cfg)).map_err(map_candle)?;
         let lvb = match llama_prefix {
             Some(p) => vb.pp(p),
             None => vb,
@@ -314,7 +318,7 @@ impl Llava {
     /// transformers' `hidden_states[select_layer]` of the CLIP tower, CLS included `[1, 1+P, C]`.
     pub fn vision_hidden(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let idx = self.config.select_index()?;
-        let x = pixel_values.to_dtype(self.dtype)?;
+        let x = pixel_values.to_dtype(DType::F32)?;
         let mut states = self.vision.output_hidden_states(&x)?;
         // candle's list: one entry per layer, then the pooled output.
         states.truncate(self.config.vision.num_hidden_layers);
