@@ -393,9 +393,13 @@ impl Llava {
             .forward_embeds(embeds, 0, &mut cache)?
             .squeeze(0)?;
         let first_logits = logits.clone();
+        // Tokens the tokenizer knows only: llava-hf's padding rows (and its added `<image>`,
+        // `<pad>`) are never drawn, as in the original 32000-row model.
+        let limit = self.tokenizer.base_vocab_size().min(logits.dim(0)?);
         let mut ids = vec![];
         while ids.len() < max_new_tokens {
-            let next = sampler.sample(&logits.to_vec1::<f32>()?);
+            let row = logits.narrow(0, 0, limit)?.to_vec1::<f32>()?;
+            let next = sampler.sample(&row);
             ids.push(next);
             on_token(ids.len());
             if Some(next) == eos || ids.len() == max_new_tokens {

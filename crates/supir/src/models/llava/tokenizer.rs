@@ -193,6 +193,15 @@ impl LlavaTokenizer {
         self.eos_id
     }
 
+    /// The vocabulary without added tokens (llava-hf adds `<image>` and `<pad>` and pads the
+    /// embedding rows beyond it; the original model has exactly this many).
+    pub fn base_vocab_size(&self) -> usize {
+        match &self.backend {
+            Backend::Slow { sp, .. } => sp.vocab_size(),
+            Backend::Fast(t) => t.get_vocab_size(false),
+        }
+    }
+
     /// Whether this is the slow (SentencePiece) tokenizer.
     pub fn is_slow(&self) -> bool {
         matches!(self.backend, Backend::Slow { .. })
