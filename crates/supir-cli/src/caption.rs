@@ -140,7 +140,7 @@ impl LlavaArgs {
 
 /// Either captioner, loaded.
 pub enum AnyCaptioner {
-    Tags(TagCaptioner),
+    Tags(Box<TagCaptioner>),
     Llava(Box<LlavaCaptioner>),
 }
 
@@ -222,13 +222,14 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
     let tagger = match args.captioner {
         CaptionerArg::Tags => {
             let (ram, dape) = args.tagger.paths()?;
-            AnyCaptioner::Tags(
+            AnyCaptioner::Tags(Box::new(
                 TagCaptioner::load(&ram, &dape, DType::F32, &Device::Cpu)
                     .context("loading the DAPE tagger")?,
-            )
+            ))
         }
         CaptionerArg::Llava => AnyCaptioner::Llava(Box::new(
-            args.llava.load(args.supir_models.as_deref(), &Device::Cpu)?,
+            args.llava
+                .load(args.supir_models.as_deref(), &Device::Cpu)?,
         )),
     };
     let single = inputs.len() == 1 && args.output.is_none() && !args.json;
@@ -236,9 +237,9 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
     for path in &inputs {
         let result = (|| -> anyhow::Result<String> {
             let img = convert::pil_convert_rgb8(&file::load(path)?);
-            let caption = tagger
-                .caption(&img)
-                .with_context(|| format!("{}: {} captioning failed", path.display(), tagger.name()))?;
+            let caption = tagger.caption(&img).with_context(|| {
+                format!("{}: {} captioning failed", path.display(), tagger.name())
+            })?;
             if caption.is_empty() {
                 eprintln!(
                     "warning: {}: DAPE found no tag above its thresholds",

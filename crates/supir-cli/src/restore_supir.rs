@@ -387,10 +387,10 @@ fn auto_captions(
     let captioner = match kind {
         CaptionerArg::Tags => {
             let (ram, dape) = tagger.paths()?;
-            AnyCaptioner::Tags(
+            AnyCaptioner::Tags(Box::new(
                 TagCaptioner::load(&ram, &dape, DType::F32, &dev)
                     .context("loading the DAPE tagger")?,
-            )
+            ))
         }
         CaptionerArg::Llava => AnyCaptioner::Llava(Box::new(llava.load(models_dir, &dev)?)),
     };

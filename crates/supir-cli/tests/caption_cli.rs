@@ -287,7 +287,10 @@ fn caption_llava_greedy_is_the_official_caption() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     let err = text(&o.stderr);
-    assert!(err.contains("config.json") && err.contains("--llava-clip"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("--llava-clip"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -94,7 +94,11 @@ fn greedy(model: &Llava, embeds: &Tensor, n: usize) -> Result<crate::models::lla
 }
 
 /// Runs every case; `filter` keeps cases whose name contains it.
-pub fn run(dir: &Path, filter: Option<&str>, mut on_case: impl FnMut(&CaseResult)) -> Result<Report> {
+pub fn run(
+    dir: &Path,
+    filter: Option<&str>,
+    mut on_case: impl FnMut(&CaseResult),
+) -> Result<Report> {
     let case_path = dir.join("case.json");
     let text = std::fs::read_to_string(&case_path).map_err(|source| Error::Io {
         path: case_path.clone(),
@@ -105,12 +109,11 @@ pub fn run(dir: &Path, filter: Option<&str>, mut on_case: impl FnMut(&CaseResult
         msg: e.to_string(),
     })?;
     let golden_path = dir.join("golden.safetensors");
-    let golden = candle_core::safetensors::load(&golden_path, &Device::Cpu).map_err(|e| {
-        Error::Fixture {
+    let golden =
+        candle_core::safetensors::load(&golden_path, &Device::Cpu).map_err(|e| Error::Fixture {
             path: golden_path.clone(),
             msg: e.to_string(),
-        }
-    })?;
+        })?;
     let fx = Fx {
         dir: dir.to_path_buf(),
         case,
@@ -120,7 +123,9 @@ pub fn run(dir: &Path, filter: Option<&str>, mut on_case: impl FnMut(&CaseResult
     let mut report = Report::default();
     let mut model: Option<Llava> = None;
     let mut f32_greedy: Option<Vec<u32>> = None;
-    type CaseFn<'a> = Box<dyn FnMut(&Fx, &mut Option<Llava>, &mut Option<Vec<u32>>) -> Result<Vec<OutputCheck>> + 'a>;
+    type CaseFn<'a> = Box<
+        dyn FnMut(&Fx, &mut Option<Llava>, &mut Option<Vec<u32>>) -> Result<Vec<OutputCheck>> + 'a,
+    >;
     let load_original = |m: &mut Option<Llava>| -> Result<()> {
         if m.is_none() {
             *m = Some(Llava::load(
@@ -174,7 +179,11 @@ pub fn run(dir: &Path, filter: Option<&str>, mut on_case: impl FnMut(&CaseResult
             Ok(vec![
                 check("tokenizer_cases (mismatches)", bad, 0.0),
                 check("decode_cases (mismatches)", dbad, 0.0),
-                check("input_ids (mismatches)", mismatches(&ids, &fx.ids("input_ids")?), 0.0),
+                check(
+                    "input_ids (mismatches)",
+                    mismatches(&ids, &fx.ids("input_ids")?),
+                    0.0,
+                ),
             ])
         }),
     ));
@@ -188,7 +197,8 @@ pub fn run(dir: &Path, filter: Option<&str>, mut on_case: impl FnMut(&CaseResult
             let px = model.preprocess(&img)?;
             let vh = model.vision_hidden(fx.golden("pixel_values")?)?;
             let feats = model.image_features(fx.golden("pixel_values")?)?;
-            let embeds = model.prompt_embeds(&fx.ids("input_ids")?, fx.golden("image_features")?)?;
+            let embeds =
+                model.prompt_embeds(&fx.ids("input_ids")?, fx.golden("image_features")?)?;
             Ok(vec![
                 check(
                     "pixel_values",
@@ -314,9 +324,9 @@ pub fn run(dir: &Path, filter: Option<&str>, mut on_case: impl FnMut(&CaseResult
                         0.0,
                     ),
                     check(
-                    "image_features",
-                    max_abs_diff(&feats, fx.golden("image_features")?)?,
-                    fx.atol("image_features"),
+                        "image_features",
+                        max_abs_diff(&feats, fx.golden("image_features")?)?,
+                        fx.atol("image_features"),
                     ),
                 ];
                 if file.contains("q8") {
@@ -329,7 +339,10 @@ pub fn run(dir: &Path, filter: Option<&str>, mut on_case: impl FnMut(&CaseResult
                     load_original(m)?;
                     let want: Vec<u32> = match g {
                         Some(ids) => ids[..n.min(ids.len())].to_vec(),
-                        None => fx.ids("greedy_ids")?[..n].iter().map(|&i| i as u32).collect(),
+                        None => fx.ids("greedy_ids")?[..n]
+                            .iter()
+                            .map(|&i| i as u32)
+                            .collect(),
                     };
                     checks.push(check(
                         "greedy_ids[:16] (mismatches)",

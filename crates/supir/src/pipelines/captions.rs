@@ -170,7 +170,12 @@ pub struct LlavaCaptioner {
 
 impl LlavaCaptioner {
     /// Loads the model (see [`Llava::load`]) in `dtype`.
-    pub fn load(paths: &LlavaPaths, options: LlavaOptions, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn load(
+        paths: &LlavaPaths,
+        options: LlavaOptions,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         Self::new(Llava::load(paths, dtype, dev)?, options)
     }
 
@@ -232,7 +237,11 @@ impl LlavaCaptioner {
                 "LLaVA: {} prompt positions in {:.2}s, {n} tokens, {:.2} tokens/s after the first",
                 embeds.dim(1)?,
                 f.as_secs_f64(),
-                if rest > 0.0 { (n - 1) as f64 / rest } else { 0.0 }
+                if rest > 0.0 {
+                    (n - 1) as f64 / rest
+                } else {
+                    0.0
+                }
             );
         }
         Ok(gen.ids)

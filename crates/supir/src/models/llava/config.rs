@@ -91,7 +91,9 @@ impl Fields<'_> {
 fn llama_config(f: &Fields) -> Result<LlamaConfig> {
     let heads = f.usize_or("num_attention_heads", 32);
     if let Some(s) = f.v.get("rope_scaling").filter(|v| !v.is_null()) {
-        return Err(f.err(format!("rope_scaling {s} is not supported (LLaVA-1.5 has none)")));
+        return Err(f.err(format!(
+            "rope_scaling {s} is not supported (LLaVA-1.5 has none)"
+        )));
     }
     let act = f.str_or("hidden_act", "silu");
     if act != "silu" {
@@ -127,7 +129,9 @@ fn vision_config(f: &Fields) -> Result<ClipVisionConfig> {
     }
     let eps = f.f64_or("layer_norm_eps", 1e-5);
     if (eps - 1e-5).abs() > 1e-12 {
-        return Err(f.err(format!("vision layer_norm_eps {eps} (candle's CLIP uses 1e-5)")));
+        return Err(f.err(format!(
+            "vision layer_norm_eps {eps} (candle's CLIP uses 1e-5)"
+        )));
     }
     Ok(ClipVisionConfig {
         embed_dim: f.usize_or("hidden_size", 768),
@@ -262,7 +266,10 @@ impl LlavaConfig {
 /// The weight files of a model folder: an index json's files, else `model.safetensors` /
 /// `pytorch_model.bin`, else every `*.safetensors` (or `*.bin`).
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    for index in ["model.safetensors.index.json", "pytorch_model.bin.index.json"] {
+    for index in [
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    ] {
         let p = dir.join(index);
         if p.is_file() {
             let v = read_json(&p)?;

@@ -11,8 +11,8 @@
 //! (as candle's quantized Llama does), which on the permuted rows is the Hugging Face rotation.
 //!
 //! The `mmproj` tower is the CLIP vision model with its last layer dropped (llama.cpp reads the
-//! penultimate layer's output by computing one layer less, `clip.vision.block_count` = layers
-//! - 1) and no post-layernorm; its tensors are renamed back to transformers' names (note the
+//! penultimate layer's output by computing one layer less: `clip.vision.block_count` is the
+//! layer count minus one) and no post-layernorm; its tensors are renamed back to transformers' names (note the
 //! converter's `mlp.fc1` -> `ffn_down`, `mlp.fc2` -> `ffn_up`) and built with candle's
 //! `ClipVisionTransformer`, taking the last computed layer.
 
@@ -43,7 +43,9 @@ pub struct GgufPair {
 }
 
 fn is_gguf(p: &Path) -> bool {
-    p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    p.is_file()
+        && p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn is_mmproj(p: &Path) -> bool {
@@ -186,7 +188,10 @@ impl Meta<'_> {
             .to_vec()
             .map_err(|e| gguf_err(self.path, format!("`{k}`: {e}")))?
             .iter()
-            .map(|v| v.to_f32().map_err(|e| gguf_err(self.path, format!("`{k}`: {e}"))))
+            .map(|v| {
+                v.to_f32()
+                    .map_err(|e| gguf_err(self.path, format!("`{k}`: {e}")))
+            })
             .collect()
     }
 }
@@ -211,7 +216,10 @@ fn gguf_tokenizer(m: &Meta) -> Result<LlavaTokenizer> {
         .to_vec()
         .map_err(|e| gguf_err(m.path, e))?;
     if scores.len() != tokens.len() || types.len() != tokens.len() {
-        return Err(gguf_err(m.path, "tokens, scores and types differ in length"));
+        return Err(gguf_err(
+            m.path,
+            "tokens, scores and types differ in length",
+        ));
     }
     let mut pieces = Vec::with_capacity(tokens.len());
     for ((t, s), k) in tokens.iter().zip(&scores).zip(types) {
@@ -270,10 +278,7 @@ impl QuantizedLlama {
     /// From an opened `llama` GGUF; also returns the config it read.
     fn load(path: &Path, dev: &Device) -> Result<(Self, LlamaConfig, LlavaTokenizer)> {
         let (content, _) = read_content(path)?;
-        let m = Meta {
-            c: &content,
-            path,
-        };
+        let m = Meta { c: &content, path };
         match m.str("general.architecture") {
             Some("llama") => {}
             other => {
@@ -498,12 +503,14 @@ fn load_mmproj(
     hidden: usize,
     dtype: DType,
     dev: &Device,
-) -> Result<(ClipVisionTransformer, MMProjector, LlavaConfig, ClipProcessorConfig)> {
+) -> Result<(
+    ClipVisionTransformer,
+    MMProjector,
+    LlavaConfig,
+    ClipProcessorConfig,
+)> {
     let (content, mut file) = read_content(path)?;
-    let m = Meta {
-        c: &content,
-        path,
-    };
+    let m = Meta { c: &content, path };
     if m.str("general.architecture") != Some("clip") {
         return Err(gguf_err(
             path,
@@ -514,16 +521,25 @@ fn load_mmproj(
         ));
     }
     if m.bool_or("clip.use_gelu", false) {
-        return Err(gguf_err(path, "clip.use_gelu: CLIP ViT-L/14 uses quick_gelu"));
+        return Err(gguf_err(
+            path,
+            "clip.use_gelu: CLIP ViT-L/14 uses quick_gelu",
+        ));
     }
     if let Some(p) = m.str("clip.projector_type") {
         if p != "mlp" {
-            return Err(gguf_err(path, format!("projector type `{p}` (LLaVA-1.5: mlp)")));
+            return Err(gguf_err(
+                path,
+                format!("projector type `{p}` (LLaVA-1.5: mlp)"),
+            ));
         }
     }
     let eps = m.f32_or("clip.vision.attention.layer_norm_epsilon", 1e-5);
     if (eps - 1e-5).abs() > 1e-9 {
-        return Err(gguf_err(path, format!("layer_norm_epsilon {eps} (candle's CLIP: 1e-5)")));
+        return Err(gguf_err(
+            path,
+            format!("layer_norm_epsilon {eps} (candle's CLIP: 1e-5)"),
+        ));
     }
     let embed_dim = m.usize("clip.vision.embedding_length")?;
     let vision = ClipVisionConfig {
@@ -576,13 +592,12 @@ fn load_mmproj(
     // The pooled output's norm is unused (dropped by the converter): neutral values.
     for (n, ones) in [("weight", true), ("bias", false)] {
         let k = format!("vision_model.post_layernorm.{n}");
-        if !tensors.contains_key(&k) {
-            let t = if ones {
+        if let std::collections::hash_map::Entry::Vacant(slot) = tensors.entry(k) {
+            slot.insert(if ones {
                 Tensor::ones(embed_dim, DType::F32, dev)?
             } else {
                 Tensor::zeros(embed_dim, DType::F32, dev)?
-            };
-            tensors.insert(k, t);
+            });
         }
     }
     let cfg = LlavaConfig {
@@ -599,7 +614,10 @@ fn load_mmproj(
         projector_type: "mlp2x_gelu".into(),
     };
     let vb = candle_nn::VarBuilder::from_tensors(tensors, dtype, dev);
-    let tower = ge(path, ClipVisionTransformer::new(vb.pp("vision_model"), &cfg.vision))?;
+    let tower = ge(
+        path,
+        ClipVisionTransformer::new(vb.pp("vision_model"), &cfg.vision),
+    )?;
     let projector = ge(path, MMProjector::load(&vb, &projector_config(&cfg)))?;
     Ok((tower, projector, cfg, processor))
 }

@@ -62,7 +62,12 @@ impl Decoder {
     }
 
     /// Logits `[1, V]` (f32) of the last position of `embeds` `[1, T, H]` at `pos`.
-    fn forward_embeds(&self, embeds: &Tensor, pos: usize, cache: &mut DecoderCache) -> Result<Tensor> {
+    fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        pos: usize,
+        cache: &mut DecoderCache,
+    ) -> Result<Tensor> {
         Ok(match (self, cache) {
             (Self::Full { llama, .. }, DecoderCache::Full(c)) => {
                 llama.forward_input_embed(embeds, pos, c)?
@@ -260,6 +265,38 @@ impl Llava {
         let llama = Llama::load(lvb, &cfg.text).map_err(map_candle)?;
         Ok(Self {
             vision,
+            projector,
+            decoder: Decoder::Full {
+                llama,
+                cfg: cfg.text.clone(),
+            },
+            config: cfg,
+            tokenizer,
+            processor,
+            dtype,
+            device: dev.clone(),
+        })
+    }
+
+    /// The model over var builders in the original layout's names (`vision` for the tower and
+    /// projector, read in f32; `llm` for the decoder, in `dtype`): e.g. seeded random weights
+    /// at full size for timing. `llm` must hold every decoder weight (candle's `Llama::load`
+    /// panics on a missing one; [`Self::load`] checks them first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_var_builders(
+        cfg: LlavaConfig,
+        tokenizer: LlavaTokenizer,
+        processor: ClipProcessorConfig,
+        vision: VarBuilder,
+        llm: VarBuilder,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let tower = Self::build_vision(vision.pp("vision_model"), &cfg)?;
+        let projector = MMProjector::load(&vision, &projector_config(&cfg)).map_err(map_candle)?;
+        let llama = Llama::load(llm, &cfg.text).map_err(map_candle)?;
+        Ok(Self {
+            vision: tower,
             projector,
             decoder: Decoder::Full {
                 llama,

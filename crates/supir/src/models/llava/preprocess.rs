@@ -173,6 +173,10 @@ impl ClipProcessorConfig {
                 }
             }
         }
-        Ok(Tensor::from_vec(out, (1, 3, ch as usize, cw as usize), dev)?)
+        Ok(Tensor::from_vec(
+            out,
+            (1, 3, ch as usize, cw as usize),
+            dev,
+        )?)
     }
 }

@@ -11,6 +11,9 @@ use crate::{Error, Result};
 
 const SPACE: char = '\u{2581}';
 
+/// A merged unused piece's span -> the spans of the two symbols it was merged from.
+type RevMerge = HashMap<(usize, usize), ((usize, usize), (usize, usize))>;
+
 /// Piece types of `sentencepiece_model.proto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PieceType {
@@ -362,7 +365,10 @@ impl SentencePiece {
         let mut pos = 0;
         while pos < norm.len() {
             let rest = &norm[pos..];
-            let (len, freeze) = match self.user_defined.iter().find(|u| rest.starts_with(u.as_str()))
+            let (len, freeze) = match self
+                .user_defined
+                .iter()
+                .find(|u| rest.starts_with(u.as_str()))
             {
                 Some(u) => (u.len(), true),
                 None => (rest.chars().next().map_or(1, char::len_utf8), false),
@@ -399,11 +405,10 @@ impl SentencePiece {
             }
         }
         let mut agenda = std::collections::BinaryHeap::new();
-        let mut rev_merge: HashMap<(usize, usize), ((usize, usize), (usize, usize))> =
-            HashMap::new();
+        let mut rev_merge: RevMerge = HashMap::new();
         let add = |syms: &Vec<Sym>,
                    agenda: &mut std::collections::BinaryHeap<Pair>,
-                   rev: &mut HashMap<(usize, usize), ((usize, usize), (usize, usize))>,
+                   rev: &mut RevMerge,
                    l: isize,
                    r: isize| {
             if l < 0 || r < 0 {
@@ -431,7 +436,13 @@ impl SentencePiece {
             }
         };
         for i in 1..syms.len() {
-            add(&syms, &mut agenda, &mut rev_merge, i as isize - 1, i as isize);
+            add(
+                &syms,
+                &mut agenda,
+                &mut rev_merge,
+                i as isize - 1,
+                i as isize,
+            );
         }
         while let Some(top) = agenda.pop() {
             let (l, r) = (top.left, top.right);
@@ -460,13 +471,7 @@ impl SentencePiece {
         out
     }
 
-    fn resegment(
-        &self,
-        span: (usize, usize),
-        norm: &str,
-        rev: &HashMap<(usize, usize), ((usize, usize), (usize, usize))>,
-        out: &mut Vec<u32>,
-    ) {
+    fn resegment(&self, span: (usize, usize), norm: &str, rev: &RevMerge, out: &mut Vec<u32>) {
         let w = &norm[span.0..span.0 + span.1];
         match self.ids.get(w) {
             Some(&id) => {

@@ -26,7 +26,7 @@ struct Special {
 
 enum Backend {
     Slow {
-        sp: SentencePiece,
+        sp: Box<SentencePiece>,
         specials: Vec<Special>,
     },
     Fast(Box<tokenizers::Tokenizer>),
@@ -115,7 +115,10 @@ impl LlavaTokenizer {
             let mut special_ids: Vec<u32> = specials.iter().map(|s| s.id).collect();
             special_ids.push(sp.unk_id());
             Ok(Self {
-                backend: Backend::Slow { sp, specials },
+                backend: Backend::Slow {
+                    sp: Box::new(sp),
+                    specials,
+                },
                 bos_id,
                 eos_id,
                 add_bos,
@@ -162,7 +165,12 @@ impl LlavaTokenizer {
     /// The slow tokenizer over a SentencePiece model built elsewhere (a GGUF vocabulary), with
     /// LLaVA-1.5's `tokenizer_config.json` settings (BOS added, no clean-up, specials not
     /// stripped).
-    pub fn from_sentencepiece(sp: SentencePiece, bos: Option<u32>, eos: Option<u32>, add_bos: bool) -> Self {
+    pub fn from_sentencepiece(
+        sp: SentencePiece,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        add_bos: bool,
+    ) -> Self {
         let mut specials = vec![];
         for id in [bos, eos, Some(sp.unk_id())].into_iter().flatten() {
             if let Some(p) = sp.piece(id) {
@@ -176,7 +184,10 @@ impl LlavaTokenizer {
         }
         let special_ids = specials.iter().map(|s| s.id).collect();
         Self {
-            backend: Backend::Slow { sp, specials },
+            backend: Backend::Slow {
+                sp: Box::new(sp),
+                specials,
+            },
             bos_id: bos,
             eos_id: eos,
             add_bos,
