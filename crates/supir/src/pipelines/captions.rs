@@ -260,3 +260,21 @@ impl LlavaCaptioner {
         Ok(caption)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llava_answer_post_processing() {
+        assert_eq!(
+            llava_postprocess("  A cat.\nOn a mat.</s> "),
+            "A cat. On a mat."
+        );
+        assert_eq!(llava_postprocess("x\r\ny"), "x  y");
+        assert_eq!(llava_postprocess(" </s>"), "");
+        assert!(vicuna_v1_prompt(LLAVA_QUESTION).ends_with(
+            "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
+        ));
+    }
+}

@@ -180,3 +180,22 @@ impl ClipProcessorConfig {
         )?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortest_side_resize_truncates_the_long_side() {
+        let c = ClipProcessorConfig::default();
+        // int(336 * 83 / 61) = 457; portrait keeps the orientation.
+        assert_eq!(c.resized_size(83, 61), (457, 336));
+        assert_eq!(c.resized_size(61, 83), (336, 457));
+        assert_eq!(c.resized_size(500, 500), (336, 336));
+        let px = c.preprocess(&RgbImage::new(83, 61), &Device::Cpu).unwrap();
+        assert_eq!(px.dims(), &[1, 3, 336, 336]);
+        // Black: (0 - mean) / std per channel.
+        let v = px.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((v[0] + 0.481_454_66 / 0.268_629_54).abs() < 1e-6);
+    }
+}
