@@ -15,6 +15,9 @@
 //! layer count minus one) and no post-layernorm; its tensors are renamed back to transformers' names (note the
 //! converter's `mlp.fc1` -> `ffn_down`, `mlp.fc2` -> `ffn_up`) and built with candle's
 //! `ClipVisionTransformer`, taking the last computed layer.
+//!
+//! Memory: candle 0.11 repacks Q4_K (and, with AVX-512, Q8_0) matrices into a tiled copy on
+//! x86 at their first product and keeps both, so the pair needs about twice its file size.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
