@@ -56,8 +56,9 @@ pub struct LlavaArgs {
     /// `SUPIR_LLAVA_CLIP`).
     #[arg(long, env = "SUPIR_LLAVA_CLIP", help_heading = "LLaVA captioner")]
     pub llava_clip: Option<PathBuf>,
-    /// Compute type of LLaVA (a GGUF LLM always computes in f32 over its quantised weights).
-    #[arg(long, value_enum, default_value_t = LlavaDtype::Bf16, help_heading = "LLaVA captioner")]
+    /// Compute type of the LLaVA decoder (f16 as the official release; the CLIP tower runs in f32,
+    /// a GGUF LLM in f32 over its quantised weights).
+    #[arg(long, value_enum, default_value_t = LlavaDtype::F16, help_heading = "LLaVA captioner")]
     pub llava_dtype: LlavaDtype,
     /// Sampling temperature (the official 0.2); 0 decodes greedily.
     #[arg(long, default_value_t = 0.2, help_heading = "LLaVA captioner")]
