@@ -160,6 +160,15 @@ impl AnyCaptioner {
             Self::Llava(l) => l.caption(img),
         }
     }
+
+    /// [`Self::caption`], an empty LLaVA caption as `""` (the restore warns and uses none, as
+    /// for DAPE finding no tag).
+    pub fn caption_or_empty(&self, img: &RgbImage) -> supir::Result<String> {
+        match self.caption(img) {
+            Err(supir::Error::EmptyCaption { .. }) => Ok(String::new()),
+            r => r,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -409,13 +409,13 @@ fn auto_captions(
                 let tiles = restorer.denoised_tiles_for_caption(img, opts)?;
                 let v = tiles
                     .iter()
-                    .map(|t| captioner.caption(t))
+                    .map(|t| captioner.caption_or_empty(t))
                     .collect::<supir::Result<Vec<_>>>()?;
                 write_caption(&path, &serde_json::to_string_pretty(&v)?)?;
                 Ok(Captions::PerTile(v))
             } else {
                 let clean = restorer.denoised_for_caption(img, opts)?;
-                let c = captioner.caption(&clean)?;
+                let c = captioner.caption_or_empty(&clean)?;
                 write_caption(&path, &c)?;
                 Ok(Captions::Global(c))
             }

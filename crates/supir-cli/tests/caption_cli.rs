@@ -330,3 +330,72 @@ fn supir_caption_auto_with_llava_writes_the_caption() {
     assert!(!caption.is_empty());
     assert!(out.is_file());
 }
+
+#[test]
+fn an_empty_llava_caption_is_reported() {
+    // llava-hf weights with a zero LM head: greedy decoding picks <unk> (skipped): empty answer.
+    let d = tmpdir("llava-empty");
+    let m = d.join("llava-hf");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(llava_tiny().join("llava-hf")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, m.join(p.file_name().unwrap())).unwrap();
+    }
+    let st = m.join("model.safetensors");
+    let dev = candle_core::Device::Cpu;
+    let mut ts = candle_core::safetensors::load(&st, &dev).unwrap();
+    let head = &ts["language_model.lm_head.weight"];
+    let zero = candle_core::Tensor::zeros(head.shape(), head.dtype(), &dev).unwrap();
+    ts.insert("language_model.lm_head.weight".into(), zero);
+    candle_core::safetensors::save(&ts, &st).unwrap();
+    let input = d.join("in.png");
+    DynamicImage::ImageRgb8(ImageBuffer::from_pixel(40, 30, Rgb([90u8, 60, 30])))
+        .save(&input)
+        .unwrap();
+    let llava = [
+        "--captioner",
+        "llava",
+        "--llava",
+        s(&m),
+        "--llava-temperature",
+        "0",
+        "--llava-max-tokens",
+        "4",
+    ];
+    // `supir caption`: the image fails, naming the cause.
+    let mut args = vec!["caption", s(&input)];
+    args.extend(llava);
+    let o = supir(&args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("empty caption"),
+        "{}",
+        text(&o.stderr)
+    );
+    // `restore --caption auto`: a warning, and the restore goes on without a caption.
+    let out = d.join("a.png");
+    let supir_tiny = root().join("fixtures/supir-tiny");
+    let mut args = vec![
+        "restore",
+        s(&input),
+        "-o",
+        s(&out),
+        "--model-dir",
+        s(&supir_tiny),
+        "--steps",
+        "1",
+        "--min-size",
+        "64",
+        "--caption",
+        "auto",
+    ];
+    args.extend(llava);
+    let o = supir(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("LLaVA gave an empty caption; no caption used"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(out.is_file());
+}
