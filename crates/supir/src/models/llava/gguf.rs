@@ -134,7 +134,7 @@ fn gguf_err(path: &Path, e: impl std::fmt::Display) -> Error {
 
 /// A candle result with the error naming the file.
 fn ge<T>(path: &Path, r: candle_core::Result<T>) -> Result<T> {
-    r.map_err(|e| gguf_err(path, e))
+    r.map_err(|e| gguf_err(path, super::map_candle(e)))
 }
 
 fn read_content(path: &Path) -> Result<(gguf_file::Content, std::fs::File)> {
@@ -142,7 +142,7 @@ fn read_content(path: &Path) -> Result<(gguf_file::Content, std::fs::File)> {
         path: path.to_path_buf(),
         source,
     })?;
-    let c = gguf_file::Content::read(&mut f).map_err(|e| gguf_err(path, e))?;
+    let c = gguf_file::Content::read(&mut f).map_err(|e| gguf_err(path, super::map_candle(e)))?;
     Ok((c, f))
 }
 
@@ -163,7 +163,7 @@ impl Meta<'_> {
         v.to_u64()
             .map(|x| x as usize)
             .or_else(|_| v.to_i32().map(|x| x as usize))
-            .map_err(|e| gguf_err(self.path, format!("`{k}`: {e}")))
+            .map_err(|e| gguf_err(self.path, format!("`{k}`: {}", super::map_candle(e))))
     }
     fn f32_or(&self, k: &str, d: f32) -> f32 {
         self.c
@@ -189,11 +189,11 @@ impl Meta<'_> {
     fn f32s(&self, k: &str) -> Result<Vec<f32>> {
         self.get(k)?
             .to_vec()
-            .map_err(|e| gguf_err(self.path, format!("`{k}`: {e}")))?
+            .map_err(|e| gguf_err(self.path, format!("`{k}`: {}", super::map_candle(e))))?
             .iter()
             .map(|v| {
                 v.to_f32()
-                    .map_err(|e| gguf_err(self.path, format!("`{k}`: {e}")))
+                    .map_err(|e| gguf_err(self.path, format!("`{k}`: {}", super::map_candle(e))))
             })
             .collect()
     }
@@ -212,12 +212,12 @@ fn gguf_tokenizer(m: &Meta) -> Result<LlavaTokenizer> {
     let tokens = m
         .get("tokenizer.ggml.tokens")?
         .to_vec()
-        .map_err(|e| gguf_err(m.path, e))?;
+        .map_err(|e| gguf_err(m.path, super::map_candle(e)))?;
     let scores = m.f32s("tokenizer.ggml.scores")?;
     let types = m
         .get("tokenizer.ggml.token_type")?
         .to_vec()
-        .map_err(|e| gguf_err(m.path, e))?;
+        .map_err(|e| gguf_err(m.path, super::map_candle(e)))?;
     if scores.len() != tokens.len() || types.len() != tokens.len() {
         return Err(gguf_err(
             m.path,
@@ -226,8 +226,13 @@ fn gguf_tokenizer(m: &Meta) -> Result<LlavaTokenizer> {
     }
     let mut pieces = Vec::with_capacity(tokens.len());
     for ((t, s), k) in tokens.iter().zip(&scores).zip(types) {
-        let piece = t.to_string().map_err(|e| gguf_err(m.path, e))?.clone();
-        let kind = k.to_i32().map_err(|e| gguf_err(m.path, e))?;
+        let piece = t
+            .to_string()
+            .map_err(|e| gguf_err(m.path, super::map_candle(e)))?
+            .clone();
+        let kind = k
+            .to_i32()
+            .map_err(|e| gguf_err(m.path, super::map_candle(e)))?;
         pieces.push(Piece {
             piece,
             score: *s,
@@ -313,7 +318,8 @@ impl QuantizedLlama {
             .map(|t| t.shape.dims()[0])
             .ok_or_else(|| gguf_err(path, "no tensor `token_embd.weight`"))?;
         drop(content);
-        let vb = QVarBuilder::from_gguf(path, dev).map_err(|e| gguf_err(path, e))?;
+        let vb =
+            QVarBuilder::from_gguf(path, dev).map_err(|e| gguf_err(path, super::map_candle(e)))?;
         let embed = ge(path, Embedding::new(vocab, hidden, vb.pp("token_embd")))?;
         let kv = head_dim * n_kv_head;
         let mut layers = Vec::with_capacity(n_layer);
@@ -580,7 +586,7 @@ fn load_mmproj(
         let t = content
             .tensor(&mut file, name, dev)
             .and_then(|q| q.dequantize(dev))
-            .map_err(|e| gguf_err(path, format!("{name}: {e}")))?;
+            .map_err(|e| gguf_err(path, format!("{name}: {}", super::map_candle(e))))?;
         tensors.insert(hf, t);
     }
     for (n, what) in [
@@ -633,7 +639,7 @@ pub fn load(pair: &GgufPair, _clip: Option<&Path>, dtype: DType, dev: &Device) -
         load_mmproj(&pair.mmproj, text.hidden_size, DType::F32, dev)?;
     let proj_out = projector
         .forward(&Tensor::zeros((1, 1, cfg.mm_hidden_size), DType::F32, dev)?)
-        .map_err(|e| gguf_err(&pair.mmproj, e))?
+        .map_err(|e| gguf_err(&pair.mmproj, super::map_candle(e)))?
         .dim(D::Minus1)?;
     if proj_out != text.hidden_size {
         return Err(gguf_err(

@@ -183,8 +183,13 @@ pub fn llama_weight_shapes(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-fn map_candle(e: candle_core::Error) -> Error {
-    Error::Candle(e)
+/// A candle error without the backtrace candle attaches under `RUST_BACKTRACE` (errors stay one
+/// line: a missing key's or shape's message names the file).
+pub(crate) fn map_candle(e: candle_core::Error) -> Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => map_candle(*inner),
+        e => Error::Candle(e),
+    }
 }
 
 impl Llava {
