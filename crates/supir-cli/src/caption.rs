@@ -1,13 +1,17 @@
-//! `supir caption`: automatic captions of an image or a folder (DAPE tags; LLaVA later), with
-//! the weight-finding rules of `restore` (`--seesr-models DIR`, `--ram` / `--dape`).
+//! `supir caption`: automatic captions of an image or a folder (DAPE tags, or LLaVA-1.5), with
+//! the weight-finding rules of `restore` (`--seesr-models DIR`, `--ram` / `--dape` for the tags;
+//! `--llava`, `--llava-clip` or `llava/` + `clip-vit-large-patch14-336/` under `--supir-models`
+//! for LLaVA).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
+use image::RgbImage;
 use supir::image_io::{convert, file};
-use supir::pipelines::captions::TagCaptioner;
+use supir::models::llava::LlavaPaths;
+use supir::pipelines::captions::{LlavaCaptioner, LlavaOptions, TagCaptioner};
 
 use crate::restore_seesr::TaggerArgs;
 
@@ -26,13 +30,152 @@ pub struct CaptionArgs {
     json: bool,
     #[command(flatten)]
     tagger: TaggerArgs,
+    #[command(flatten)]
+    llava: LlavaArgs,
+    /// The SUPIR weights folder; LLaVA is looked for in its `llava/` and
+    /// `clip-vit-large-patch14-336/` (also `SUPIR_MODELS`).
+    #[arg(long, env = "SUPIR_MODELS", help_heading = "LLaVA captioner")]
+    supir_models: Option<PathBuf>,
+}
+
+/// Folder names LLaVA is looked for under a models folder (SUPIR's `CKPT_PTH.py` names).
+pub const LLAVA_DIR: &str = "llava";
+pub const LLAVA_CLIP_DIR: &str = "clip-vit-large-patch14-336";
+
+/// Where LLaVA-1.5 is and how it samples.
+#[derive(Args, Debug, Clone)]
+pub struct LlavaArgs {
+    /// LLaVA-1.5: a `liuhaotian/llava-v1.5-*` folder (with --llava-clip), a
+    /// `llava-hf/llava-1.5-*-hf` folder, or llama.cpp's GGUF pair (the LLM `.gguf` with its
+    /// `*mmproj*.gguf` beside it, or their folder) [default: `llava/` under --supir-models]
+    /// (also `SUPIR_LLAVA`).
+    #[arg(long, env = "SUPIR_LLAVA", help_heading = "LLaVA captioner")]
+    pub llava: Option<PathBuf>,
+    /// The `openai/clip-vit-large-patch14-336` folder, for the original layout [default:
+    /// `clip-vit-large-patch14-336/` beside the LLaVA folder or under --supir-models] (also
+    /// `SUPIR_LLAVA_CLIP`).
+    #[arg(long, env = "SUPIR_LLAVA_CLIP", help_heading = "LLaVA captioner")]
+    pub llava_clip: Option<PathBuf>,
+    /// Compute type of the LLaVA decoder (f16 as the official release; the CLIP tower runs in f32,
+    /// a GGUF LLM in f32 over its quantised weights).
+    #[arg(long, value_enum, default_value_t = LlavaDtype::F16, help_heading = "LLaVA captioner")]
+    pub llava_dtype: LlavaDtype,
+    /// Sampling temperature (the official 0.2); 0 decodes greedily.
+    #[arg(long, default_value_t = 0.2, help_heading = "LLaVA captioner")]
+    pub llava_temperature: f64,
+    /// Nucleus sampling mass (the official 0.7).
+    #[arg(long, default_value_t = 0.7, help_heading = "LLaVA captioner")]
+    pub llava_top_p: f64,
+    /// Most tokens per caption (the official 512).
+    #[arg(long, default_value_t = 512, help_heading = "LLaVA captioner")]
+    pub llava_max_tokens: usize,
+    /// Seed of the sampling: the same image gets the same caption.
+    #[arg(long, default_value_t = 0, help_heading = "LLaVA captioner")]
+    pub llava_seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LlavaDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl LlavaArgs {
+    /// The model and CLIP folders: each from its option, else from `models_dir`.
+    pub fn paths(&self, models_dir: Option<&Path>) -> anyhow::Result<LlavaPaths> {
+        let model = match (&self.llava, models_dir) {
+            (Some(p), _) => p.clone(),
+            (None, Some(d)) => d.join(LLAVA_DIR),
+            (None, None) => bail!(
+                "the llava captioner needs LLaVA-1.5: give --llava DIR (or SUPIR_LLAVA=DIR; a \
+                 liuhaotian/llava-v1.5-13b folder with --llava-clip DIR, a llava-hf folder, or a \
+                 GGUF pair), or --supir-models DIR holding {LLAVA_DIR}/ and {LLAVA_CLIP_DIR}/"
+            ),
+        };
+        if !model.exists() {
+            bail!("{}: not found (LLaVA model)", model.display());
+        }
+        let clip = self.llava_clip.clone().or_else(|| {
+            let beside = model
+                .parent()
+                .map(|p| p.join(LLAVA_CLIP_DIR))
+                .filter(|p| p.is_dir());
+            beside.or_else(|| {
+                models_dir
+                    .map(|d| d.join(LLAVA_CLIP_DIR))
+                    .filter(|p| p.is_dir())
+            })
+        });
+        Ok(LlavaPaths { model, clip })
+    }
+
+    pub fn options(&self) -> LlavaOptions {
+        LlavaOptions {
+            temperature: self.llava_temperature,
+            top_p: self.llava_top_p,
+            max_new_tokens: self.llava_max_tokens,
+            seed: self.llava_seed,
+            ..LlavaOptions::default()
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.llava_dtype {
+            LlavaDtype::F32 => DType::F32,
+            LlavaDtype::Bf16 => DType::BF16,
+            LlavaDtype::F16 => DType::F16,
+        }
+    }
+
+    /// Loads the captioner on `dev`.
+    pub fn load(&self, models_dir: Option<&Path>, dev: &Device) -> anyhow::Result<LlavaCaptioner> {
+        let paths = self.paths(models_dir)?;
+        let t = std::time::Instant::now();
+        let c = LlavaCaptioner::load(&paths, self.options(), self.dtype(), dev)
+            .with_context(|| format!("loading LLaVA from {}", paths.model.display()))?;
+        tracing::info!("LLaVA loaded in {:.1?}", t.elapsed());
+        Ok(c)
+    }
+}
+
+/// Either captioner, loaded.
+pub enum AnyCaptioner {
+    Tags(Box<TagCaptioner>),
+    Llava(Box<LlavaCaptioner>),
+}
+
+impl AnyCaptioner {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Tags(_) => "DAPE",
+            Self::Llava(_) => "LLaVA",
+        }
+    }
+
+    /// The caption of `img`: for LLaVA an empty caption is an error.
+    pub fn caption(&self, img: &RgbImage) -> supir::Result<String> {
+        match self {
+            Self::Tags(t) => t.caption(img),
+            Self::Llava(l) => l.caption(img),
+        }
+    }
+
+    /// [`Self::caption`], an empty LLaVA caption as `""` (the restore warns and uses none, as
+    /// for DAPE finding no tag).
+    pub fn caption_or_empty(&self, img: &RgbImage) -> supir::Result<String> {
+        match self.caption(img) {
+            Err(supir::Error::EmptyCaption { .. }) => Ok(String::new()),
+            r => r,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum CaptionerArg {
     /// DAPE's tags, as SeeSR's `get_validation_prompt` tags its input.
     Tags,
-    /// LLaVA-1.5, SUPIR's captioner (not in this build).
+    /// LLaVA-1.5, SUPIR's captioner (`llava_agent.py`).
     Llava,
 }
 
@@ -82,26 +225,31 @@ pub fn write_caption(path: &Path, caption: &str) -> anyhow::Result<()> {
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
-    if args.captioner == CaptionerArg::Llava {
-        bail!(
-            "--captioner llava: LLaVA captions are not available in this build yet; use --captioner tags"
-        );
-    }
     let inputs = images(&args.input)?;
     if let Some(dir) = &args.output {
         std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
     }
-    let (ram, dape) = args.tagger.paths()?;
-    let tagger = TagCaptioner::load(&ram, &dape, DType::F32, &Device::Cpu)
-        .context("loading the DAPE tagger")?;
+    let tagger = match args.captioner {
+        CaptionerArg::Tags => {
+            let (ram, dape) = args.tagger.paths()?;
+            AnyCaptioner::Tags(Box::new(
+                TagCaptioner::load(&ram, &dape, DType::F32, &Device::Cpu)
+                    .context("loading the DAPE tagger")?,
+            ))
+        }
+        CaptionerArg::Llava => AnyCaptioner::Llava(Box::new(
+            args.llava
+                .load(args.supir_models.as_deref(), &Device::Cpu)?,
+        )),
+    };
     let single = inputs.len() == 1 && args.output.is_none() && !args.json;
     let mut failures = Vec::new();
     for path in &inputs {
         let result = (|| -> anyhow::Result<String> {
             let img = convert::pil_convert_rgb8(&file::load(path)?);
-            let caption = tagger
-                .caption(&img)
-                .with_context(|| format!("{}: tagging failed", path.display()))?;
+            let caption = tagger.caption(&img).with_context(|| {
+                format!("{}: {} captioning failed", path.display(), tagger.name())
+            })?;
             if caption.is_empty() {
                 eprintln!(
                     "warning: {}: DAPE found no tag above its thresholds",

@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A fixture folder (config.yaml, weights.safetensors, cases.json, cases.safetensors).
+    /// A fixture folder: SUPIR (config.yaml, weights.safetensors, cases.json, cases.safetensors),
+    /// SeeSR, or LLaVA (case.json, golden.safetensors, llava/, clip/, llava-hf/, gguf/).
     dir: PathBuf,
     /// Only cases whose name contains this.
     #[arg(long)]

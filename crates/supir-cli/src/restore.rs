@@ -248,7 +248,14 @@ pub fn run(args: RestoreArgs) -> anyhow::Result<()> {
     match backend {
         Backend::Supir(spec) => {
             let folder = std::fs::metadata(&input).is_ok_and(|m| m.is_dir());
-            restore_supir::run(&jobs, &args.supir, &spec, folder, &args.seesr.tagger)
+            restore_supir::run(
+                &jobs,
+                &args.supir,
+                &spec,
+                folder,
+                &args.seesr.tagger,
+                args.supir_models.as_deref(),
+            )
         }
         Backend::Seesr(paths) => {
             if let Some(f) = &args.supir.tile_prompts {

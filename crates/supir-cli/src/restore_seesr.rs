@@ -191,6 +191,12 @@ impl SeesrArgs {
             o.upscale = u as u32;
         }
         // `--caption auto`: SeeSR's prompt already starts with DAPE's tags of the image.
+        if shared.captioner == crate::caption::CaptionerArg::Llava {
+            bail!(
+                "--captioner llava is a SUPIR option: SeeSR's flow prompts with its own DAPE tags \
+                 (add your words with --caption or --prompt)"
+            );
+        }
         let caption = shared.caption.clone().filter(|c| c != "auto");
         if let Some(p) = self.prompt.clone().or(caption) {
             o.prompt = p;

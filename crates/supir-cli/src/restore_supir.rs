@@ -18,7 +18,7 @@ use supir::pipelines::supir::restore::{
 };
 use supir::schedulers::sampler::SamplerKind;
 
-use crate::caption::{text_beside, write_caption, CaptionerArg};
+use crate::caption::{text_beside, write_caption, AnyCaptioner, CaptionerArg, LlavaArgs};
 use crate::restore::{pending_jobs, run_jobs, Job};
 use crate::restore_seesr::TaggerArgs;
 
@@ -100,6 +100,8 @@ pub struct SupirArgs {
     /// The model behind `--caption auto`.
     #[arg(long, value_enum, default_value_t = CaptionerArg::Tags, help_heading = "SUPIR sampling")]
     pub(crate) captioner: CaptionerArg,
+    #[command(flatten)]
+    pub(crate) llava: LlavaArgs,
     /// Per-tile captions (the official local prompts), for the tiled samplers: tile j (in
     /// `--list-tiles` order) gets caption j + the positive prompt, instead of --caption. FILE holds
     /// one caption per line (blank lines skipped) or a JSON array of strings; one per tile. One
@@ -350,9 +352,10 @@ fn auto_captions(
     restorer: &Restorer,
     todo: &[Job],
     opts: &RestoreOptions,
-    tagger: &TaggerArgs,
+    which: (&CaptionerArg, &TaggerArgs, &LlavaArgs, Option<&Path>),
     first: Option<&image::DynamicImage>,
 ) -> anyhow::Result<HashMap<PathBuf, Captions>> {
+    let (kind, tagger, llava, models_dir) = which;
     let tiled = opts.sample_options(&restorer.cfg)?.sampler.is_tiled();
     let mut captions = HashMap::new();
     let mut missing = Vec::new();
@@ -379,10 +382,18 @@ fn auto_captions(
     if missing.is_empty() {
         return Ok(captions);
     }
-    let (ram, dape) = tagger.paths()?;
     let t = Instant::now();
-    let captioner = TagCaptioner::load(&ram, &dape, DType::F32, &restorer.model.device())
-        .context("loading the DAPE tagger")?;
+    let dev = restorer.model.device();
+    let captioner = match kind {
+        CaptionerArg::Tags => {
+            let (ram, dape) = tagger.paths()?;
+            AnyCaptioner::Tags(Box::new(
+                TagCaptioner::load(&ram, &dape, DType::F32, &dev)
+                    .context("loading the DAPE tagger")?,
+            ))
+        }
+        CaptionerArg::Llava => AnyCaptioner::Llava(Box::new(llava.load(models_dir, &dev)?)),
+    };
     for job in missing {
         let result = (|| -> anyhow::Result<Captions> {
             let loaded;
@@ -398,13 +409,13 @@ fn auto_captions(
                 let tiles = restorer.denoised_tiles_for_caption(img, opts)?;
                 let v = tiles
                     .iter()
-                    .map(|t| captioner.caption(t))
+                    .map(|t| captioner.caption_or_empty(t))
                     .collect::<supir::Result<Vec<_>>>()?;
                 write_caption(&path, &serde_json::to_string_pretty(&v)?)?;
                 Ok(Captions::PerTile(v))
             } else {
                 let clean = restorer.denoised_for_caption(img, opts)?;
-                let c = captioner.caption(&clean)?;
+                let c = captioner.caption_or_empty(&clean)?;
                 write_caption(&path, &c)?;
                 Ok(Captions::Global(c))
             }
@@ -423,8 +434,9 @@ fn auto_captions(
                     };
                     if text.is_empty() {
                         eprintln!(
-                            "warning: {}{which}: DAPE found no tag above its thresholds; no caption used",
-                            job.input.display()
+                            "warning: {}{which}: {} gave an empty caption; no caption used",
+                            job.input.display(),
+                            captioner.name()
                         );
                     } else {
                         eprintln!("caption of {}{which}: {text}", job.input.display());
@@ -735,13 +747,15 @@ pub fn run(
     spec: &ModelSpec,
     folder: bool,
     tagger: &TaggerArgs,
+    models_dir: Option<&Path>,
 ) -> anyhow::Result<()> {
     let mut opts = args.options()?;
     let auto_caption = opts.caption == "auto";
     if auto_caption {
         opts.caption.clear();
         if args.captioner == CaptionerArg::Llava {
-            bail!("--captioner llava: LLaVA captions are not available in this build yet; use --captioner tags");
+            // Fail on missing LLaVA paths before any weights are read.
+            args.llava.paths(models_dir)?;
         }
         if !opts.tile_prompts.is_empty() {
             bail!("--caption auto and --tile-prompts both set the captions; give one");
@@ -778,7 +792,7 @@ pub fn run(
             &restorer,
             &todo,
             &opts,
-            tagger,
+            (&args.captioner, tagger, &args.llava, models_dir),
             first.as_ref(),
         )?)
     } else {

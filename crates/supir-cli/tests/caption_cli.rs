@@ -18,6 +18,8 @@ fn supir(args: &[&str]) -> Output {
         "SUPIR_CKPT",
         "SUPIR_CONFIG",
         "SEESR_MODELS",
+        "SUPIR_LLAVA",
+        "SUPIR_LLAVA_CLIP",
     ] {
         c.env_remove(v);
     }
@@ -219,4 +221,181 @@ fn supir_caption_auto_with_a_tiled_sampler_captions_each_tile() {
         serde_json::from_str(&std::fs::read_to_string(d.join("out.txt")).unwrap()).unwrap();
     assert_eq!(captions.len(), 4, "{captions:?}");
     assert!(text(&o.stderr).contains("tile 3"), "{}", text(&o.stderr));
+}
+
+/// The tiny LLaVA fixture (made with the official code).
+fn llava_tiny() -> PathBuf {
+    root().join("crates/supir/tests/data/llava-tiny")
+}
+
+#[test]
+fn caption_llava_greedy_is_the_official_caption() {
+    let fx = llava_tiny();
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("case.json")).unwrap()).unwrap();
+    let o = supir(&[
+        "caption",
+        s(&fx.join("image.png")),
+        "--captioner",
+        "llava",
+        "--llava",
+        s(&fx.join("llava")),
+        "--llava-clip",
+        s(&fx.join("clip")),
+        "--llava-dtype",
+        "f32",
+        "--llava-temperature",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout).trim_end_matches('\n'),
+        case["greedy_caption"].as_str().unwrap()
+    );
+    // A models folder with llava/ and clip-vit-large-patch14-336/ is found by --supir-models.
+    let d = tmpdir("llava-models");
+    for (from, to) in [("llava", "llava"), ("clip", "clip-vit-large-patch14-336")] {
+        std::fs::create_dir_all(d.join(to)).unwrap();
+        for e in std::fs::read_dir(fx.join(from)).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, d.join(to).join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let o = supir(&[
+        "caption",
+        s(&fx.join("image.png")),
+        "--captioner",
+        "llava",
+        "--supir-models",
+        s(&d),
+        "--llava-max-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    assert!(!v["caption"].as_str().unwrap().is_empty());
+    // The original layout without its CLIP folder: one line naming the config.
+    std::fs::remove_dir_all(d.join("clip-vit-large-patch14-336")).unwrap();
+    let o = supir(&[
+        "caption",
+        s(&fx.join("image.png")),
+        "--captioner",
+        "llava",
+        "--supir-models",
+        s(&d),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("config.json") && err.contains("--llava-clip"),
+        "{err}"
+    );
+}
+
+#[test]
+fn supir_caption_auto_with_llava_writes_the_caption() {
+    let d = tmpdir("auto-llava");
+    let input = d.join("in.png");
+    let img = ImageBuffer::from_fn(40, 30, |x, y| {
+        Rgb([(x * 6) as u8, (y * 8) as u8, ((x ^ y) * 4) as u8])
+    });
+    DynamicImage::ImageRgb8(img).save(&input).unwrap();
+    let fx = llava_tiny();
+    let out = d.join("a.png");
+    let o = supir(&[
+        "restore",
+        s(&input),
+        "-o",
+        s(&out),
+        "--model-dir",
+        s(&root().join("fixtures/supir-tiny")),
+        "--steps",
+        "1",
+        "--min-size",
+        "64",
+        "--caption",
+        "auto",
+        "--captioner",
+        "llava",
+        "--llava",
+        s(&fx.join("llava-hf")),
+        "--llava-max-tokens",
+        "12",
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let caption = std::fs::read_to_string(d.join("a.txt")).unwrap();
+    assert!(!caption.is_empty());
+    assert!(out.is_file());
+}
+
+#[test]
+fn an_empty_llava_caption_is_reported() {
+    // llava-hf weights with a zero LM head: greedy decoding picks <unk> (skipped): empty answer.
+    let d = tmpdir("llava-empty");
+    let m = d.join("llava-hf");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(llava_tiny().join("llava-hf")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, m.join(p.file_name().unwrap())).unwrap();
+    }
+    let st = m.join("model.safetensors");
+    let dev = candle_core::Device::Cpu;
+    let mut ts = candle_core::safetensors::load(&st, &dev).unwrap();
+    let head = &ts["language_model.lm_head.weight"];
+    let zero = candle_core::Tensor::zeros(head.shape(), head.dtype(), &dev).unwrap();
+    ts.insert("language_model.lm_head.weight".into(), zero);
+    candle_core::safetensors::save(&ts, &st).unwrap();
+    let input = d.join("in.png");
+    DynamicImage::ImageRgb8(ImageBuffer::from_pixel(40, 30, Rgb([90u8, 60, 30])))
+        .save(&input)
+        .unwrap();
+    let llava = [
+        "--captioner",
+        "llava",
+        "--llava",
+        s(&m),
+        "--llava-temperature",
+        "0",
+        "--llava-max-tokens",
+        "4",
+    ];
+    // `supir caption`: the image fails, naming the cause.
+    let mut args = vec!["caption", s(&input)];
+    args.extend(llava);
+    let o = supir(&args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("empty caption"),
+        "{}",
+        text(&o.stderr)
+    );
+    // `restore --caption auto`: a warning, and the restore goes on without a caption.
+    let out = d.join("a.png");
+    let supir_tiny = root().join("fixtures/supir-tiny");
+    let mut args = vec![
+        "restore",
+        s(&input),
+        "-o",
+        s(&out),
+        "--model-dir",
+        s(&supir_tiny),
+        "--steps",
+        "1",
+        "--min-size",
+        "64",
+        "--caption",
+        "auto",
+    ];
+    args.extend(llava);
+    let o = supir(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("LLaVA gave an empty caption; no caption used"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(out.is_file());
 }

@@ -66,6 +66,8 @@ pub enum Error {
     Canceled,
     #[error("JPEG round trip at quality {quality}: {msg}")]
     Jpeg { quality: u8, msg: String },
+    #[error("the {captioner} captioner wrote an empty caption ({detail})")]
+    EmptyCaption { captioner: String, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -4,6 +4,7 @@
 pub mod clip;
 pub mod controlnet;
 pub mod glv_control;
+pub mod llava;
 pub mod ram;
 pub mod supir_config;
 pub mod tiled_vae;

@@ -2,6 +2,7 @@
 //! compares with the official outputs (`supir parity <dir>`).
 
 pub mod fixture;
+pub mod llava;
 pub mod seesr;
 
 use std::collections::BTreeSet;
@@ -102,6 +103,9 @@ pub fn run(
 ) -> Result<Report> {
     if seesr::is_fixture(dir.as_ref()) {
         return seesr::run(dir.as_ref(), filter, on_case);
+    }
+    if llava::is_fixture(dir.as_ref()) {
+        return llava::run(dir.as_ref(), filter, on_case);
     }
     let fixture = Fixture::load(dir)?;
     let cfg = SupirConfig::load(fixture.config_path())?;

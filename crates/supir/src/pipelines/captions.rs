@@ -3,7 +3,7 @@
 //! - [`Captioner::Tags`]: DAPE (SeeSR's degradation-aware RAM tagger); the caption is the tag
 //!   string exactly as the official `inference_ram` returns it (`", "`-joined, class order), as
 //!   `test_seesr.py`'s `get_validation_prompt` tags its input.
-//! - [`Captioner::Llava`]: LLaVA-1.5 as SUPIR's `llava_agent.py` runs it (not in this build).
+//! - [`Captioner::Llava`]: LLaVA-1.5 as SUPIR's `llava_agent.py` runs it ([`LlavaCaptioner`]).
 
 use std::fmt;
 use std::path::Path;
@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use crate::image_io::convert::rgb8_to_hwc;
+use crate::models::llava::sampling::{Sampler, SamplingParams};
+use crate::models::llava::{Llava, LlavaPaths};
 use crate::models::ram::{self, Ram, RamConfig};
 use crate::{Error, Result};
 
@@ -108,5 +110,171 @@ pub fn as_prompt_prefix(caption: &str) -> String {
         None => String::new(),
         Some(ch) if ch.is_whitespace() || ch.is_ascii_punctuation() => c.to_string(),
         Some(_) => format!("{c}, "),
+    }
+}
+
+/// The question SUPIR's `llava_agent.py` asks.
+pub const LLAVA_QUESTION: &str = "Describe this image and its style in a very detailed manner.";
+
+/// `conv_templates['vicuna_v1']` with one user turn (`<image>\n` + `question`, as
+/// `mm_use_im_start_end` is false) and the open assistant turn.
+pub fn vicuna_v1_prompt(question: &str) -> String {
+    format!(
+        "A chat between a curious user and an artificial intelligence assistant. The assistant \
+         gives helpful, detailed, and polite answers to the user's questions. USER: <image>\n\
+         {question} ASSISTANT:"
+    )
+}
+
+/// The agent's post-processing of a decoded answer: strip, drop a trailing stop string
+/// (`</s>`, vicuna_v1's `sep2`), strip, newlines to spaces.
+pub fn llava_postprocess(decoded: &str) -> String {
+    let s = decoded.trim();
+    let s = s.strip_suffix("</s>").unwrap_or(s);
+    s.trim().replace(['\n', '\r'], " ")
+}
+
+/// How LLaVA captions: the official `gen_image_caption` defaults, plus our sampling seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlavaOptions {
+    pub question: String,
+    /// 0: greedy (the parity path).
+    pub temperature: f64,
+    pub top_p: f64,
+    /// transformers' default top-k (50), which the agent does not override.
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// Seed of our sampler (torch's generator cannot be replayed): same image, same caption.
+    pub seed: u64,
+}
+
+impl Default for LlavaOptions {
+    fn default() -> Self {
+        Self {
+            question: LLAVA_QUESTION.into(),
+            temperature: 0.2,
+            top_p: 0.7,
+            top_k: 50,
+            max_new_tokens: 512,
+            seed: 0,
+        }
+    }
+}
+
+/// LLaVA-1.5 as SUPIR's `LLavaAgent.gen_image_caption` runs it (one image at a time).
+pub struct LlavaCaptioner {
+    model: Llava,
+    options: LlavaOptions,
+    input_ids: Vec<i64>,
+}
+
+impl LlavaCaptioner {
+    /// Loads the model (see [`Llava::load`]) in `dtype`.
+    pub fn load(
+        paths: &LlavaPaths,
+        options: LlavaOptions,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        Self::new(Llava::load(paths, dtype, dev)?, options)
+    }
+
+    pub fn new(model: Llava, options: LlavaOptions) -> Result<Self> {
+        if !(0.0..=1.0).contains(&options.top_p) || options.temperature < 0.0 {
+            return Err(Error::Option(format!(
+                "LLaVA sampling: temperature {} (>= 0), top_p {} (0..=1)",
+                options.temperature, options.top_p
+            )));
+        }
+        let input_ids = model
+            .tokenizer
+            .tokenizer_image_token(&vicuna_v1_prompt(&options.question))?;
+        Ok(Self {
+            model,
+            options,
+            input_ids,
+        })
+    }
+
+    pub fn model(&self) -> &Llava {
+        &self.model
+    }
+
+    /// The prompt's ids (with [`crate::models::llava::tokenizer::IMAGE_TOKEN_INDEX`]).
+    pub fn input_ids(&self) -> &[i64] {
+        &self.input_ids
+    }
+
+    /// The generated token ids for `image` (EOS included when it stopped).
+    pub fn generate_ids(&self, image: &RgbImage) -> Result<Vec<u32>> {
+        let pixels = self.model.preprocess(image)?;
+        let feats = self.model.image_features(&pixels)?;
+        let embeds = self.model.prompt_embeds(&self.input_ids, &feats)?;
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: self.options.temperature,
+            top_p: self.options.top_p,
+            top_k: self.options.top_k,
+            seed: self.options.seed,
+        });
+        let start = std::time::Instant::now();
+        let mut first = None;
+        let gen = self.model.generate(
+            &embeds,
+            self.options.max_new_tokens,
+            &mut sampler,
+            self.model.tokenizer.eos_id(),
+            |n| {
+                if n == 1 {
+                    first = Some(start.elapsed());
+                }
+            },
+        )?;
+        let total = start.elapsed();
+        let n = gen.ids.len();
+        if let Some(f) = first {
+            let rest = (total - f).as_secs_f64();
+            tracing::info!(
+                "LLaVA: {} prompt positions in {:.2}s, {n} tokens, {:.2} tokens/s after the first",
+                embeds.dim(1)?,
+                f.as_secs_f64(),
+                if rest > 0.0 {
+                    (n - 1) as f64 / rest
+                } else {
+                    0.0
+                }
+            );
+        }
+        Ok(gen.ids)
+    }
+
+    /// The caption of `image`; an empty one is an [`Error::EmptyCaption`].
+    pub fn caption(&self, image: &RgbImage) -> Result<String> {
+        let ids = self.generate_ids(image)?;
+        let caption = llava_postprocess(&self.model.tokenizer.decode(&ids)?);
+        if caption.is_empty() {
+            return Err(Error::EmptyCaption {
+                captioner: "llava".into(),
+                detail: format!("{} tokens generated", ids.len()),
+            });
+        }
+        Ok(caption)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llava_answer_post_processing() {
+        assert_eq!(
+            llava_postprocess("  A cat.\nOn a mat.</s> "),
+            "A cat. On a mat."
+        );
+        assert_eq!(llava_postprocess("x\r\ny"), "x  y");
+        assert_eq!(llava_postprocess(" </s>"), "");
+        assert!(vicuna_v1_prompt(LLAVA_QUESTION).ends_with(
+            "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
+        ));
     }
 }
