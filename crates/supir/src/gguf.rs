@@ -1,5 +1,5 @@
 //! GGUF files (the format of llama.cpp and stable-diffusion.cpp): a streaming writer that keeps
-//! the official key names with the diffusion networks' linear layers in Q8_0, and the index the
+//! the official key names with the diffusion networks' linear layers in Q8_0 or Q4_K, and the index the
 //! weight loader ([`crate::weights::Checkpoint`]) reads any GGUF file through.
 //!
 //! Layout (GGUF v3): `"GGUF"`, version, tensor and key-value counts, the key-values, one info per
@@ -17,7 +17,7 @@ use std::path::Path;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::kernels::q8;
+use crate::kernels::{q4k, q8};
 use crate::{Error, Result};
 
 const ALIGNMENT: usize = 32;
@@ -28,6 +28,7 @@ pub enum GgufType {
     F32,
     F16,
     Q8_0,
+    Q4K,
 }
 
 impl GgufType {
@@ -36,6 +37,7 @@ impl GgufType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q8_0 => 8,
+            Self::Q4K => 12,
         }
     }
 
@@ -44,6 +46,7 @@ impl GgufType {
             Self::F32 => 4 * elems,
             Self::F16 => 2 * elems,
             Self::Q8_0 => elems / q8::QK * q8::BLOCK_BYTES,
+            Self::Q4K => elems / q4k::QK_K * q4k::BLOCK_BYTES,
         }
     }
 
@@ -52,6 +55,7 @@ impl GgufType {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
         }
     }
 }
@@ -63,11 +67,15 @@ pub enum GgufTarget {
     F16,
     /// As `F16`, but the linear weights under the quantised prefixes in Q8_0.
     Q8_0,
+    /// As `Q8_0`, but those linear weights whose input width is a multiple of 256 in Q4_K
+    /// (the layers `--diffusion-dtype q4_k` stores in Q4_K; the others stay Q8_0).
+    Q4K,
 }
 
 /// The storage of `key` (shape `shape`) for `target`: Q8_0 for a `[out, in]` weight with `in`
-/// a multiple of 32 under one of `prefixes` (the networks `--diffusion-dtype q8_0` quantises),
-/// f32 for vectors and scalars (norms, biases: tiny), f16 otherwise.
+/// a multiple of 32 under one of `prefixes` (the networks `--diffusion-dtype q8_0` quantises;
+/// for `Q4K`, Q4_K when `in` is a multiple of 256), f32 for vectors and scalars (norms,
+/// biases: tiny), f16 otherwise.
 pub fn plan(key: &str, shape: &[usize], target: GgufTarget, prefixes: &[String]) -> GgufType {
     if shape.len() <= 1 {
         return GgufType::F32;
@@ -77,7 +85,8 @@ pub fn plan(key: &str, shape: &[usize], target: GgufTarget, prefixes: &[String])
         && shape[1].is_multiple_of(q8::QK)
         && prefixes.iter().any(|p| key.starts_with(p.as_str()));
     match target {
-        GgufTarget::Q8_0 if linear => GgufType::Q8_0,
+        GgufTarget::Q4K if linear && shape[1].is_multiple_of(q4k::QK_K) => GgufType::Q4K,
+        GgufTarget::Q8_0 | GgufTarget::Q4K if linear => GgufType::Q8_0,
         _ => GgufType::F16,
     }
 }
@@ -164,11 +173,15 @@ pub fn write(
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
-            GgufType::Q8_0 => {
+            GgufType::Q8_0 | GgufType::Q4K => {
                 let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = Vec::with_capacity(t.ty.bytes(v.len()));
                 for row in v.chunks(t.shape[t.shape.len() - 1].max(1)) {
-                    q8::quantize_row_gguf(row, &mut out);
+                    if t.ty == GgufType::Q4K {
+                        q4k::quantize_row_gguf(row, &mut out);
+                    } else {
+                        q8::quantize_row_gguf(row, &mut out);
+                    }
                 }
                 out
             }
@@ -189,6 +202,7 @@ pub const SUPIR_QUANT_PREFIXES: [&str; 2] = ["model.diffusion_model.", "model.co
 pub struct ConvertSummary {
     pub tensors: usize,
     pub q8_0: usize,
+    pub q4_k: usize,
     pub bytes: u64,
 }
 
@@ -244,6 +258,7 @@ pub fn convert(
     Ok(ConvertSummary {
         tensors: planned.len(),
         q8_0: planned.iter().filter(|t| t.ty == GgufType::Q8_0).count(),
+        q4_k: planned.iter().filter(|t| t.ty == GgufType::Q4K).count(),
         bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
     })
 }
@@ -445,6 +460,22 @@ impl GgufIndex {
             GgmlDType::BF16 => DType::BF16,
             _ => DType::F32,
         }
+    }
+
+    /// The raw blocks of tensor `key` when it is stored in a block type the linear layers
+    /// run on (Q8_0, Q4_K).
+    pub fn quantised_blocks<'a>(
+        &self,
+        bytes: &'a [u8],
+        key: &str,
+    ) -> Option<(crate::layers::Quant, &'a [u8])> {
+        let (ty, _, s, e) = self.tensors.get(key)?;
+        let quant = match ty {
+            GgmlDType::Q8_0 => crate::layers::Quant::Q8_0,
+            GgmlDType::Q4K => crate::layers::Quant::Q4K,
+            _ => return None,
+        };
+        Some((quant, &bytes[*s..*e]))
     }
 
     /// Tensor `key` of the file `bytes`, dequantised; `None` when absent.

@@ -216,7 +216,17 @@ impl Checkpoint {
                 }
             },
         };
-        Ok(Some(t.to_dtype(dtype)?.to_device(dev)?))
+        let t = t.to_dtype(dtype)?.to_device(dev)?;
+        if let Store::Gguf { mmap, index } = &self.store {
+            // Q8_0 / Q4_K linear weights keep the file's blocks (see `offer_gguf_blocks`).
+            if let Some((quant, bytes)) = index.quantised_blocks(mmap, key) {
+                crate::layers::offer_gguf_blocks(&t, quant, bytes);
+                if let Some((_, _, s, e)) = index.tensors.get(key) {
+                    drop_pages(mmap, *s, *e);
+                }
+            }
+        }
+        Ok(Some(t))
     }
 }
 

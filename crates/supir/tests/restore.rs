@@ -281,6 +281,11 @@ fn tiled_vae_matches_the_official_tilevae() {
     );
 }
 
+/// Bounds of the q4_k rows below, in 8-bit levels. Measured (25 layers in Q4_K, 298 in Q8_0):
+/// mean 0.76-8.20, max 5.8-52.6 (linear control scale the worst, as for the others).
+const Q4K_MEAN: f64 = 10.0;
+const Q4K_MAX: f64 = 64.0;
+
 /// f16 / bf16 weights (the CPU computes in f32 with them) and Q8_0 linear layers against the
 /// official f32 outputs on every `sample` case: diffusion in half precision or Q8_0 with an f32
 /// VAE, and both in bf16.
@@ -291,12 +296,25 @@ fn reduced_precision_stays_close_to_f32() {
         DTypes::new(DType::BF16, DType::F32),
         DTypes::new(DType::BF16, DType::BF16),
         DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0)),
+        DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q4K)),
     ] {
         let (fx, cfg, model) = load(dtypes);
         let stats = model.diffusion.as_ref().unwrap().quant_stats;
-        if dtypes.diffusion_quant.is_some() {
+        if let Some(q) = dtypes.diffusion_quant {
             // Every linear layer of the tiny GLVControl + UNet is 32-aligned.
             assert!(stats.quantised > 20 && stats.kept == 0, "{stats:?}");
+            if q == Quant::Q4K {
+                // Its widths are 32 to 1568: the 256 and 512 wide ones (25 of 323 weights in
+                // the file, the GLVControl + UNet ones among them) take Q4_K, the rest Q8_0.
+                let q4 = stats.quantised - stats.fallback;
+                assert!(q4 > 0 && stats.fallback > 0, "{stats:?}");
+                println!(
+                    "q4_k: {q4} linear layers in q4_k, {} in q8_0",
+                    stats.fallback
+                );
+            } else {
+                assert_eq!(stats.fallback, 0);
+            }
         } else {
             assert_eq!(stats, QuantStats::default());
         }
@@ -344,7 +362,18 @@ fn reduced_precision_stays_close_to_f32() {
             .iter()
             .zip(seen)
         {
-            if dtypes.diffusion_quant.is_some() {
+            if dtypes.diffusion_quant == Some(Quant::Q4K) {
+                // Q4_K weights (where 256-aligned) on Q8_K activations.
+                // Measured: see README (Precision).
+                assert!(
+                    (mean as f64) < Q4K_MEAN / 127.5,
+                    "{dtypes:?} {name}: mean {mean}"
+                );
+                assert!(
+                    (err as f64) < Q4K_MAX / 127.5,
+                    "{dtypes:?} {name}: max {err}"
+                );
+            } else if dtypes.diffusion_quant.is_some() {
                 // Q8_0 on weights and activations (8 bits per 32-value block each).
                 // Measured: see README (Precision); the guards match bf16's.
                 assert!(mean < 3.0 / 127.5, "{dtypes:?} {name}: mean {mean}");
@@ -384,16 +413,20 @@ fn gguf_conversions_load_and_match_the_original() {
             .unwrap()
     };
     let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
+    let q4 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q4K));
     for (target, dtypes, name) in [
         (GgufTarget::Q8_0, q8, "q8_0.gguf"),
+        // Q4_K's quantiser searches scales: requantising the file's dequantised values would
+        // not give its blocks back, so this equality holds only because the loader keeps them.
+        (GgufTarget::Q4K, q4, "q4_k.gguf"),
         (GgufTarget::F16, DTypes::uniform(DType::F32), "f16.gguf"),
     ] {
         let out = dir.join(name);
         let summary = convert(&[fx.weights_path()], target, &prefixes, &out).unwrap();
-        if target == GgufTarget::Q8_0 {
-            assert!(summary.q8_0 > 20, "{summary:?}");
-        } else {
-            assert_eq!(summary.q8_0, 0);
+        match target {
+            GgufTarget::Q8_0 => assert!(summary.q8_0 > 20 && summary.q4_k == 0, "{summary:?}"),
+            GgufTarget::Q4K => assert!(summary.q8_0 > 20 && summary.q4_k > 0, "{summary:?}"),
+            GgufTarget::F16 => assert_eq!((summary.q8_0, summary.q4_k), (0, 0)),
         }
         let from_gguf = restore(&out, dtypes);
         let from_original = restore(&fx.weights_path(), dtypes);
