@@ -215,6 +215,17 @@ pub fn convert(
     prefixes: &[String],
     out: &Path,
 ) -> Result<ConvertSummary> {
+    convert_planned(inputs, out, |k, shape| {
+        (k.to_string(), plan(k, shape, target, prefixes))
+    })
+}
+
+/// [`convert`] with each tensor's stored name and type from `plan_one(official key, shape)`.
+fn convert_planned(
+    inputs: &[impl AsRef<Path>],
+    out: &Path,
+    plan_one: impl Fn(&str, &[usize]) -> (String, GgufType),
+) -> Result<ConvertSummary> {
     let files = inputs
         .iter()
         .map(crate::weights::Checkpoint::open)
@@ -227,12 +238,17 @@ pub fn convert(
             }
         }
     }
+    let mut source = HashMap::new();
     let planned: Vec<PlannedTensor> = owner
         .iter()
-        .map(|(k, (_, shape))| PlannedTensor {
-            name: k.clone(),
-            shape: shape.clone(),
-            ty: plan(k, shape, target, prefixes),
+        .map(|(k, (_, shape))| {
+            let (name, ty) = plan_one(k, shape);
+            source.insert(name.clone(), k.clone());
+            PlannedTensor {
+                name,
+                shape: shape.clone(),
+                ty,
+            }
         })
         .collect();
     let name = out
@@ -245,10 +261,10 @@ pub fn convert(
         })?;
         let mut w = std::io::BufWriter::new(file);
         write(&mut w, &name, &planned, |t| {
-            let f = &files[owner[&t.name].0];
-            f.load(&t.name, DType::F32, &Device::Cpu)?.ok_or_else(|| {
-                Error::Option(format!("{}: `{}` vanished", f.path().display(), t.name))
-            })
+            let key = &source[&t.name];
+            let f = &files[owner[key].0];
+            f.load(key, DType::F32, &Device::Cpu)?
+                .ok_or_else(|| Error::Option(format!("{}: `{key}` vanished", f.path().display())))
         })?;
         w.flush().map_err(|source| Error::Io {
             path: tmp.to_path_buf(),
@@ -260,6 +276,126 @@ pub fn convert(
         q8_0: planned.iter().filter(|t| t.ty == GgufType::Q8_0).count(),
         q4_k: planned.iter().filter(|t| t.ty == GgufType::Q4K).count(),
         bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+    })
+}
+
+// ------------------------------------------------------------ stable-diffusion.cpp's files
+//
+// stable-diffusion.cpp (github.com/leejet/stable-diffusion.cpp, read at commit 97d29908)
+// converts checkpoints with `sd-cli -M convert -m IN -o OUT.gguf --type q8_0|q4_k|...`:
+// - names: kept as in the input file, unless `--convert-name` is given; then
+//   `src/name_conversion.cpp::convert_tensor_name` renames them to its loader's names. For an
+//   SGM (SDXL / SUPIR) file the UNet (`model.diffusion_model.`), the VAE
+//   (`first_stage_model.`) and any other prefix keep the official names; the text encoders
+//   move: `conditioner.embedders.0.` -> `cond_stage_model.` (CLIP-L, already in HF naming)
+//   and `conditioner.embedders.1.model.` -> `cond_stage_model.1.` with OpenCLIP's names turned
+//   into HF CLIP's (`convert_open_clip_to_hf_clip_name`; `in_proj` stays fused).
+// - types (`src/model_loader.cpp::tensor_should_be_converted`): every tensor whose innermost
+//   dimension is a multiple of the block size is converted, except biases (`.bias`), `.scale`
+//   tensors, the UNet's `time_embed.` / `label_emb.` and anything named `embedding`; so the
+//   linear weights and the norms' weight vectors are quantised, 3x3 and 1x1 convolutions
+//   (innermost dimension 3 or 1) are not, and a layer not wide enough for the block keeps its
+//   type (no fallback to a smaller block). The text encoders' linears are quantised too.
+//
+// Our loader reads such files: a missing official key is looked up under its
+// stable-diffusion.cpp name ([`sdcpp_name`]), block-quantised tensors that our layers hold in
+// f32 / f16 (norms, text encoders) are dequantised, and Q8_0 / Q4_K linear weights of the
+// diffusion networks keep their blocks. [`convert_sdcpp_style`] writes such a file (our
+// writer, imitating the layout above) for tests.
+
+/// OpenCLIP text-model names and their HF CLIP names, as stable-diffusion.cpp renames them.
+const OPEN_CLIP_TOP: [(&str, &str); 5] = [
+    (
+        "ln_final.bias",
+        "transformer.text_model.final_layer_norm.bias",
+    ),
+    (
+        "ln_final.weight",
+        "transformer.text_model.final_layer_norm.weight",
+    ),
+    (
+        "positional_embedding",
+        "transformer.text_model.embeddings.position_embedding.weight",
+    ),
+    (
+        "token_embedding.weight",
+        "transformer.text_model.embeddings.token_embedding.weight",
+    ),
+    ("text_projection", "transformer.text_model.text_projection"),
+];
+const OPEN_CLIP_BLOCK: [(&str, &str); 12] = [
+    ("attn.in_proj_bias", "self_attn.in_proj.bias"),
+    ("attn.in_proj_weight", "self_attn.in_proj.weight"),
+    ("attn.out_proj.bias", "self_attn.out_proj.bias"),
+    ("attn.out_proj.weight", "self_attn.out_proj.weight"),
+    ("ln_1.bias", "layer_norm1.bias"),
+    ("ln_1.weight", "layer_norm1.weight"),
+    ("ln_2.bias", "layer_norm2.bias"),
+    ("ln_2.weight", "layer_norm2.weight"),
+    ("mlp.c_fc.bias", "mlp.fc1.bias"),
+    ("mlp.c_fc.weight", "mlp.fc1.weight"),
+    ("mlp.c_proj.bias", "mlp.fc2.bias"),
+    ("mlp.c_proj.weight", "mlp.fc2.weight"),
+];
+
+/// The name stable-diffusion.cpp's `--convert-name` gives the official SGM key `key`, when it
+/// differs (the text encoders; see the notes above).
+pub fn sdcpp_name(key: &str) -> Option<String> {
+    if let Some(rest) = key.strip_prefix("conditioner.embedders.0.") {
+        return Some(format!("cond_stage_model.{rest}"));
+    }
+    let rest = key.strip_prefix("conditioner.embedders.1.model.")?;
+    if let Some((_, hf)) = OPEN_CLIP_TOP.iter().find(|(o, _)| *o == rest) {
+        return Some(format!("cond_stage_model.1.{hf}"));
+    }
+    if let Some(block) = rest.strip_prefix("transformer.resblocks.") {
+        if let Some((i, suffix)) = block.split_once('.') {
+            if let Some((_, hf)) = OPEN_CLIP_BLOCK.iter().find(|(o, _)| *o == suffix) {
+                return Some(format!(
+                    "cond_stage_model.1.transformer.text_model.encoder.layers.{i}.{hf}"
+                ));
+            }
+        }
+    }
+    Some(format!("cond_stage_model.1.model.{rest}"))
+}
+
+/// The type stable-diffusion.cpp's `--type ty` converter stores the tensor it names `key` (shape
+/// `shape`, outermost first) in: `ty` or, for what it leaves as is, our defaults (f32 vectors,
+/// f16 otherwise; it keeps the input's type).
+pub fn sdcpp_plan(key: &str, shape: &[usize], ty: GgufType) -> GgufType {
+    let block = match ty {
+        GgufType::Q8_0 => q8::QK,
+        GgufType::Q4K => q4k::QK_K,
+        _ => 1,
+    };
+    let inner = shape.last().copied().unwrap_or(1);
+    let kept = !inner.is_multiple_of(block)
+        || key.ends_with(".bias")
+        || key.ends_with(".scale")
+        || key.ends_with(".weight_scale")
+        || key.contains("time_embed.")
+        || key.contains("label_emb.")
+        || key.contains("embedding");
+    match () {
+        _ if !kept && !shape.is_empty() => ty,
+        _ if shape.len() <= 1 => GgufType::F32,
+        _ => GgufType::F16,
+    }
+}
+
+/// Writes `inputs` as stable-diffusion.cpp's `-M convert --type ty --convert-name` would lay
+/// them out ([`sdcpp_name`], [`sdcpp_plan`]); our writer and quantisers, so the bytes are ours.
+pub fn convert_sdcpp_style(
+    inputs: &[impl AsRef<Path>],
+    ty: GgufType,
+    out: &Path,
+) -> Result<ConvertSummary> {
+    convert_planned(inputs, out, |k, shape| {
+        // It decides on the converted name (`in_proj_bias` is `in_proj.bias` by then).
+        let name = sdcpp_name(k).unwrap_or_else(|| k.to_string());
+        let ty = sdcpp_plan(&name, shape, ty);
+        (name, ty)
     })
 }
 

@@ -438,3 +438,105 @@ fn gguf_conversions_load_and_match_the_original() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A GGUF file laid out as stable-diffusion.cpp's `-M convert --type q8_0 --convert-name`
+/// writes one (`supir::gguf::convert_sdcpp_style`, our writer imitating its names and its
+/// choice of quantised tensors; see `gguf.rs`): text encoders under `cond_stage_model.*` in HF
+/// CLIP naming, norms' weights and the text encoders' linears in Q8_0 too. With our own choice
+/// of types but its names, it restores exactly as our file does (every key is found under its
+/// stable-diffusion.cpp name); with its types, it stays within the q8_0 bounds of the f32 run.
+#[test]
+fn stable_diffusion_cpp_gguf_files_load() {
+    use supir::gguf::{convert, convert_sdcpp_style, sdcpp_name, GgufIndex, GgufTarget, GgufType};
+    let fx = Fixture::load(fixture_dir()).unwrap();
+    let cfg = SupirConfig::load(fx.config_path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("supir-sdcpp-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let case = fx.case("sample_edm_restore").unwrap();
+    let o = options_of(case, &cfg);
+    let x = fx.input(case, "x").unwrap();
+    let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
+    let restore = |path: &Path| {
+        let model = SupirModel::load_with(&cfg, &[path], q8, &Device::Cpu).unwrap();
+        let mut r = Restorer::from_model(cfg.clone(), model);
+        r.restore_tensor(&x, &o, &mut replay(&fx, case), None)
+            .unwrap()
+    };
+    // Its layout, checked on the file's index.
+    let sdcpp = dir.join("sdcpp-q8_0.gguf");
+    let summary = convert_sdcpp_style(&[fx.weights_path()], GgufType::Q8_0, &sdcpp).unwrap();
+    let bytes = std::fs::read(&sdcpp).unwrap();
+    let index = GgufIndex::read(&bytes, &sdcpp).unwrap();
+    let ty = |k: &str| index.tensors[k].0;
+    use candle_core::quantized::GgmlDType as G;
+    let l0 = "cond_stage_model.1.transformer.text_model.encoder.layers.0";
+    assert_eq!(ty(&format!("{l0}.self_attn.in_proj.weight")), G::Q8_0);
+    assert_eq!(ty(&format!("{l0}.self_attn.in_proj.bias")), G::F32);
+    assert!(index.tensors.keys().all(|k| !k.starts_with("conditioner.")));
+    assert!(summary.q8_0 > 100, "{summary:?}");
+    assert_eq!(
+        sdcpp_name("conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_fc.weight")
+            .as_deref(),
+        Some("cond_stage_model.1.transformer.text_model.encoder.layers.3.mlp.fc1.weight")
+    );
+    let from_sdcpp = restore(&sdcpp);
+    let want = fx.output(case, "samples").unwrap();
+    let err = max_abs_diff(&from_sdcpp, &want).unwrap();
+    let mean = (&from_sdcpp - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!(
+        "stable-diffusion.cpp-style q8_0 file vs official f32: max {:.2} levels, mean {:.2}",
+        err * 127.5,
+        mean * 127.5
+    );
+    assert!(
+        mean < 3.0 / 127.5 && err < 32.0 / 127.5,
+        "max {err}, mean {mean}"
+    );
+
+    // Its names with our types: the same restore as our own file.
+    let ours = dir.join("ours-q8_0.gguf");
+    let prefixes = supir::gguf::SUPIR_QUANT_PREFIXES.map(String::from).to_vec();
+    convert(&[fx.weights_path()], GgufTarget::Q8_0, &prefixes, &ours).unwrap();
+    let renamed = dir.join("renamed-q8_0.gguf");
+    {
+        // Rewrite our file's tensors under stable-diffusion.cpp's names, types unchanged.
+        let src = supir::weights::Checkpoint::open(&ours).unwrap();
+        let ours_bytes = std::fs::read(&ours).unwrap();
+        let ours_index = GgufIndex::read(&ours_bytes, &ours).unwrap();
+        let planned: Vec<supir::gguf::PlannedTensor> = src
+            .tensors()
+            .into_iter()
+            .map(|(k, m)| supir::gguf::PlannedTensor {
+                name: sdcpp_name(&k).unwrap_or(k.clone()),
+                ty: match ours_index.tensors[&k].0 {
+                    G::Q8_0 => GgufType::Q8_0,
+                    G::F16 => GgufType::F16,
+                    _ => GgufType::F32,
+                },
+                shape: m.shape,
+            })
+            .collect();
+        let back: std::collections::HashMap<String, String> = src
+            .tensors()
+            .into_keys()
+            .map(|k| (sdcpp_name(&k).unwrap_or(k.clone()), k))
+            .collect();
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&renamed).unwrap());
+        supir::gguf::write(&mut w, "renamed", &planned, |t| {
+            Ok(src.load(&back[&t.name], DType::F32, &Device::Cpu)?.unwrap())
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        max_abs_diff(&restore(&renamed), &restore(&ours)).unwrap(),
+        0.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -409,14 +409,18 @@ fn ours(
 
 /// How many linear layers a quantised build stored in which format.
 fn print_quant_stats(net: &str, quant: Option<Quant>, s: supir::layers::QuantStats) {
-    if let Some(q) = quant {
-        println!(
-            "{net} {}: {} linear layers quantised ({} of them in q8_0, not 256 wide), {} kept",
+    match quant {
+        Some(Quant::Q4K) => println!(
+            "{net} q4_k: {} linear layers quantised ({} of them in q8_0, not 256 wide), {} kept",
+            s.quantised, s.fallback, s.kept
+        ),
+        Some(q) => println!(
+            "{net} {}: {} linear layers quantised, {} kept",
             q.name(),
             s.quantised,
-            s.fallback,
             s.kept
-        );
+        ),
+        None => {}
     }
 }
 
