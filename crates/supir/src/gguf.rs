@@ -721,4 +721,93 @@ mod tests {
         let err = GgufIndex::read(&buf[..buf.len() - 40], Path::new("t.gguf")).unwrap_err();
         assert!(err.to_string().contains("t.gguf"), "{err}");
     }
+
+    #[test]
+    fn q4_k_files_hold_candles_blocks_and_fall_back_to_q8_0() {
+        let prefixes = vec!["m.".to_string()];
+        let w = test_noise(4 * 512, 4);
+        let items: Vec<(&str, Vec<usize>)> =
+            vec![("m.a.weight", vec![4, 512]), ("m.b.weight", vec![4, 64])];
+        let planned: Vec<PlannedTensor> = items
+            .iter()
+            .map(|(n, s)| PlannedTensor {
+                name: n.to_string(),
+                shape: s.clone(),
+                ty: plan(n, s, GgufTarget::Q4K, &prefixes),
+            })
+            .collect();
+        assert_eq!(planned[0].ty, GgufType::Q4K);
+        assert_eq!(
+            planned[1].ty,
+            GgufType::Q8_0,
+            "64 wide: not whole Q4_K blocks"
+        );
+        let mut buf = Vec::new();
+        write(&mut buf, "t", &planned, |p| {
+            let n: usize = p.shape.iter().product();
+            Ok(Tensor::from_vec(
+                w[..n].to_vec(),
+                p.shape.as_slice(),
+                &Device::Cpu,
+            )?)
+        })
+        .unwrap();
+        let index = GgufIndex::read(&buf, Path::new("t.gguf")).unwrap();
+        let (ty, _, s, e) = &index.tensors["m.a.weight"];
+        assert_eq!(*ty, GgmlDType::Q4K);
+        let t = Tensor::from_vec(w.clone(), (4, 512), &Device::Cpu).unwrap();
+        let theirs = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+        assert_eq!(&buf[*s..*e], &theirs.data().unwrap()[..]);
+        let (quant, raw) = index.quantised_blocks(&buf, "m.a.weight").unwrap();
+        assert_eq!((quant, raw.len()), (crate::layers::Quant::Q4K, 4 * 2 * 144));
+        let back = index.load(&buf, "m.a.weight").unwrap().unwrap();
+        let back = back.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(back, q4k::dequantize_gguf(raw));
+    }
+
+    #[test]
+    fn stable_diffusion_cpp_names_and_types() {
+        let k = "conditioner.embedders.1.model.transformer.resblocks.7.attn.in_proj_weight";
+        let n = sdcpp_name(k).unwrap();
+        assert_eq!(
+            n,
+            "cond_stage_model.1.transformer.text_model.encoder.layers.7.self_attn.in_proj.weight"
+        );
+        assert_eq!(
+            sdcpp_name("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight")
+                .unwrap(),
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+        );
+        assert_eq!(
+            sdcpp_name("conditioner.embedders.1.model.text_projection").unwrap(),
+            "cond_stage_model.1.transformer.text_model.text_projection"
+        );
+        assert_eq!(sdcpp_name("model.diffusion_model.out.2.weight"), None);
+        let q = GgufType::Q8_0;
+        assert_eq!(sdcpp_plan(&n, &[3840, 1280], q), q);
+        assert_eq!(
+            sdcpp_plan("x.norm.weight", &[320], q),
+            q,
+            "norm weights too"
+        );
+        assert_eq!(sdcpp_plan("x.norm.bias", &[320], q), GgufType::F32);
+        assert_eq!(sdcpp_plan("c.weight", &[320, 320, 3, 3], q), GgufType::F16);
+        assert_eq!(
+            sdcpp_plan("m.time_embed.0.weight", &[1280, 320], q),
+            GgufType::F16
+        );
+        assert_eq!(
+            sdcpp_plan("t.token_embedding.weight", &[49408, 768], q),
+            GgufType::F16
+        );
+        // Q4_K: a 640-wide linear keeps its type (no fallback).
+        assert_eq!(
+            sdcpp_plan("a.to_q.weight", &[640, 640], GgufType::Q4K),
+            GgufType::F16
+        );
+        assert_eq!(
+            sdcpp_plan("a.to_k.weight", &[640, 2048], GgufType::Q4K),
+            GgufType::Q4K
+        );
+    }
 }

@@ -106,7 +106,8 @@ impl Quant {
 pub struct QuantStats {
     pub quantised: usize,
     pub kept: usize,
-    /// Of `quantised`, the layers stored in Q8_0 because Q4_K's 256-value blocks do not fit.
+    /// Of `quantised`, the layers stored in Q8_0 under [`Quant::Q4K`] (Q4_K's 256-value
+    /// blocks do not fit, or a GGUF file holds them in Q8_0).
     pub fallback: usize,
 }
 
@@ -252,18 +253,20 @@ impl Linear {
     }
 
     /// `quant` of a `[out, in]` weight: Q4_K when `in` is a multiple of 256, Q8_0 when it is a
-    /// multiple of 32 (read as f32 one layer at a time); the GGUF blocks the weight was read
-    /// from when the loader offered them in that type ([`offer_gguf_blocks`]).
+    /// multiple of 32 (read as f32 one layer at a time); or the GGUF blocks the weight was read
+    /// from, in their own type, when the loader offered them ([`offer_gguf_blocks`]).
     fn quantize(quant: Quant, weight: &Tensor, bias: Option<&Tensor>) -> Option<LinearWeight> {
         let (n, k) = weight.dims2().ok()?;
         let from_file = take_gguf_blocks(weight);
         if !k.is_multiple_of(q8::QK) || bias.is_some_and(|b| b.dims1().ok() != Some(n)) {
             return None;
         }
-        let ty = if quant == Quant::Q4K && k.is_multiple_of(q4k::QK_K) {
-            Quant::Q4K
-        } else {
-            Quant::Q8_0
+        // A file's own Q8_0 / Q4_K blocks are used as stored, whichever of the two was asked
+        // for (quantising them again would only add rounding).
+        let ty = match &from_file {
+            Some((file_quant, _)) => *file_quant,
+            None if quant == Quant::Q4K && k.is_multiple_of(q4k::QK_K) => Quant::Q4K,
+            None => Quant::Q8_0,
         };
         let b = bias.map(|b| b.to_device(&Device::Cpu)).transpose().ok()?;
         let made = with_opt_f32(b.as_ref(), |b| match (ty, from_file) {
