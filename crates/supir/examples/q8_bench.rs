@@ -44,7 +44,9 @@ fn main() {
         let b = time(|| {
             std::hint::black_box(pb.matmul(&x, m));
         });
+        let t0 = cpu_ns();
         let q = Q8Weight::quantize(&w, n, k, None).unwrap();
+        let q8_ms = (cpu_ns() - t0) as f64 / 1e6;
         let v = time(|| {
             std::hint::black_box(q.matmul_with(Q8Path::Avx512Vnni, &x, m));
         });
@@ -57,7 +59,10 @@ fn main() {
             println!("  q4_k: k = {k} is not a multiple of 256 (such layers fall back to q8_0)");
             continue;
         }
+        let t0 = cpu_ns();
         let q4 = Q4KWeight::quantize(&w, n, k, None).unwrap();
+        let quant_ms = (cpu_ns() - t0) as f64 / 1e6;
+        println!("  quantising the {n}x{k} weight: q4_k {quant_ms:.0} ms CPU, q8_0 {q8_ms:.0} ms");
         let v4 = time(|| {
             std::hint::black_box(q4.matmul_with(Q8Path::Avx512Vnni, &x, m));
         });

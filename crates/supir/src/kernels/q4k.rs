@@ -55,11 +55,13 @@ const MC_MAX: usize = 144;
 const NC_MAX: usize = 512;
 
 /// ggml's `nearest_int` as candle writes it (`f32::round`: ties away from zero).
+#[inline(always)]
 fn nearest_int(v: f32) -> i32 {
     v.round() as i32
 }
 
 /// Scale and (negated) min of one sub-block: candle's `make_qkx1_quants(nmax, ntry, x)`.
+#[inline(always)]
 fn qkx1_scale_min(nmax: i32, ntry: usize, x: &[f32]) -> (f32, f32) {
     let n = x.len();
     let mut l = [0u8; 32];
@@ -98,6 +100,7 @@ fn qkx1_scale_min(nmax: i32, ntry: usize, x: &[f32]) -> (f32, f32) {
 }
 
 /// The 6-bit scale and min of sub-block `j` from a block's 12 packed bytes.
+#[inline(always)]
 fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
@@ -132,6 +135,13 @@ pub fn quantize_row_gguf(x: &[f32], out: &mut Vec<u8>) {
         x.len().is_multiple_of(QK_K),
         "q4_k: row length not a multiple of 256"
     );
+    quantize_blocks(x, out);
+}
+
+super::avx2_dispatch! {
+    /// [`quantize_row_gguf`]'s loops (compiled for AVX2 too: `round` inlines there instead of
+    /// calling libm; the same values).
+    fn quantize_blocks(x: &[f32], out: &mut Vec<u8>) {
     for blk in x.chunks_exact(QK_K) {
         let mut scales = [0.0f32; 8];
         let mut mins = [0.0f32; 8];
@@ -168,6 +178,7 @@ pub fn quantize_row_gguf(x: &[f32], out: &mut Vec<u8>) {
         for c in 0..QK_K / 64 {
             out.extend((0..32).map(|i| l[64 * c + i] | (l[64 * c + 32 + i] << 4)));
         }
+    }
     }
 }
 
