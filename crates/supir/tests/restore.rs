@@ -369,10 +369,7 @@ fn reduced_precision_stays_close_to_f32() {
                     (mean as f64) < Q4K_MEAN / 127.5,
                     "{dtypes:?} {name}: mean {mean}"
                 );
-                assert!(
-                    (err as f64) < Q4K_MAX / 127.5,
-                    "{dtypes:?} {name}: max {err}"
-                );
+                assert!(err < Q4K_MAX / 127.5, "{dtypes:?} {name}: max {err}");
             } else if dtypes.diffusion_quant.is_some() {
                 // Q8_0 on weights and activations (8 bits per 32-value block each).
                 // Measured: see README (Precision); the guards match bf16's.
