@@ -25,12 +25,13 @@ enum From {
     },
     /// Checkpoints (safetensors, torch zip or GGUF; later files override earlier keys, e.g. the
     /// SDXL base then the SUPIR file) -> one GGUF file with the official key names, which
-    /// `restore --sdxl`/`--supir` read directly (with `--diffusion-dtype q8_0` the Q8_0 layers
-    /// keep their bytes).
+    /// `restore --sdxl`/`--supir` read directly (with `--diffusion-dtype q8_0` / `q4_k` the
+    /// Q8_0 / Q4_K layers keep their bytes).
     Gguf {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
         /// `q8_0`: the GLVControl + UNet linear weights in Q8_0, the rest f16 (vectors f32);
+        /// `q4_k`: as q8_0, with the linear weights 256 values wide in Q4_K;
         /// `f16`: everything f16 (vectors f32).
         #[arg(long = "type", value_enum, default_value_t = GgufTypeArg::Q8_0)]
         ty: GgufTypeArg,
@@ -49,6 +50,8 @@ enum From {
 enum GgufTypeArg {
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
     F16,
 }
 
@@ -81,14 +84,16 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
             };
             let target = match ty {
                 GgufTypeArg::Q8_0 => supir::gguf::GgufTarget::Q8_0,
+                GgufTypeArg::Q4K => supir::gguf::GgufTarget::Q4K,
                 GgufTypeArg::F16 => supir::gguf::GgufTarget::F16,
             };
             let s = supir::gguf::convert(&inputs, target, &prefixes, &output)?;
             eprintln!(
-                "wrote {} ({} tensors, {} in q8_0, {:.2} GiB)",
+                "wrote {} ({} tensors, {} in q8_0, {} in q4_k, {:.2} GiB)",
                 output.display(),
                 s.tensors,
                 s.q8_0,
+                s.q4_k,
                 s.bytes as f64 / (1u64 << 30) as f64
             );
             Ok(())

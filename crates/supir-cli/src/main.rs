@@ -33,7 +33,7 @@ enum Command {
     Caption(caption::CaptionArgs),
     /// Serve the restore engine over HTTP: an API and a web page (127.0.0.1:8420 by default).
     Serve(Box<serve::ServeArgs>),
-    /// Convert weight files: ncnn to safetensors, checkpoints to GGUF (Q8_0).
+    /// Convert weight files: ncnn to safetensors, checkpoints to GGUF (Q8_0, Q4_K).
     Convert(convert::ConvertArgs),
     /// Time a backend on this machine.
     Bench(bench::BenchArgs),

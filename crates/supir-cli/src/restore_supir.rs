@@ -148,8 +148,9 @@ pub struct SupirArgs {
     #[arg(long, help_heading = "SUPIR size and memory")]
     pub(crate) decoder_tile: Option<usize>,
     /// Precision of control + UNet weights: fp32, fp16, bf16 (on the CPU half-precision
-    /// weights halve the memory and every layer computes in f32) or q8_0 (linear layers in
-    /// GGUF Q8_0 on 8-bit integer dot products, the rest f16) [default: fp32].
+    /// weights halve the memory and every layer computes in f32), q8_0 (linear layers in
+    /// GGUF Q8_0 on 8-bit integer dot products, the rest f16) or q4_k (linear layers in GGUF
+    /// Q4_K, those not 256-wide in Q8_0, the rest f16) [default: fp32].
     #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
     pub(crate) diffusion_dtype: Option<PrecisionArg>,
     /// Precision of the VAE and text encoder weights: fp32 or bf16 [default: fp32].
@@ -215,6 +216,8 @@ pub(crate) enum PrecisionArg {
     Bf16,
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -239,6 +242,7 @@ impl From<PrecisionArg> for Precision {
             PrecisionArg::Fp16 => Precision::Fp16,
             PrecisionArg::Bf16 => Precision::Bf16,
             PrecisionArg::Q8_0 => Precision::Q8_0,
+            PrecisionArg::Q4K => Precision::Q4K,
         }
     }
 }

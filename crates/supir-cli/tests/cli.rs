@@ -263,3 +263,31 @@ fn convert_ncnn_reports_bad_files() {
     assert!(stderr(&o).contains("0 convolutions"), "{}", stderr(&o));
     assert!(!out.exists());
 }
+
+#[test]
+fn convert_gguf_q4_k_writes_a_file_that_inspects() {
+    let d = tmpdir("convert-q4k");
+    let weights =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/supir-tiny/weights.safetensors");
+    let out = d.join("m.gguf");
+    let o = supir(&[
+        "convert",
+        "gguf",
+        s(&weights),
+        "--type",
+        "q4_k",
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The tiny fixture's 256 and 512 wide linears take Q4_K, the other 32-aligned ones Q8_0.
+    let e = stderr(&o);
+    let count = |what: &str| -> usize {
+        let i = e.find(what).unwrap_or_else(|| panic!("{e}"));
+        e[..i].rsplit([' ', '(']).next().unwrap().parse().unwrap()
+    };
+    assert!(count(" in q4_k") > 0 && count(" in q8_0") > 20, "{e}");
+    let o = supir(&["inspect", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -1,5 +1,5 @@
 //! GGUF files (the format of llama.cpp and stable-diffusion.cpp): a streaming writer that keeps
-//! the official key names with the diffusion networks' linear layers in Q8_0, and the index the
+//! the official key names with the diffusion networks' linear layers in Q8_0 or Q4_K, and the index the
 //! weight loader ([`crate::weights::Checkpoint`]) reads any GGUF file through.
 //!
 //! Layout (GGUF v3): `"GGUF"`, version, tensor and key-value counts, the key-values, one info per
@@ -17,7 +17,7 @@ use std::path::Path;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::kernels::q8;
+use crate::kernels::{q4k, q8};
 use crate::{Error, Result};
 
 const ALIGNMENT: usize = 32;
@@ -28,6 +28,7 @@ pub enum GgufType {
     F32,
     F16,
     Q8_0,
+    Q4K,
 }
 
 impl GgufType {
@@ -36,6 +37,7 @@ impl GgufType {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q8_0 => 8,
+            Self::Q4K => 12,
         }
     }
 
@@ -44,6 +46,7 @@ impl GgufType {
             Self::F32 => 4 * elems,
             Self::F16 => 2 * elems,
             Self::Q8_0 => elems / q8::QK * q8::BLOCK_BYTES,
+            Self::Q4K => elems / q4k::QK_K * q4k::BLOCK_BYTES,
         }
     }
 
@@ -52,6 +55,7 @@ impl GgufType {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
         }
     }
 }
@@ -63,11 +67,15 @@ pub enum GgufTarget {
     F16,
     /// As `F16`, but the linear weights under the quantised prefixes in Q8_0.
     Q8_0,
+    /// As `Q8_0`, but those linear weights whose input width is a multiple of 256 in Q4_K
+    /// (the layers `--diffusion-dtype q4_k` stores in Q4_K; the others stay Q8_0).
+    Q4K,
 }
 
 /// The storage of `key` (shape `shape`) for `target`: Q8_0 for a `[out, in]` weight with `in`
-/// a multiple of 32 under one of `prefixes` (the networks `--diffusion-dtype q8_0` quantises),
-/// f32 for vectors and scalars (norms, biases: tiny), f16 otherwise.
+/// a multiple of 32 under one of `prefixes` (the networks `--diffusion-dtype q8_0` quantises;
+/// for `Q4K`, Q4_K when `in` is a multiple of 256), f32 for vectors and scalars (norms,
+/// biases: tiny), f16 otherwise.
 pub fn plan(key: &str, shape: &[usize], target: GgufTarget, prefixes: &[String]) -> GgufType {
     if shape.len() <= 1 {
         return GgufType::F32;
@@ -77,7 +85,8 @@ pub fn plan(key: &str, shape: &[usize], target: GgufTarget, prefixes: &[String])
         && shape[1].is_multiple_of(q8::QK)
         && prefixes.iter().any(|p| key.starts_with(p.as_str()));
     match target {
-        GgufTarget::Q8_0 if linear => GgufType::Q8_0,
+        GgufTarget::Q4K if linear && shape[1].is_multiple_of(q4k::QK_K) => GgufType::Q4K,
+        GgufTarget::Q8_0 | GgufTarget::Q4K if linear => GgufType::Q8_0,
         _ => GgufType::F16,
     }
 }
@@ -164,11 +173,15 @@ pub fn write(
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
-            GgufType::Q8_0 => {
+            GgufType::Q8_0 | GgufType::Q4K => {
                 let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = Vec::with_capacity(t.ty.bytes(v.len()));
                 for row in v.chunks(t.shape[t.shape.len() - 1].max(1)) {
-                    q8::quantize_row_gguf(row, &mut out);
+                    if t.ty == GgufType::Q4K {
+                        q4k::quantize_row_gguf(row, &mut out);
+                    } else {
+                        q8::quantize_row_gguf(row, &mut out);
+                    }
                 }
                 out
             }
@@ -189,6 +202,7 @@ pub const SUPIR_QUANT_PREFIXES: [&str; 2] = ["model.diffusion_model.", "model.co
 pub struct ConvertSummary {
     pub tensors: usize,
     pub q8_0: usize,
+    pub q4_k: usize,
     pub bytes: u64,
 }
 
@@ -200,6 +214,17 @@ pub fn convert(
     target: GgufTarget,
     prefixes: &[String],
     out: &Path,
+) -> Result<ConvertSummary> {
+    convert_planned(inputs, out, |k, shape| {
+        (k.to_string(), plan(k, shape, target, prefixes))
+    })
+}
+
+/// [`convert`] with each tensor's stored name and type from `plan_one(official key, shape)`.
+fn convert_planned(
+    inputs: &[impl AsRef<Path>],
+    out: &Path,
+    plan_one: impl Fn(&str, &[usize]) -> (String, GgufType),
 ) -> Result<ConvertSummary> {
     let files = inputs
         .iter()
@@ -213,12 +238,17 @@ pub fn convert(
             }
         }
     }
+    let mut source = HashMap::new();
     let planned: Vec<PlannedTensor> = owner
         .iter()
-        .map(|(k, (_, shape))| PlannedTensor {
-            name: k.clone(),
-            shape: shape.clone(),
-            ty: plan(k, shape, target, prefixes),
+        .map(|(k, (_, shape))| {
+            let (name, ty) = plan_one(k, shape);
+            source.insert(name.clone(), k.clone());
+            PlannedTensor {
+                name,
+                shape: shape.clone(),
+                ty,
+            }
         })
         .collect();
     let name = out
@@ -231,10 +261,10 @@ pub fn convert(
         })?;
         let mut w = std::io::BufWriter::new(file);
         write(&mut w, &name, &planned, |t| {
-            let f = &files[owner[&t.name].0];
-            f.load(&t.name, DType::F32, &Device::Cpu)?.ok_or_else(|| {
-                Error::Option(format!("{}: `{}` vanished", f.path().display(), t.name))
-            })
+            let key = &source[&t.name];
+            let f = &files[owner[key].0];
+            f.load(key, DType::F32, &Device::Cpu)?
+                .ok_or_else(|| Error::Option(format!("{}: `{key}` vanished", f.path().display())))
         })?;
         w.flush().map_err(|source| Error::Io {
             path: tmp.to_path_buf(),
@@ -244,7 +274,128 @@ pub fn convert(
     Ok(ConvertSummary {
         tensors: planned.len(),
         q8_0: planned.iter().filter(|t| t.ty == GgufType::Q8_0).count(),
+        q4_k: planned.iter().filter(|t| t.ty == GgufType::Q4K).count(),
         bytes: std::fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+    })
+}
+
+// ------------------------------------------------------------ stable-diffusion.cpp's files
+//
+// stable-diffusion.cpp (github.com/leejet/stable-diffusion.cpp, read at commit 97d29908)
+// converts checkpoints with `sd-cli -M convert -m IN -o OUT.gguf --type q8_0|q4_k|...`:
+// - names: kept as in the input file, unless `--convert-name` is given; then
+//   `src/name_conversion.cpp::convert_tensor_name` renames them to its loader's names. For an
+//   SGM (SDXL / SUPIR) file the UNet (`model.diffusion_model.`), the VAE
+//   (`first_stage_model.`) and any other prefix keep the official names; the text encoders
+//   move: `conditioner.embedders.0.` -> `cond_stage_model.` (CLIP-L, already in HF naming)
+//   and `conditioner.embedders.1.model.` -> `cond_stage_model.1.` with OpenCLIP's names turned
+//   into HF CLIP's (`convert_open_clip_to_hf_clip_name`; `in_proj` stays fused).
+// - types (`src/model_loader.cpp::tensor_should_be_converted`): every tensor whose innermost
+//   dimension is a multiple of the block size is converted, except biases (`.bias`), `.scale`
+//   tensors, the UNet's `time_embed.` / `label_emb.` and anything named `embedding`; so the
+//   linear weights and the norms' weight vectors are quantised, 3x3 and 1x1 convolutions
+//   (innermost dimension 3 or 1) are not, and a layer not wide enough for the block keeps its
+//   type (no fallback to a smaller block). The text encoders' linears are quantised too.
+//
+// Our loader reads such files: a missing official key is looked up under its
+// stable-diffusion.cpp name ([`sdcpp_name`]), block-quantised tensors that our layers hold in
+// f32 / f16 (norms, text encoders) are dequantised, and Q8_0 / Q4_K linear weights of the
+// diffusion networks keep their blocks. [`convert_sdcpp_style`] writes such a file (our
+// writer, imitating the layout above) for tests.
+
+/// OpenCLIP text-model names and their HF CLIP names, as stable-diffusion.cpp renames them.
+const OPEN_CLIP_TOP: [(&str, &str); 5] = [
+    (
+        "ln_final.bias",
+        "transformer.text_model.final_layer_norm.bias",
+    ),
+    (
+        "ln_final.weight",
+        "transformer.text_model.final_layer_norm.weight",
+    ),
+    (
+        "positional_embedding",
+        "transformer.text_model.embeddings.position_embedding.weight",
+    ),
+    (
+        "token_embedding.weight",
+        "transformer.text_model.embeddings.token_embedding.weight",
+    ),
+    ("text_projection", "transformer.text_model.text_projection"),
+];
+const OPEN_CLIP_BLOCK: [(&str, &str); 12] = [
+    ("attn.in_proj_bias", "self_attn.in_proj.bias"),
+    ("attn.in_proj_weight", "self_attn.in_proj.weight"),
+    ("attn.out_proj.bias", "self_attn.out_proj.bias"),
+    ("attn.out_proj.weight", "self_attn.out_proj.weight"),
+    ("ln_1.bias", "layer_norm1.bias"),
+    ("ln_1.weight", "layer_norm1.weight"),
+    ("ln_2.bias", "layer_norm2.bias"),
+    ("ln_2.weight", "layer_norm2.weight"),
+    ("mlp.c_fc.bias", "mlp.fc1.bias"),
+    ("mlp.c_fc.weight", "mlp.fc1.weight"),
+    ("mlp.c_proj.bias", "mlp.fc2.bias"),
+    ("mlp.c_proj.weight", "mlp.fc2.weight"),
+];
+
+/// The name stable-diffusion.cpp's `--convert-name` gives the official SGM key `key`, when it
+/// differs (the text encoders; see the notes above).
+pub fn sdcpp_name(key: &str) -> Option<String> {
+    if let Some(rest) = key.strip_prefix("conditioner.embedders.0.") {
+        return Some(format!("cond_stage_model.{rest}"));
+    }
+    let rest = key.strip_prefix("conditioner.embedders.1.model.")?;
+    if let Some((_, hf)) = OPEN_CLIP_TOP.iter().find(|(o, _)| *o == rest) {
+        return Some(format!("cond_stage_model.1.{hf}"));
+    }
+    if let Some(block) = rest.strip_prefix("transformer.resblocks.") {
+        if let Some((i, suffix)) = block.split_once('.') {
+            if let Some((_, hf)) = OPEN_CLIP_BLOCK.iter().find(|(o, _)| *o == suffix) {
+                return Some(format!(
+                    "cond_stage_model.1.transformer.text_model.encoder.layers.{i}.{hf}"
+                ));
+            }
+        }
+    }
+    Some(format!("cond_stage_model.1.model.{rest}"))
+}
+
+/// The type stable-diffusion.cpp's `--type ty` converter stores the tensor it names `key` (shape
+/// `shape`, outermost first) in: `ty` or, for what it leaves as is, our defaults (f32 vectors,
+/// f16 otherwise; it keeps the input's type).
+pub fn sdcpp_plan(key: &str, shape: &[usize], ty: GgufType) -> GgufType {
+    let block = match ty {
+        GgufType::Q8_0 => q8::QK,
+        GgufType::Q4K => q4k::QK_K,
+        _ => 1,
+    };
+    let inner = shape.last().copied().unwrap_or(1);
+    let kept = !inner.is_multiple_of(block)
+        || key.ends_with(".bias")
+        || key.ends_with(".scale")
+        || key.ends_with(".weight_scale")
+        || key.contains("time_embed.")
+        || key.contains("label_emb.")
+        || key.contains("embedding");
+    match () {
+        _ if !kept && !shape.is_empty() => ty,
+        _ if shape.len() <= 1 => GgufType::F32,
+        _ => GgufType::F16,
+    }
+}
+
+/// Writes `inputs` as stable-diffusion.cpp's `-M convert --type ty --convert-name` would lay
+/// them out ([`sdcpp_name`], [`sdcpp_plan`]); our writer and quantisers, so the bytes are ours.
+pub fn convert_sdcpp_style(
+    inputs: &[impl AsRef<Path>],
+    ty: GgufType,
+    out: &Path,
+) -> Result<ConvertSummary> {
+    convert_planned(inputs, out, |k, shape| {
+        // It decides on the converted name (`in_proj_bias` is `in_proj.bias` by then).
+        let name = sdcpp_name(k).unwrap_or_else(|| k.to_string());
+        let ty = sdcpp_plan(&name, shape, ty);
+        (name, ty)
     })
 }
 
@@ -447,6 +598,22 @@ impl GgufIndex {
         }
     }
 
+    /// The raw blocks of tensor `key` when it is stored in a block type the linear layers
+    /// run on (Q8_0, Q4_K).
+    pub fn quantised_blocks<'a>(
+        &self,
+        bytes: &'a [u8],
+        key: &str,
+    ) -> Option<(crate::layers::Quant, &'a [u8])> {
+        let (ty, _, s, e) = self.tensors.get(key)?;
+        let quant = match ty {
+            GgmlDType::Q8_0 => crate::layers::Quant::Q8_0,
+            GgmlDType::Q4K => crate::layers::Quant::Q4K,
+            _ => return None,
+        };
+        Some((quant, &bytes[*s..*e]))
+    }
+
     /// Tensor `key` of the file `bytes`, dequantised; `None` when absent.
     pub fn load(&self, bytes: &[u8], key: &str) -> candle_core::Result<Option<Tensor>> {
         let Some((ty, dims, s, e)) = self.tensors.get(key) else {
@@ -553,5 +720,94 @@ mod tests {
         // Truncated: refused with the file named.
         let err = GgufIndex::read(&buf[..buf.len() - 40], Path::new("t.gguf")).unwrap_err();
         assert!(err.to_string().contains("t.gguf"), "{err}");
+    }
+
+    #[test]
+    fn q4_k_files_hold_candles_blocks_and_fall_back_to_q8_0() {
+        let prefixes = vec!["m.".to_string()];
+        let w = test_noise(4 * 512, 4);
+        let items: Vec<(&str, Vec<usize>)> =
+            vec![("m.a.weight", vec![4, 512]), ("m.b.weight", vec![4, 64])];
+        let planned: Vec<PlannedTensor> = items
+            .iter()
+            .map(|(n, s)| PlannedTensor {
+                name: n.to_string(),
+                shape: s.clone(),
+                ty: plan(n, s, GgufTarget::Q4K, &prefixes),
+            })
+            .collect();
+        assert_eq!(planned[0].ty, GgufType::Q4K);
+        assert_eq!(
+            planned[1].ty,
+            GgufType::Q8_0,
+            "64 wide: not whole Q4_K blocks"
+        );
+        let mut buf = Vec::new();
+        write(&mut buf, "t", &planned, |p| {
+            let n: usize = p.shape.iter().product();
+            Ok(Tensor::from_vec(
+                w[..n].to_vec(),
+                p.shape.as_slice(),
+                &Device::Cpu,
+            )?)
+        })
+        .unwrap();
+        let index = GgufIndex::read(&buf, Path::new("t.gguf")).unwrap();
+        let (ty, _, s, e) = &index.tensors["m.a.weight"];
+        assert_eq!(*ty, GgmlDType::Q4K);
+        let t = Tensor::from_vec(w.clone(), (4, 512), &Device::Cpu).unwrap();
+        let theirs = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+        assert_eq!(&buf[*s..*e], &theirs.data().unwrap()[..]);
+        let (quant, raw) = index.quantised_blocks(&buf, "m.a.weight").unwrap();
+        assert_eq!((quant, raw.len()), (crate::layers::Quant::Q4K, 4 * 2 * 144));
+        let back = index.load(&buf, "m.a.weight").unwrap().unwrap();
+        let back = back.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(back, q4k::dequantize_gguf(raw));
+    }
+
+    #[test]
+    fn stable_diffusion_cpp_names_and_types() {
+        let k = "conditioner.embedders.1.model.transformer.resblocks.7.attn.in_proj_weight";
+        let n = sdcpp_name(k).unwrap();
+        assert_eq!(
+            n,
+            "cond_stage_model.1.transformer.text_model.encoder.layers.7.self_attn.in_proj.weight"
+        );
+        assert_eq!(
+            sdcpp_name("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight")
+                .unwrap(),
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+        );
+        assert_eq!(
+            sdcpp_name("conditioner.embedders.1.model.text_projection").unwrap(),
+            "cond_stage_model.1.transformer.text_model.text_projection"
+        );
+        assert_eq!(sdcpp_name("model.diffusion_model.out.2.weight"), None);
+        let q = GgufType::Q8_0;
+        assert_eq!(sdcpp_plan(&n, &[3840, 1280], q), q);
+        assert_eq!(
+            sdcpp_plan("x.norm.weight", &[320], q),
+            q,
+            "norm weights too"
+        );
+        assert_eq!(sdcpp_plan("x.norm.bias", &[320], q), GgufType::F32);
+        assert_eq!(sdcpp_plan("c.weight", &[320, 320, 3, 3], q), GgufType::F16);
+        assert_eq!(
+            sdcpp_plan("m.time_embed.0.weight", &[1280, 320], q),
+            GgufType::F16
+        );
+        assert_eq!(
+            sdcpp_plan("t.token_embedding.weight", &[49408, 768], q),
+            GgufType::F16
+        );
+        // Q4_K: a 640-wide linear keeps its type (no fallback).
+        assert_eq!(
+            sdcpp_plan("a.to_q.weight", &[640, 640], GgufType::Q4K),
+            GgufType::F16
+        );
+        assert_eq!(
+            sdcpp_plan("a.to_k.weight", &[640, 2048], GgufType::Q4K),
+            GgufType::Q4K
+        );
     }
 }

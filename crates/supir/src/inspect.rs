@@ -189,6 +189,16 @@ fn module_of(key: &str) -> String {
 
 pub fn summarize(tensors: &BTreeMap<String, TensorMeta>) -> Summary {
     let full = full_size_keys();
+    // Keys under stable-diffusion.cpp's names count as the official ones they stand for.
+    let aliases: std::collections::HashMap<String, &String> = full
+        .keys()
+        .filter_map(|k| crate::gguf::sdcpp_name(k).map(|a| (a, k)))
+        .collect();
+    let renamed: BTreeMap<String, TensorMeta> = tensors
+        .iter()
+        .map(|(k, m)| (aliases.get(k).map_or(k, |o| *o).clone(), m.clone()))
+        .collect();
+    let tensors = &renamed;
     let mut dtypes = BTreeMap::new();
     let mut modules = BTreeMap::new();
     let mut parameters = 0u64;

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Result, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::kernels::packed::{self, PackedWeight};
+use crate::kernels::q4k::{self, Q4KWeight};
 use crate::kernels::q8::{self, Q8Weight};
 use crate::kernels::{attention as attn, conv, norm};
 
@@ -83,12 +84,18 @@ pub enum Quant {
     /// Blocks of 32 signed bytes and an f16 scale (8.5 bits per weight), multiplied on 8-bit
     /// integer dot products ([`crate::kernels::q8`]).
     Q8_0,
+    /// Blocks of 256 4-bit weights with 6-bit sub-block scales and mins (4.5 bits per weight)
+    /// on 8-bit activations ([`crate::kernels::q4k`]). Layers whose input width is a multiple
+    /// of 32 but not of 256 fall back to Q8_0 (llama.cpp likewise falls back to a smaller
+    /// block type); [`QuantStats::fallback`] counts them.
+    Q4K,
 }
 
 impl Quant {
     pub fn name(self) -> &'static str {
         match self {
             Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
         }
     }
 }
@@ -99,11 +106,47 @@ impl Quant {
 pub struct QuantStats {
     pub quantised: usize,
     pub kept: usize,
+    /// Of `quantised`, the layers stored in Q8_0 under [`Quant::Q4K`] (Q4_K's 256-value
+    /// blocks do not fit, or a GGUF file holds them in Q8_0).
+    pub fallback: usize,
 }
 
 thread_local! {
     static LINEAR_QUANT: Cell<(Option<Quant>, QuantStats)> =
-        const { Cell::new((None, QuantStats { quantised: 0, kept: 0 })) };
+        const { Cell::new((None, QuantStats { quantised: 0, kept: 0, fallback: 0 })) };
+    /// GGUF blocks of weights just read from a file (by the loaded tensor's id), offered by the
+    /// loader under a [`with_linear_quant`] scope so a [`Linear`] keeps the file's own bytes
+    /// instead of quantising their dequantised values again.
+    static GGUF_BLOCKS: std::cell::RefCell<Vec<(candle_core::TensorId, Quant, Vec<u8>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Offers the GGUF `quant` blocks `bytes` that `tensor` (a `[out, in]` weight) was decoded
+/// from: kept (until the scope ends) only inside a [`with_linear_quant`] scope, so that the
+/// [`Linear`] built from `tensor` holds these bytes. A few entries at most are pending (one
+/// layer's weight between its read and its construction).
+pub fn offer_gguf_blocks(tensor: &Tensor, quant: Quant, bytes: &[u8]) {
+    if linear_quant().is_none() || tensor.rank() != 2 {
+        return;
+    }
+    GGUF_BLOCKS.with(|b| {
+        let mut b = b.borrow_mut();
+        // A weight read but not turned into a Linear (a conv, say) is dropped after a while.
+        if b.len() >= 4 {
+            b.remove(0);
+        }
+        b.push((tensor.id(), quant, bytes.to_vec()));
+    });
+}
+
+/// The blocks [`offer_gguf_blocks`] left for `tensor`, if any.
+fn take_gguf_blocks(tensor: &Tensor) -> Option<(Quant, Vec<u8>)> {
+    GGUF_BLOCKS.with(|b| {
+        let mut b = b.borrow_mut();
+        let i = b.iter().position(|(id, _, _)| *id == tensor.id())?;
+        let (_, q, bytes) = b.remove(i);
+        Some((q, bytes))
+    })
 }
 
 /// Runs `build` with every [`Linear`] it constructs on this thread stored as `quant` (`None`:
@@ -121,6 +164,7 @@ pub fn with_linear_quant<R>(quant: Option<Quant>, build: impl FnOnce() -> R) -> 
     let restore = Restore(LINEAR_QUANT.with(|q| q.replace((quant, QuantStats::default()))));
     let out = build();
     let stats = LINEAR_QUANT.with(|q| q.get().1);
+    GGUF_BLOCKS.with(|b| b.borrow_mut().clear());
     drop(restore);
     (out, stats)
 }
@@ -129,11 +173,12 @@ fn linear_quant() -> Option<Quant> {
     LINEAR_QUANT.with(|q| q.get().0)
 }
 
-fn count_linear(quantised: bool) {
+fn count_linear(quantised: bool, fallback: bool) {
     LINEAR_QUANT.with(|q| {
         let (quant, mut stats) = q.get();
         if quantised {
             stats.quantised += 1;
+            stats.fallback += fallback as usize;
         } else {
             stats.kept += 1;
         }
@@ -146,8 +191,8 @@ fn count_linear(quantised: bool) {
 /// f32, bf16 and f16 weights on a CPU with AVX-512 are packed once at construction for
 /// [`packed`](crate::kernels::packed) (the same values in the micro-kernel's order, half
 /// precision kept at its size; the BLAS would re-pack them on every call); under [`with_linear_quant`] weights whose input width is
-/// a multiple of 32 are quantised (CPU, f32 inputs: integer kernels; elsewhere dequantised per
-/// call); other weights stay as loaded.
+/// a multiple of 32 are quantised (Q4_K needs 256; CPU, f32 inputs: integer kernels; elsewhere
+/// dequantised per call); other weights stay as loaded.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: LinearWeight,
@@ -161,17 +206,17 @@ enum LinearWeight {
     },
     Packed(Arc<PackedWeight>),
     Q8(Arc<Q8Weight>),
+    Q4K(Arc<Q4KWeight>),
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        if let Some(Quant::Q8_0) = linear_quant() {
-            let q = Self::quantize_q8(&weight, bias.as_ref());
-            count_linear(q.is_some());
-            if let Some(q) = q {
-                return Self {
-                    weight: LinearWeight::Q8(Arc::new(q)),
-                };
+        if let Some(quant) = linear_quant() {
+            let q = Self::quantize(quant, &weight, bias.as_ref());
+            let fallback = quant == Quant::Q4K && matches!(q, Some(LinearWeight::Q8(_)));
+            count_linear(q.is_some(), fallback);
+            if let Some(weight) = q {
+                return Self { weight };
             }
         }
         let packable = |t: &Tensor| {
@@ -207,20 +252,43 @@ impl Linear {
         }
     }
 
-    /// Q8_0 of a `[out, in]` weight with `in` a multiple of 32 (read as f32 one layer at a time).
-    fn quantize_q8(weight: &Tensor, bias: Option<&Tensor>) -> Option<Q8Weight> {
+    /// `quant` of a `[out, in]` weight: Q4_K when `in` is a multiple of 256, Q8_0 when it is a
+    /// multiple of 32 (read as f32 one layer at a time); or the GGUF blocks the weight was read
+    /// from, in their own type, when the loader offered them ([`offer_gguf_blocks`]).
+    fn quantize(quant: Quant, weight: &Tensor, bias: Option<&Tensor>) -> Option<LinearWeight> {
         let (n, k) = weight.dims2().ok()?;
+        let from_file = take_gguf_blocks(weight);
         if !k.is_multiple_of(q8::QK) || bias.is_some_and(|b| b.dims1().ok() != Some(n)) {
             return None;
         }
-        let w = weight.to_device(&Device::Cpu).ok()?;
+        // A file's own Q8_0 / Q4_K blocks are used as stored, whichever of the two was asked
+        // for (quantising them again would only add rounding).
+        let ty = match &from_file {
+            Some((file_quant, _)) => *file_quant,
+            None if quant == Quant::Q4K && k.is_multiple_of(q4k::QK_K) => Quant::Q4K,
+            None => Quant::Q8_0,
+        };
         let b = bias.map(|b| b.to_device(&Device::Cpu)).transpose().ok()?;
-        with_f32(&w, |w| {
-            with_opt_f32(b.as_ref(), |b| Q8Weight::quantize(w, n, k, b))
-        })
-        .ok()?
-        .ok()?
-        .ok()
+        let made = with_opt_f32(b.as_ref(), |b| match (ty, from_file) {
+            (Quant::Q4K, Some((Quant::Q4K, bytes))) => {
+                Q4KWeight::from_gguf(&bytes, n, k, b).map(|q| LinearWeight::Q4K(Arc::new(q)))
+            }
+            (Quant::Q8_0, Some((Quant::Q8_0, bytes))) => {
+                Q8Weight::from_gguf(&bytes, n, k, b).map(|q| LinearWeight::Q8(Arc::new(q)))
+            }
+            _ => {
+                let w = weight.to_device(&Device::Cpu)?;
+                with_f32(&w, |w| match ty {
+                    Quant::Q4K => {
+                        Q4KWeight::quantize(w, n, k, b).map(|q| LinearWeight::Q4K(Arc::new(q)))
+                    }
+                    Quant::Q8_0 => {
+                        Q8Weight::quantize(w, n, k, b).map(|q| LinearWeight::Q8(Arc::new(q)))
+                    }
+                })?
+            }
+        });
+        made.ok()?.ok()
     }
 
     /// How the weight is held: `"packed"`, `"q8_0"` or the loaded dtype.
@@ -229,6 +297,7 @@ impl Linear {
             LinearWeight::Loaded { weight, .. } => format!("{:?}", weight.dtype()).to_lowercase(),
             LinearWeight::Packed(_) => "packed".into(),
             LinearWeight::Q8(_) => Quant::Q8_0.name().into(),
+            LinearWeight::Q4K(_) => Quant::Q4K.name().into(),
         }
     }
 
@@ -249,6 +318,7 @@ impl Linear {
             LinearWeight::Loaded { weight, .. } => weight.dims2(),
             LinearWeight::Packed(p) => Ok((p.n(), p.k())),
             LinearWeight::Q8(q) => Ok((q.n(), q.k())),
+            LinearWeight::Q4K(q) => Ok((q.n(), q.k())),
         }
     }
 
@@ -263,6 +333,12 @@ impl Linear {
                     .transpose()?,
             )),
             LinearWeight::Q8(q) => Ok((
+                cpu_tensor(q.dequantize(), &[q.n(), q.k()])?,
+                q.bias()
+                    .map(|b| cpu_tensor(b.to_vec(), &[q.n()]))
+                    .transpose()?,
+            )),
+            LinearWeight::Q4K(q) => Ok((
                 cpu_tensor(q.dequantize(), &[q.n(), q.k()])?,
                 q.bias()
                     .map(|b| cpu_tensor(b.to_vec(), &[q.n()]))
@@ -288,6 +364,10 @@ impl Linear {
                 cpu_tensor(out, &shape)
             }
             LinearWeight::Q8(q) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                let out = with_f32(x, |xs| q.matmul(xs, m))?;
+                cpu_tensor(out, &shape)
+            }
+            LinearWeight::Q4K(q) if x.device().is_cpu() && x.dtype() == DType::F32 => {
                 let out = with_f32(x, |xs| q.matmul(xs, m))?;
                 cpu_tensor(out, &shape)
             }

@@ -216,7 +216,17 @@ impl Checkpoint {
                 }
             },
         };
-        Ok(Some(t.to_dtype(dtype)?.to_device(dev)?))
+        let t = t.to_dtype(dtype)?.to_device(dev)?;
+        if let Store::Gguf { mmap, index } = &self.store {
+            // Q8_0 / Q4_K linear weights keep the file's blocks (see `offer_gguf_blocks`).
+            if let Some((quant, bytes)) = index.quantised_blocks(mmap, key) {
+                crate::layers::offer_gguf_blocks(&t, quant, bytes);
+                if let Some((_, _, s, e)) = index.tensors.get(key) {
+                    drop_pages(mmap, *s, *e);
+                }
+            }
+        }
+        Ok(Some(t))
     }
 }
 
@@ -675,9 +685,17 @@ impl WeightSource {
 
     /// `first_stage_model.denoise_encoder.*` falls back to `first_stage_model.encoder.*`: the
     /// official model initialises the denoise encoder as a copy of the encoder before loading.
+    /// A key missing under its official name is also looked up under stable-diffusion.cpp's
+    /// ([`crate::gguf::sdcpp_name`]).
     fn resolve(&self, key: &str) -> Option<(&Checkpoint, String, TensorMeta)> {
         if let Some((f, m)) = self.provider(key) {
             return Some((f, key.to_string(), m));
+        }
+        // stable-diffusion.cpp's names for the text encoders (its GGUF converter's).
+        if let Some(alias) = crate::gguf::sdcpp_name(key) {
+            if let Some((f, m)) = self.provider(&alias) {
+                return Some((f, alias, m));
+            }
         }
         let alias = key.strip_prefix("first_stage_model.denoise_encoder.")?;
         let alias = format!("first_stage_model.encoder.{alias}");

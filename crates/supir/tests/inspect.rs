@@ -66,3 +66,20 @@ fn sdxl_and_supir_files_split_the_model() {
     assert!(!c.complete());
     assert_eq!(s.dtypes["f32"], 1);
 }
+
+#[test]
+fn stable_diffusion_cpp_names_count_as_the_official_parts() {
+    // An SDXL GGUF from stable-diffusion.cpp's `--convert-name`: text encoders renamed.
+    let sdcpp: BTreeMap<String, TensorMeta> = metas(|k| !k.starts_with("model.control_model."))
+        .into_iter()
+        .map(|(k, m)| (supir::gguf::sdcpp_name(&k).unwrap_or(k), m))
+        .collect();
+    assert!(sdcpp
+        .keys()
+        .any(|k| k.starts_with("cond_stage_model.1.transformer.text_model.")));
+    let s = summarize(&sdcpp);
+    assert!(status(&s, "CLIP ViT-L text encoder").2);
+    assert!(status(&s, "OpenCLIP ViT-bigG text encoder").2);
+    assert!(status(&s, "SDXL UNet").2);
+    assert_eq!(s.unknown, 0);
+}

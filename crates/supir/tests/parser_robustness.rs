@@ -611,12 +611,14 @@ fn torch_pickle_bombs_are_refused_before_unpickling() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A small GGUF file as `supir convert gguf` writes it (a Q8_0 linear, an f16 conv, an f32 bias).
+/// A small GGUF file as `supir convert gguf --type q4_k` writes it (a Q8_0 and a Q4_K linear,
+/// an f16 conv, an f32 bias).
 fn gguf_bytes() -> Vec<u8> {
     use supir::gguf::{plan, write, GgufTarget, PlannedTensor};
     let prefixes = vec![String::new()];
     let items: Vec<(&str, Vec<usize>)> = vec![
         ("l.weight", vec![4, 64]),
+        ("k.weight", vec![1, 256]),
         ("c.weight", vec![2, 2, 3, 3]),
         ("l.bias", vec![4]),
     ];
@@ -625,7 +627,7 @@ fn gguf_bytes() -> Vec<u8> {
         .map(|(n, s)| PlannedTensor {
             name: n.to_string(),
             shape: s.clone(),
-            ty: plan(n, s, GgufTarget::Q8_0, &prefixes),
+            ty: plan(n, s, GgufTarget::Q4K, &prefixes),
         })
         .collect();
     let mut buf = Vec::new();

@@ -334,6 +334,11 @@ fn tiled_vae_matches_the_official_tilevae() {
     );
 }
 
+/// Bounds of the q4_k rows below, in 8-bit levels. Measured (25 layers in Q4_K, 298 in Q8_0):
+/// mean 0.76-8.20, max 5.8-52.6 (linear control scale the worst, as for the others).
+const Q4K_MEAN: f64 = 10.0;
+const Q4K_MAX: f64 = 64.0;
+
 /// f16 / bf16 weights (the CPU computes in f32 with them) and Q8_0 linear layers against the
 /// official f32 outputs on every `sample` case: diffusion in half precision or Q8_0 with an f32
 /// VAE, and both in bf16.
@@ -344,12 +349,25 @@ fn reduced_precision_stays_close_to_f32() {
         DTypes::new(DType::BF16, DType::F32),
         DTypes::new(DType::BF16, DType::BF16),
         DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0)),
+        DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q4K)),
     ] {
         let (fx, cfg, model) = load(dtypes);
         let stats = model.diffusion.as_ref().unwrap().quant_stats;
-        if dtypes.diffusion_quant.is_some() {
+        if let Some(q) = dtypes.diffusion_quant {
             // Every linear layer of the tiny GLVControl + UNet is 32-aligned.
             assert!(stats.quantised > 20 && stats.kept == 0, "{stats:?}");
+            if q == Quant::Q4K {
+                // Its widths are 32 to 1568: the 256 and 512 wide ones (25 of 323 weights in
+                // the file, the GLVControl + UNet ones among them) take Q4_K, the rest Q8_0.
+                let q4 = stats.quantised - stats.fallback;
+                assert!(q4 > 0 && stats.fallback > 0, "{stats:?}");
+                println!(
+                    "q4_k: {q4} linear layers in q4_k, {} in q8_0",
+                    stats.fallback
+                );
+            } else {
+                assert_eq!(stats.fallback, 0);
+            }
         } else {
             assert_eq!(stats, QuantStats::default());
         }
@@ -397,7 +415,15 @@ fn reduced_precision_stays_close_to_f32() {
             .iter()
             .zip(seen)
         {
-            if dtypes.diffusion_quant.is_some() {
+            if dtypes.diffusion_quant == Some(Quant::Q4K) {
+                // Q4_K weights (where 256-aligned) on Q8_K activations.
+                // Measured: see README (Precision).
+                assert!(
+                    (mean as f64) < Q4K_MEAN / 127.5,
+                    "{dtypes:?} {name}: mean {mean}"
+                );
+                assert!(err < Q4K_MAX / 127.5, "{dtypes:?} {name}: max {err}");
+            } else if dtypes.diffusion_quant.is_some() {
                 // Q8_0 on weights and activations (8 bits per 32-value block each).
                 // Measured: see README (Precision); the guards match bf16's.
                 assert!(mean < 3.0 / 127.5, "{dtypes:?} {name}: mean {mean}");
@@ -437,16 +463,20 @@ fn gguf_conversions_load_and_match_the_original() {
             .unwrap()
     };
     let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
+    let q4 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q4K));
     for (target, dtypes, name) in [
         (GgufTarget::Q8_0, q8, "q8_0.gguf"),
+        // Q4_K's quantiser searches scales: requantising the file's dequantised values would
+        // not give its blocks back, so this equality holds only because the loader keeps them.
+        (GgufTarget::Q4K, q4, "q4_k.gguf"),
         (GgufTarget::F16, DTypes::uniform(DType::F32), "f16.gguf"),
     ] {
         let out = dir.join(name);
         let summary = convert(&[fx.weights_path()], target, &prefixes, &out).unwrap();
-        if target == GgufTarget::Q8_0 {
-            assert!(summary.q8_0 > 20, "{summary:?}");
-        } else {
-            assert_eq!(summary.q8_0, 0);
+        match target {
+            GgufTarget::Q8_0 => assert!(summary.q8_0 > 20 && summary.q4_k == 0, "{summary:?}"),
+            GgufTarget::Q4K => assert!(summary.q8_0 > 20 && summary.q4_k > 0, "{summary:?}"),
+            GgufTarget::F16 => assert_eq!((summary.q8_0, summary.q4_k), (0, 0)),
         }
         let from_gguf = restore(&out, dtypes);
         let from_original = restore(&fx.weights_path(), dtypes);
@@ -455,6 +485,113 @@ fn gguf_conversions_load_and_match_the_original() {
             0.0,
             "{name}"
         );
+        if target == GgufTarget::Q4K {
+            // The file's blocks are used as stored, whichever quantisation is asked for.
+            let as_q8 = restore(&out, q8);
+            assert_eq!(max_abs_diff(&as_q8, &from_gguf).unwrap(), 0.0);
+        }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A GGUF file laid out as stable-diffusion.cpp's `-M convert --type q8_0 --convert-name`
+/// writes one (`supir::gguf::convert_sdcpp_style`, our writer imitating its names and its
+/// choice of quantised tensors; see `gguf.rs`): text encoders under `cond_stage_model.*` in HF
+/// CLIP naming, norms' weights and the text encoders' linears in Q8_0 too. With our own choice
+/// of types but its names, it restores exactly as our file does (every key is found under its
+/// stable-diffusion.cpp name); with its types, it stays within the q8_0 bounds of the f32 run.
+#[test]
+fn stable_diffusion_cpp_gguf_files_load() {
+    use supir::gguf::{convert, convert_sdcpp_style, sdcpp_name, GgufIndex, GgufTarget, GgufType};
+    let fx = Fixture::load(fixture_dir()).unwrap();
+    let cfg = SupirConfig::load(fx.config_path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("supir-sdcpp-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let case = fx.case("sample_edm_restore").unwrap();
+    let o = options_of(case, &cfg);
+    let x = fx.input(case, "x").unwrap();
+    let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
+    let restore = |path: &Path| {
+        let model = SupirModel::load_with(&cfg, &[path], q8, &Device::Cpu).unwrap();
+        let mut r = Restorer::from_model(cfg.clone(), model);
+        r.restore_tensor(&x, &o, &mut replay(&fx, case), None)
+            .unwrap()
+    };
+    // Its layout, checked on the file's index.
+    let sdcpp = dir.join("sdcpp-q8_0.gguf");
+    let summary = convert_sdcpp_style(&[fx.weights_path()], GgufType::Q8_0, &sdcpp).unwrap();
+    let bytes = std::fs::read(&sdcpp).unwrap();
+    let index = GgufIndex::read(&bytes, &sdcpp).unwrap();
+    let ty = |k: &str| index.tensors[k].0;
+    use candle_core::quantized::GgmlDType as G;
+    let l0 = "cond_stage_model.1.transformer.text_model.encoder.layers.0";
+    assert_eq!(ty(&format!("{l0}.self_attn.in_proj.weight")), G::Q8_0);
+    assert_eq!(ty(&format!("{l0}.self_attn.in_proj.bias")), G::F32);
+    assert!(index.tensors.keys().all(|k| !k.starts_with("conditioner.")));
+    assert!(summary.q8_0 > 100, "{summary:?}");
+    assert_eq!(
+        sdcpp_name("conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_fc.weight")
+            .as_deref(),
+        Some("cond_stage_model.1.transformer.text_model.encoder.layers.3.mlp.fc1.weight")
+    );
+    let from_sdcpp = restore(&sdcpp);
+    let want = fx.output(case, "samples").unwrap();
+    let err = max_abs_diff(&from_sdcpp, &want).unwrap();
+    let mean = (&from_sdcpp - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!(
+        "stable-diffusion.cpp-style q8_0 file vs official f32: max {:.2} levels, mean {:.2}",
+        err * 127.5,
+        mean * 127.5
+    );
+    assert!(
+        mean < 3.0 / 127.5 && err < 32.0 / 127.5,
+        "max {err}, mean {mean}"
+    );
+
+    // Its names with our types: the same restore as our own file.
+    let ours = dir.join("ours-q8_0.gguf");
+    let prefixes = supir::gguf::SUPIR_QUANT_PREFIXES.map(String::from).to_vec();
+    convert(&[fx.weights_path()], GgufTarget::Q8_0, &prefixes, &ours).unwrap();
+    let renamed = dir.join("renamed-q8_0.gguf");
+    {
+        // Rewrite our file's tensors under stable-diffusion.cpp's names, types unchanged.
+        let src = supir::weights::Checkpoint::open(&ours).unwrap();
+        let ours_bytes = std::fs::read(&ours).unwrap();
+        let ours_index = GgufIndex::read(&ours_bytes, &ours).unwrap();
+        let planned: Vec<supir::gguf::PlannedTensor> = src
+            .tensors()
+            .into_iter()
+            .map(|(k, m)| supir::gguf::PlannedTensor {
+                name: sdcpp_name(&k).unwrap_or(k.clone()),
+                ty: match ours_index.tensors[&k].0 {
+                    G::Q8_0 => GgufType::Q8_0,
+                    G::F16 => GgufType::F16,
+                    _ => GgufType::F32,
+                },
+                shape: m.shape,
+            })
+            .collect();
+        let back: std::collections::HashMap<String, String> = src
+            .tensors()
+            .into_keys()
+            .map(|k| (sdcpp_name(&k).unwrap_or(k.clone()), k))
+            .collect();
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&renamed).unwrap());
+        supir::gguf::write(&mut w, "renamed", &planned, |t| {
+            Ok(src.load(&back[&t.name], DType::F32, &Device::Cpu)?.unwrap())
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        max_abs_diff(&restore(&renamed), &restore(&ours)).unwrap(),
+        0.0
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

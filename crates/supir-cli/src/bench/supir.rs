@@ -77,8 +77,9 @@ pub struct SupirBenchArgs {
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
     dtype: String,
     /// Weight formats of GLVControl + UNet to time side by side, comma separated (`q8_0`:
-    /// linear layers in Q8_0, the rest f16) [default: --dtype].
-    #[arg(long, value_delimiter = ',', value_parser = ["f32", "f16", "bf16", "q8_0"])]
+    /// linear layers in Q8_0, the rest f16; `q4_k`: linear layers in Q4_K, those not 256
+    /// wide in Q8_0) [default: --dtype].
+    #[arg(long, value_delimiter = ',', value_parser = ["f32", "f16", "bf16", "q8_0", "q4_k"])]
     diffusion_dtypes: Vec<String>,
     /// Timed runs per stage (best and median are reported).
     #[arg(long, default_value_t = 2)]
@@ -230,7 +231,7 @@ pub fn run(a: SupirBenchArgs) -> Result<()> {
     );
 
     eprintln!(
-        "kernels: f32 linear {}, q8_0 linear {}; {}",
+        "kernels: f32 linear {}, q8_0 / q4_k linear {}; {}",
         if supir::kernels::packed::available() {
             "packed AVX-512"
         } else {
@@ -344,9 +345,10 @@ fn ours(
             let vb = make_vb(storage);
             let from = rows.len();
             let control = build(&format!("GLVControl ({format})"), || {
-                let (net, _) = with_linear_quant(quant, || {
+                let (net, stats) = with_linear_quant(quant, || {
                     GLVControl::new(vb.pp("model.control_model"), &p.control_stage_config.params)
                 });
+                print_quant_stats("GLVControl", quant, stats);
                 Ok(net?)
             })?;
             let hints = if want_control {
@@ -365,9 +367,10 @@ fn ours(
 
             if want_unet {
                 let unet = build(&format!("UNet ({format})"), || {
-                    let (net, _) = with_linear_quant(quant, || {
+                    let (net, stats) = with_linear_quant(quant, || {
                         LightGLVUNet::new(vb.pp("model.diffusion_model"), np)
                     });
+                    print_quant_stats("UNet", quant, stats);
                     Ok(net?)
                 })?;
                 let h = reference.as_ref().map_or(&hints, |r| &r.0);
@@ -402,6 +405,23 @@ fn ours(
         }
     }
     Ok(rows)
+}
+
+/// How many linear layers a quantised build stored in which format.
+fn print_quant_stats(net: &str, quant: Option<Quant>, s: supir::layers::QuantStats) {
+    match quant {
+        Some(Quant::Q4K) => println!(
+            "{net} q4_k: {} linear layers quantised ({} of them in q8_0, not 256 wide), {} kept",
+            s.quantised, s.fallback, s.kept
+        ),
+        Some(q) => println!(
+            "{net} {}: {} linear layers quantised, {} kept",
+            q.name(),
+            s.quantised,
+            s.kept
+        ),
+        None => {}
+    }
 }
 
 /// `‖a - b‖ / ‖b‖` over all elements of the tensor lists.

@@ -4,6 +4,7 @@
 //! - [`conv`]: NCHW conv2d as GEMMs (pointwise, im2col, or [`winograd_nchw`] for 3x3);
 //! - [`norm`]: GroupNorm fused with SiLU, a vectorisable `exp`;
 //! - [`packed`]: the linear layers' GEMM with the weight packed once (AVX-512);
+//! - [`q8`], [`q4k`]: linear layers on GGUF Q8_0 / Q4_K weights with integer dot products;
 //! - [`attention`]: multi-head attention in query blocks;
 //! - [`scratch`]: reusable work buffers, so per-call scratch is not zeroed every time;
 //! - [`winograd`]: channels-last Winograd F(4x4, 3x3) with its own micro-kernels
@@ -15,6 +16,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod norm;
 pub mod packed;
+pub mod q4k;
 pub mod q8;
 pub mod scratch;
 pub mod winograd;

@@ -233,9 +233,10 @@ impl Source {
         let (net, stats) = with_linear_quant(quant, build);
         if let Some(q) = quant {
             tracing::info!(
-                "{what}: {} linear layers in {}, {} kept (input width not a multiple of 32)",
+                "{what}: {} linear layers in {} ({} of them in q8_0: not 256 wide), {} kept (input width not a multiple of 32)",
                 stats.quantised,
                 q.name(),
+                stats.fallback,
                 stats.kept
             );
         }

@@ -56,9 +56,10 @@ impl DiffusionNets {
         let (control, unet) = nets?;
         if let Some(q) = quant {
             tracing::info!(
-                "GLVControl + UNet: {} linear layers in {}, {} kept (input width not a multiple of 32)",
+                "GLVControl + UNet: {} linear layers in {} ({} of them in q8_0: not 256 wide), {} kept (input width not a multiple of 32)",
                 quant_stats.quantised,
                 q.name(),
+                quant_stats.fallback,
                 quant_stats.kept
             );
         }

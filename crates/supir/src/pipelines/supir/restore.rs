@@ -160,6 +160,9 @@ pub enum Precision {
     Bf16,
     /// Linear layers in Q8_0, everything else in f16 (the published files' own dtype).
     Q8_0,
+    /// Linear layers in Q4_K (those whose input width is not a multiple of 256 in Q8_0),
+    /// everything else in f16.
+    Q4K,
 }
 
 impl Precision {
@@ -167,7 +170,7 @@ impl Precision {
     pub fn dtype(&self) -> DType {
         match self {
             Self::Fp32 => DType::F32,
-            Self::Fp16 | Self::Q8_0 => DType::F16,
+            Self::Fp16 | Self::Q8_0 | Self::Q4K => DType::F16,
             Self::Bf16 => DType::BF16,
         }
     }
@@ -176,6 +179,7 @@ impl Precision {
     pub fn quant(&self) -> Option<Quant> {
         match self {
             Self::Q8_0 => Some(Quant::Q8_0),
+            Self::Q4K => Some(Quant::Q4K),
             _ => None,
         }
     }
@@ -199,6 +203,7 @@ impl fmt::Display for Precision {
             Self::Fp16 => "fp16",
             Self::Bf16 => "bf16",
             Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
         })
     }
 }
@@ -211,8 +216,9 @@ impl FromStr for Precision {
             "fp16" | "f16" | "float16" | "half" => Ok(Self::Fp16),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
             "q8_0" | "q8" => Ok(Self::Q8_0),
+            "q4_k" | "q4k" => Ok(Self::Q4K),
             _ => Err(opt_err(format!(
-                "unknown precision `{s}` (expected fp32, fp16, bf16 or q8_0)"
+                "unknown precision `{s}` (expected fp32, fp16, bf16, q8_0 or q4_k)"
             ))),
         }
     }
