@@ -30,20 +30,47 @@ fn chromium() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Headless Chromium at 1280 x 760 with its own profile folder.
+fn chromium_command(bin: &PathBuf, profile: &std::path::Path) -> Command {
+    let mut c = Command::new(bin);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--window-size=1280,760",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
+/// Waits until `/health` no longer says `loading` (the worker has the model).
+async fn wait_until_loaded(base: &str) {
+    let t0 = Instant::now();
+    loop {
+        let h: Value = reqwest::get(format!("{base}/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["status"] != "loading" {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "model not loaded: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs headless Chromium on `url` with `extra` flags; returns its stdout (the DOM with
 /// `--dump-dom`). Killed after `limit`.
 async fn run_chromium(bin: &PathBuf, url: &str, extra: &[String], limit: Duration) -> String {
     let profile = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bin)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--window-size=1280,760",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
+    let mut child = chromium_command(bin, profile.path())
         .args(extra)
         .arg(url)
         .stdout(Stdio::piped())
@@ -98,22 +125,7 @@ async fn page_shows_the_backend_options_and_runs_a_job_in_chromium() {
         .await
         .unwrap();
     // The page's health line says `loading` until the worker has the model.
-    loop {
-        let h: Value = reqwest::get(format!("{base}/health"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if h["status"] != "loading" {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "model not loaded: {h}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_loaded(&base).await;
     let m = &models["models"][0];
     assert_eq!(m["name"], "realesrgan", "{models}");
 
@@ -388,19 +400,7 @@ async fn file_picker_and_drop_upload_in_chromium() {
     .unwrap();
     let base = format!("http://{}", server.addr());
     let t0 = Instant::now();
-    loop {
-        let h: Value = reqwest::get(format!("{base}/health"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if h["status"] != "loading" {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "not loaded: {h}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_loaded(&base).await;
     let dir = tempfile::tempdir().unwrap();
     let picked = dir.path().join("picked photo.png");
     let dropped = dir.path().join("dropped.png");
@@ -415,18 +415,8 @@ async fn file_picker_and_drop_upload_in_chromium() {
     .save(&dropped)
     .unwrap();
     let profile = tempfile::tempdir().unwrap();
-    let mut child = Command::new(&bin)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--window-size=1280,760",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
+    let mut child = chromium_command(&bin, profile.path())
+        .args(["--remote-debugging-port=0", "about:blank"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
