@@ -94,6 +94,29 @@ pub(crate) fn for_each_gemm_block(
     }
 }
 
+/// Tests of the integer kernels: every vector path this CPU has gives `run(Plain)` within
+/// `1e-5 · (1 + |y|)` (the integer sums are exact; only the f32 accumulation order differs).
+#[cfg(test)]
+pub(crate) fn assert_vector_paths_match_plain(what: &str, run: impl Fn(q8::Q8Path) -> Vec<f32>) {
+    use q8::Q8Path;
+    let reference = run(Q8Path::Plain);
+    for path in [Q8Path::Avx512Vnni, Q8Path::Avx2] {
+        if !path.supported() {
+            eprintln!("{} not on this CPU; skipped", path.name());
+            continue;
+        }
+        let y = run(path);
+        for (i, (u, v)) in y.iter().zip(&reference).enumerate() {
+            let tol = 1e-5 * (1.0 + v.abs());
+            assert!(
+                (u - v).abs() <= tol,
+                "{} {what} [{i}]: {u} vs {v}",
+                path.name()
+            );
+        }
+    }
+}
+
 /// Deterministic values in [-1, 1) (xorshift): the kernels' test and benchmark inputs.
 pub fn test_noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

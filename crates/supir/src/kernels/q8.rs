@@ -647,22 +647,9 @@ mod tests {
             let b = bias.then_some(&b[..]);
             let q = Q8Weight::quantize(&w, n, k, b).unwrap();
             assert_eq!(q.bias(), b);
-            let reference = q.matmul_with(Q8Path::Plain, &x, m);
-            for path in [Q8Path::Avx512Vnni, Q8Path::Avx2] {
-                if !path.supported() {
-                    eprintln!("{} not on this CPU; skipped", path.name());
-                    continue;
-                }
-                let y = q.matmul_with(path, &x, m);
-                for (i, (u, v)) in y.iter().zip(&reference).enumerate() {
-                    let tol = 1e-5 * (1.0 + v.abs());
-                    assert!(
-                        (u - v).abs() <= tol,
-                        "{} {m}x{n}x{k} [{i}]: {u} vs {v}",
-                        path.name()
-                    );
-                }
-            }
+            super::super::assert_vector_paths_match_plain(&format!("{m}x{n}x{k}"), |path| {
+                q.matmul_with(path, &x, m)
+            });
         }
     }
 
