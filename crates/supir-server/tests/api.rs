@@ -2,13 +2,16 @@
 //! limits, errors, token and a small concurrency check. Each test starts its own server on a
 //! free port.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{post, start, status};
 use image::{DynamicImage, ImageBuffer, Rgb};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
-use supir_server::{Config, Server};
+use supir_server::Config;
 
 fn gradient(w: u32, h: u32) -> DynamicImage {
     DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| {
@@ -43,44 +46,9 @@ fn long_job() -> Form {
     )
 }
 
-async fn start(cfg: Config) -> (Server, String) {
-    let server = Server::start(Config { port: 0, ..cfg }).await.unwrap();
-    let base = format!("http://{}", server.addr());
-    (server, base)
-}
-
-async fn post(c: &Client, base: &str, f: Form) -> (StatusCode, Value) {
-    let r = c
-        .post(format!("{base}/v1/jobs"))
-        .multipart(f)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status();
-    (s, r.json().await.unwrap())
-}
-
-async fn status(c: &Client, base: &str, id: &str) -> Value {
-    c.get(format!("{base}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Polls the job until `pred` holds (panics after 60 s).
 async fn wait_for(c: &Client, base: &str, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        let v = status(c, base, id).await;
-        if pred(&v) {
-            return v;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "job {id} stuck: {v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_within(c, base, id, Duration::from_secs(60), pred).await
 }
 
 fn running_with_progress(v: &Value) -> bool {

@@ -3,9 +3,12 @@
 //! with the same options, its metadata names the backend and seed, a bad option is refused with
 //! the library's message, and a running job stops at its next step once canceled.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::post;
 use image::{DynamicImage, GenericImageView, ImageBuffer, Rgb};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, StatusCode};
@@ -44,52 +47,16 @@ fn form(img: &DynamicImage, options: Value) -> Form {
 }
 
 async fn start(model: ModelConfig) -> (Server, String) {
-    let server = Server::start(Config {
-        port: 0,
+    common::start(Config {
         model,
         ..Config::default()
     })
     .await
-    .unwrap();
-    let base = format!("http://{}", server.addr());
-    (server, base)
-}
-
-async fn post(c: &Client, base: &str, f: Form) -> (StatusCode, Value) {
-    let r = c
-        .post(format!("{base}/v1/jobs"))
-        .multipart(f)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status();
-    (s, r.json().await.unwrap())
-}
-
-async fn status(c: &Client, base: &str, id: &str) -> Value {
-    c.get(format!("{base}/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// Polls the job until `pred` holds (panics after 120 s: the first job waits for the load).
 async fn wait_for(c: &Client, base: &str, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let t = Instant::now();
-    loop {
-        let v = status(c, base, id).await;
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "job {id} stuck: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_within(c, base, id, Duration::from_secs(120), pred).await
 }
 
 fn ended(v: &Value) -> bool {

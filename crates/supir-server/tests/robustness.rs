@@ -3,14 +3,17 @@
 //! xorshift inputs: random, mutated and extreme values; every one must be answered with a
 //! result or a clear error, never a panic or a 5xx, and the server must stay up.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::start;
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Map, Value};
 use supir::models::supir_config::SupirConfig;
 use supir::pipelines::seesr::{SeesrOptions, SeesrPaths, SeesrPreset};
 use supir::pipelines::supir::restore::{Preset, RestoreOptions};
-use supir_server::{Config, ModelConfig, SeesrSetup, Server, SupirSetup};
+use supir_server::{Config, ModelConfig, SeesrSetup, SupirSetup};
 
 struct Rng(u64);
 
@@ -199,12 +202,6 @@ fn options_json_is_validated_never_panics() {
         total += ok + refused;
     }
     assert_eq!(total, 6000);
-}
-
-async fn start(cfg: Config) -> (Server, String) {
-    let server = Server::start(Config { port: 0, ..cfg }).await.unwrap();
-    let base = format!("http://{}", server.addr());
-    (server, base)
 }
 
 fn png(w: u32, h: u32) -> Vec<u8> {
