@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use crate::kernels::packed::{self, PackedWeight};
 use crate::kernels::q4k::{self, Q4KWeight};
 use crate::kernels::q8::{self, Q8Weight};
-use crate::kernels::{attention as attn, conv, norm};
+use crate::kernels::{attention as attn, conv, norm, winograd_nchw};
 
 /// The activations' dtype for weights stored in `storage` on `dev`: f32 on the CPU (f16/bf16
 /// weights are widened per layer), the storage dtype elsewhere.
@@ -552,6 +552,93 @@ impl Conv2d {
         })???;
         cpu_tensor(out, &[n, cout, oh, ow])
     }
+
+    /// `forward(upsample_nearest2d(x, 2h, 2w))` (the `Upsample` layers): `[B, in, H, W]` ->
+    /// `[B, out, 2H, 2W]`. Where the upsampled map goes through Winograd its pixels are read
+    /// from `x` in place (the same values, bit for bit, without the map, 4x the input, in
+    /// memory); otherwise the map is made.
+    pub fn forward_upsampled2x(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        match self.forward_read(x, true, None)? {
+            Some(y) => Ok(y),
+            None => self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?),
+        }
+    }
+
+    /// `forward(norm.forward_with_stats(x, mean, inv_std, silu))` (a resnet's norm + SiLU +
+    /// conv in the tiled VAE): where the conv goes through Winograd the norm is applied to
+    /// each pixel as it is read (the same operations, so the same bits, without the normalised
+    /// copy of `x` in memory); otherwise the normalised map is made.
+    pub fn forward_normed(
+        &self,
+        x: &Tensor,
+        norm: &GroupNorm,
+        mean: &Tensor,
+        inv_std: &Tensor,
+        silu: bool,
+    ) -> Result<Tensor> {
+        if fast(x) && x.rank() == 4 {
+            let (_, c, _, _) = x.dims4()?;
+            let n = x.dim(0)?;
+            if c == norm.gamma.dim(0)? && c.is_multiple_of(norm.groups) {
+                let (a, b) = norm.folded_affine(n, mean, inv_std)?;
+                let affine = winograd_nchw::Affine { a: &a, b: &b, silu };
+                if let Some(y) = self.forward_read(x, false, Some(affine))? {
+                    return Ok(y);
+                }
+            }
+        }
+        self.forward(&norm.forward_with_stats(x, mean, inv_std, silu)?)
+    }
+
+    /// The conv of the map `x` stands for (upsampled x2 by nearest neighbour, and/or mapped by
+    /// `affine`), read in place by Winograd; `None` where this layer and shape do not take
+    /// Winograd (the caller makes the map and calls [`Self::forward`]).
+    fn forward_read(
+        &self,
+        x: &Tensor,
+        up2: bool,
+        affine: Option<winograd_nchw::Affine>,
+    ) -> Result<Option<Tensor>> {
+        let (cout, cin, kh, kw) = self.weight.dims4()?;
+        let (n, c, h, w) = x.dims4()?;
+        let f = if up2 { 2 } else { 1 };
+        let s = conv::ConvShape {
+            n,
+            cin,
+            h: f * h,
+            w: f * w,
+            cout,
+            kh,
+            kw,
+            stride: self.stride,
+            pad: self.padding,
+        };
+        let keep = self.weight.dtype() == DType::F32 && conv::keeps_filter(&s);
+        if !fast(x) || c != cin || conv::choose(&s, keep) != conv::ConvAlgo::Winograd {
+            return Ok(None);
+        }
+        let mut out = vec![0.0f32; n * cout * s.h * s.w];
+        if keep && self.winograd_u.get().is_none() {
+            let u = with_f32(&self.weight, |w| {
+                winograd_nchw::filter_transform(w, cout, cin)
+            })?;
+            let _ = self.winograd_u.set(u);
+        }
+        with_f32(x, |xs| {
+            let input = winograd_nchw::Input { x: xs, up2, affine };
+            with_opt_f32(self.bias.as_ref(), |b| match self.winograd_u.get() {
+                Some(u) if keep => {
+                    winograd_nchw::conv3x3_transformed_input(&s, input, u, b, &mut out);
+                    Ok(())
+                }
+                _ => with_f32(&self.weight, |wt| {
+                    winograd_nchw::conv3x3_input(&s, input, wt, b, &mut out)
+                }),
+            })
+        })???;
+        Ok(Some(cpu_tensor(out, &[n, cout, s.h, s.w])?))
+    }
 }
 
 // ---------------------------------------------------------------------------- norms
@@ -611,6 +698,43 @@ impl GroupNorm {
     /// `silu(group_norm(x))` in one pass (the `in_layers` / `out_layers` of every ResBlock).
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         self.run(x, true)
+    }
+
+    /// The statistics and affine weights folded per (item, channel) into `y = x·a + b`,
+    /// `a = gamma·inv_std`, `b = beta - mean·a`, `[n][c]` each: the operations of
+    /// `kernels::norm::group_norm_with_stats`, so the same bits.
+    fn folded_affine(
+        &self,
+        n: usize,
+        mean: &Tensor,
+        inv_std: &Tensor,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let c = self.gamma.dim(0)?;
+        let cg = c / self.groups;
+        let (m, r) = (
+            mean.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            inv_std
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+        let (g, bt) = (
+            self.gamma.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            self.beta.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        );
+        if m.len() != n * self.groups || r.len() != n * self.groups {
+            candle_core::bail!("group norm: statistics for {} items expected", n);
+        }
+        let (mut a, mut b) = (Vec::with_capacity(n * c), Vec::with_capacity(n * c));
+        for item in 0..n {
+            for ch in 0..c {
+                let i = item * self.groups + ch / cg;
+                let ai = g[ch] * r[i];
+                a.push(ai);
+                b.push(bt[ch] - m[i] * ai);
+            }
+        }
+        Ok((a, b))
     }
 
     /// The affine map (+ SiLU) with given statistics `mean`, `inv_std` `[B, groups, 1]` (F32),
@@ -801,4 +925,126 @@ pub fn geglu(p: &Tensor) -> Result<Tensor> {
         crate::kernels::elementwise::geglu(ps, inner, &mut out)
     })?;
     cpu_tensor(out, &shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{conv, test_noise};
+
+    fn tensor(shape: &[usize], seed: u64) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(test_noise(n, seed), shape, &Device::Cpu).unwrap()
+    }
+
+    /// The fused x2 upsample-conv equals the conv of the stored upsampled map bit for bit:
+    /// f32 weights (filter transforms kept), bf16 weights (transformed per call), a map whose
+    /// upsampled size is not a multiple of the 4x4 tiles, and a map too small for Winograd
+    /// (the fallback).
+    #[test]
+    fn upsampled_conv_equals_the_conv_of_the_upsampled_map() {
+        let cases: [(usize, usize, usize, usize, usize, DType); 4] = [
+            (2, 24, 16, 9, 13, DType::F32),
+            (1, 32, 8, 17, 15, DType::BF16),
+            (1, 20, 20, 33, 32, DType::F32),
+            (1, 16, 8, 2, 3, DType::F32),
+        ];
+        for (i, &(n, cin, cout, h, w, dt)) in cases.iter().enumerate() {
+            let x = tensor(&[n, cin, h, w], 11 + i as u64);
+            let weight = tensor(&[cout, cin, 3, 3], 23 + i as u64)
+                .to_dtype(dt)
+                .unwrap();
+            let bias = tensor(&[cout], 37 + i as u64).to_dtype(dt).unwrap();
+            let c = Conv2d::new(weight, Some(bias), 1, 1);
+            let s = conv::ConvShape {
+                n,
+                cin,
+                h: 2 * h,
+                w: 2 * w,
+                cout,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 1,
+            };
+            let winograd = conv::choose(&s, dt == DType::F32) == conv::ConvAlgo::Winograd;
+            assert_eq!(winograd, i < 3, "case {i}: algorithm");
+            let want = c
+                .forward(&x.upsample_nearest2d(2 * h, 2 * w).unwrap())
+                .unwrap();
+            let got = c.forward_upsampled2x(&x).unwrap();
+            assert_eq!(got.dims(), want.dims(), "case {i}");
+            let (g, wv) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            let differing = g
+                .iter()
+                .zip(&wv)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differing, 0, "case {i}: {differing} of {} differ", g.len());
+        }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    /// The norm applied as Winograd reads the map equals the normalised map convolved, bit for
+    /// bit: with and without SiLU, f32 and bf16 weights and norm parameters, a batch of two
+    /// (statistics per item), and a map too small for Winograd (the fallback).
+    #[test]
+    fn normed_conv_equals_the_conv_of_the_normalised_map() {
+        // (batch, in, out, height, width, groups, silu, weights' dtype)
+        type Case = (usize, usize, usize, usize, usize, usize, bool, DType);
+        let cases: [Case; 4] = [
+            (2, 32, 16, 18, 27, 8, true, DType::F32),
+            (1, 48, 24, 35, 33, 16, true, DType::BF16),
+            (1, 32, 8, 33, 30, 4, false, DType::F32),
+            (1, 16, 8, 5, 6, 4, true, DType::F32),
+        ];
+        for (i, &(n, cin, cout, h, w, groups, silu, dt)) in cases.iter().enumerate() {
+            let seed = 100 + 10 * i as u64;
+            let x = (tensor(&[n, cin, h, w], seed) * 3.0).unwrap();
+            let gamma = tensor(&[cin], seed + 1).to_dtype(dt).unwrap();
+            let beta = tensor(&[cin], seed + 2).to_dtype(dt).unwrap();
+            let norm = GroupNorm::new(gamma, beta, groups, 1e-6).unwrap();
+            let mean = (tensor(&[n, groups, 1], seed + 3) * 0.1).unwrap();
+            let inv_std = (tensor(&[n, groups, 1], seed + 4).abs().unwrap() + 0.5).unwrap();
+            let weight = tensor(&[cout, cin, 3, 3], seed + 5).to_dtype(dt).unwrap();
+            let bias = tensor(&[cout], seed + 6).to_dtype(dt).unwrap();
+            let c = Conv2d::new(weight, Some(bias), 1, 1);
+            let s = conv::ConvShape {
+                n,
+                cin,
+                h,
+                w,
+                cout,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                pad: 1,
+            };
+            let winograd = conv::choose(&s, dt == DType::F32) == conv::ConvAlgo::Winograd;
+            assert_eq!(winograd, i < 3, "case {i}: algorithm");
+            let normalised = norm.forward_with_stats(&x, &mean, &inv_std, silu).unwrap();
+            let want = bits(&c.forward(&normalised).unwrap());
+            let got = bits(&c.forward_normed(&x, &norm, &mean, &inv_std, silu).unwrap());
+            assert_eq!(got.len(), want.len(), "case {i}");
+            let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differing,
+                0,
+                "case {i}: {differing} of {} differ",
+                got.len()
+            );
+        }
+    }
 }

@@ -92,7 +92,7 @@ pub fn group_norm_with_stats(
 
 super::avx2_dispatch! {
     /// `y = x·a + b`, then `y·sigmoid(y)` when `silu`.
-    fn affine(s: &[f32], d: &mut [f32], a: f32, b: f32, silu: bool) {
+    pub(crate) fn affine(s: &[f32], d: &mut [f32], a: f32, b: f32, silu: bool) {
         if silu {
             for (o, &v) in d.iter_mut().zip(s) {
                 let y = v * a + b;

@@ -152,10 +152,36 @@ impl Tiles {
     }
 }
 
+/// A per-(image, channel) affine map (+ SiLU) applied to the input as it is read: `a`, `b`
+/// `[n][cin]`. `y = x·a + b` and `y·sigmoid(y)` are the same operations as
+/// `kernels::norm::group_norm_with_stats`, so a fused norm + conv gives the bits of the two
+/// run one after the other, without the normalised map in memory.
+#[derive(Clone, Copy)]
+pub struct Affine<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub silu: bool,
+}
+
+/// How the convolved map is read from the stored `x`.
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    pub x: &'a [f32],
+    /// `x` is the map at half the size, upsampled x2 by nearest neighbour as it is read.
+    pub up2: bool,
+    pub affine: Option<Affine<'a>>,
+}
+
 /// `V[ξ][c][j] = (Bᵀ d B)_ξ` for the tiles `t0 + j`, `j < nb`, of input channel `c` (row stride
-/// `ld` of `V`'s `[c][tiles]` blocks).
-fn input_transform(
+/// `ld` of `V`'s `[c][tiles]` blocks). With `UP = 1`, `x` holds the map at half the size and
+/// pixel `(y, x)` of the convolved map is `x[y / 2][x / 2]` (nearest-neighbour x2 read in
+/// place, so the upsampled map is never stored). With `affine`, the rows of `x` this chunk of
+/// tiles reads are first mapped, per channel, into a small buffer (vectorised, as the norm
+/// kernel maps a whole map), and the tiles read that buffer.
+#[allow(clippy::too_many_arguments)]
+fn input_transform<const UP: u32>(
     x: &[f32],
+    affine: Option<&Affine>,
     cin: usize,
     g: Tiles,
     t0: usize,
@@ -163,56 +189,99 @@ fn input_transform(
     v: &mut [f32],
     ld: usize,
 ) {
+    let (ph, pw) = (g.h >> UP, g.w >> UP);
     let vp = SyncPtr(v.as_mut_ptr());
     let xi_stride = cin * ld;
-    (0..cin).into_par_iter().for_each(|c| {
-        let mut j = 0;
-        while j < nb {
-            let lanes = LN.min(nb - j);
-            // d[row][col][lane]
-            let mut d = [[[0.0f32; LN]; 6]; 6];
-            for l in 0..lanes {
-                let (img, y0, x0) = g.origin(t0 + j + l);
-                let plane = &x[(img * cin + c) * g.h * g.w..][..g.h * g.w];
-                for (r, drow) in d.iter_mut().enumerate() {
-                    let iy = y0 as isize + r as isize - 1;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
+    let (img0, img1) = (g.origin(t0).0, g.origin(t0 + nb - 1).0);
+    // Per image of the chunk: the stored rows `lo..hi` its tiles read (3x3 context included).
+    let bands: Vec<(usize, usize)> = (img0..=img1)
+        .map(|img| {
+            let ta = t0.max(img * g.per_img);
+            let tb = (t0 + nb).min((img + 1) * g.per_img) - 1;
+            let ylo = g.origin(ta).1.saturating_sub(1);
+            let yhi = (g.origin(tb).1 + 5).min(g.h);
+            (ylo >> UP, ((yhi - 1) >> UP) + 1)
+        })
+        .collect();
+    (0..cin)
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, c| {
+            // Where row 0 of each image's plane would start in `src` (`x` as stored, or `buf`
+            // holding only rows `lo..hi`, hence the wrapping offsets).
+            let mut starts = vec![0usize; bands.len()];
+            let src: &[f32] = match affine {
+                None => {
+                    for (i, s) in starts.iter_mut().enumerate() {
+                        *s = ((img0 + i) * cin + c) * ph * pw;
                     }
-                    let src = &plane[iy as usize * g.w..][..g.w];
-                    for (col, dv) in drow.iter_mut().enumerate() {
-                        let ix = x0 as isize + col as isize - 1;
-                        if ix >= 0 && ix < g.w as isize {
-                            dv[l] = src[ix as usize];
+                    x
+                }
+                Some(af) => {
+                    buf.clear();
+                    for (i, &(lo, hi)) in bands.iter().enumerate() {
+                        let plane = (img0 + i) * cin + c;
+                        let rows = &x[plane * ph * pw + lo * pw..plane * ph * pw + hi * pw];
+                        starts[i] = buf.len().wrapping_sub(lo * pw);
+                        let at = buf.len();
+                        buf.resize(at + rows.len(), 0.0);
+                        super::norm::affine(
+                            rows,
+                            &mut buf[at..],
+                            af.a[plane],
+                            af.b[plane],
+                            af.silu,
+                        );
+                    }
+                    buf
+                }
+            };
+            let mut j = 0;
+            while j < nb {
+                let lanes = LN.min(nb - j);
+                // d[row][col][lane]
+                let mut d = [[[0.0f32; LN]; 6]; 6];
+                for l in 0..lanes {
+                    let (img, y0, x0) = g.origin(t0 + j + l);
+                    let start = starts[img - img0];
+                    for (r, drow) in d.iter_mut().enumerate() {
+                        let iy = y0 as isize + r as isize - 1;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let row = &src[start.wrapping_add((iy as usize >> UP) * pw)..][..pw];
+                        for (col, dv) in drow.iter_mut().enumerate() {
+                            let ix = x0 as isize + col as isize - 1;
+                            if ix >= 0 && ix < g.w as isize {
+                                dv[l] = row[ix as usize >> UP];
+                            }
                         }
                     }
                 }
-            }
-            // Rows: Bᵀ d, column by column; then columns: (Bᵀ d) B, row by row.
-            let mut t = [[[0.0f32; LN]; 6]; 6];
-            for col in 0..6 {
-                let cv = [
-                    d[0][col], d[1][col], d[2][col], d[3][col], d[4][col], d[5][col],
-                ];
-                let r = bt(&cv);
-                for row in 0..6 {
-                    t[row][col] = r[row];
-                }
-            }
-            for (row, trow) in t.iter().enumerate() {
-                let r = bt(trow);
-                for (col, rv) in r.iter().enumerate() {
-                    let xi = row * 6 + col;
-                    // SAFETY: V[xi][c][j..j+lanes] belongs to this c only and is in bounds.
-                    unsafe {
-                        let dst = vp.get().add(xi * xi_stride + c * ld + j);
-                        std::ptr::copy_nonoverlapping(rv.as_ptr(), dst, lanes);
+                // Rows: Bᵀ d, column by column; then columns: (Bᵀ d) B, row by row.
+                let mut t = [[[0.0f32; LN]; 6]; 6];
+                for col in 0..6 {
+                    let cv = [
+                        d[0][col], d[1][col], d[2][col], d[3][col], d[4][col], d[5][col],
+                    ];
+                    let r = bt(&cv);
+                    for row in 0..6 {
+                        t[row][col] = r[row];
                     }
                 }
+                for (row, trow) in t.iter().enumerate() {
+                    let r = bt(trow);
+                    for (col, rv) in r.iter().enumerate() {
+                        let xi = row * 6 + col;
+                        // SAFETY: V[xi][c][j..j+lanes] belongs to this c only and is in bounds.
+                        unsafe {
+                            let dst = vp.get().add(xi * xi_stride + c * ld + j);
+                            std::ptr::copy_nonoverlapping(rv.as_ptr(), dst, lanes);
+                        }
+                    }
+                }
+                j += LN;
             }
-            j += LN;
-        }
-    });
+        });
 }
 
 /// `out[img][k]` tile pixels `= bias[k] + (Aᵀ M A)` for the tiles `t0 + j`, `j < nb`.
@@ -279,6 +348,18 @@ pub fn conv3x3(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>, o
     conv3x3_transformed(s, x, &u, bias, out)
 }
 
+/// [`conv3x3`] of the map `input` describes ([`conv3x3_transformed_input`]).
+pub fn conv3x3_input(
+    s: &ConvShape,
+    input: Input,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let u = filter_transform(weight, s.cout, s.cin);
+    conv3x3_transformed_input(s, input, &u, bias, out)
+}
+
 /// [`conv3x3`] with the filter transforms `u` ([`filter_transform`]) computed beforehand: at
 /// small maps the transform costs as much as the products, so layers with f32 weights keep it.
 pub fn conv3x3_transformed(
@@ -288,6 +369,66 @@ pub fn conv3x3_transformed(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    conv3x3_impl::<0>(s, x, None, u, bias, out)
+}
+
+/// [`conv3x3_transformed`] of the map `input` describes (`s` is the convolved map's shape):
+/// upsampled x2 by nearest neighbour (`Upsample` layers: even `s.h`, `s.w`, `input.x` is
+/// `[n][cin][h/2][w/2]`), and/or with an affine map + SiLU applied per pixel (a GroupNorm
+/// before the conv). The same products in the same order as convolving the stored map, so the
+/// same values bit for bit, without that map (4x the input, or the normalised copy) in memory.
+pub fn conv3x3_transformed_input(
+    s: &ConvShape,
+    input: Input,
+    u: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    if input.up2 {
+        assert!(
+            s.h.is_multiple_of(2) && s.w.is_multiple_of(2),
+            "Winograd x2: odd upsampled size"
+        );
+    }
+    if let Some(af) = &input.affine {
+        assert!(
+            af.a.len() == s.n * s.cin && af.b.len() == s.n * s.cin,
+            "Winograd: affine size"
+        );
+    }
+    if input.up2 {
+        conv3x3_impl::<1>(s, input.x, input.affine.as_ref(), u, bias, out)
+    } else {
+        conv3x3_impl::<0>(s, input.x, input.affine.as_ref(), u, bias, out)
+    }
+}
+
+fn conv3x3_impl<const UP: u32>(
+    s: &ConvShape,
+    x: &[f32],
+    affine: Option<&Affine>,
+    u: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    conv3x3_chunked::<UP>(s, x, affine, u, bias, out, CHUNK_BUDGET)
+}
+
+/// [`conv3x3_impl`] with `V` + `M` chunks of at most `budget` floats (tests use small ones).
+fn conv3x3_chunked<const UP: u32>(
+    s: &ConvShape,
+    x: &[f32],
+    affine: Option<&Affine>,
+    u: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    budget: usize,
+) {
+    assert_eq!(
+        x.len(),
+        s.n * s.cin * (s.h >> UP) * (s.w >> UP),
+        "Winograd: input size"
+    );
     assert!(
         s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1,
         "Winograd: 3x3/s1/p1 only"
@@ -302,7 +443,7 @@ pub fn conv3x3_transformed(
         per_img: s.h.div_ceil(4) * tw,
     };
     let nt = s.n * g.per_img;
-    let tc = (CHUNK_BUDGET / (36 * (cin + cout))).clamp(LN, nt.next_multiple_of(LN));
+    let tc = (budget / (36 * (cin + cout))).clamp(LN, nt.next_multiple_of(LN));
     let tc = tc.next_multiple_of(LN);
     // Stale scratch is fine: V's columns past `nb` and M are never read before written.
     let mut v = super::scratch::take(36 * cin * tc);
@@ -310,7 +451,7 @@ pub fn conv3x3_transformed(
     let mut t0 = 0;
     while t0 < nt {
         let nb = tc.min(nt - t0);
-        input_transform(x, cin, g, t0, nb, &mut v, tc);
+        input_transform::<UP>(x, affine, cin, g, t0, nb, &mut v, tc);
         // The 36 products are independent: one single-threaded GEMM per task.
         m.par_chunks_mut(cout * tc)
             .enumerate()
@@ -339,6 +480,78 @@ pub fn conv3x3_transformed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reading the map through the x2 upsample and/or the affine map + SiLU gives the bits of
+    /// convolving the stored map, also when chunks of tiles end inside an image and span two
+    /// images (small budgets), and for maps whose size is not a multiple of the 4x4 tiles.
+    #[test]
+    fn reading_in_place_equals_the_stored_map_across_chunks() {
+        let (n, cin, cout) = (2, 5, 3);
+        for &(h, w) in &[(10, 14), (7, 9)] {
+            for up2 in [false, true] {
+                for (silu, with_affine) in [(false, false), (true, true), (false, true)] {
+                    let (sh, sw) = if up2 { (h / 2, w / 2) } else { (h, w) };
+                    let (h, w) = if up2 { (2 * sh, 2 * sw) } else { (h, w) };
+                    let x = crate::kernels::test_noise(n * cin * sh * sw, 3);
+                    let a = crate::kernels::test_noise(n * cin, 5);
+                    let b = crate::kernels::test_noise(n * cin, 7);
+                    let wt = crate::kernels::test_noise(cout * cin * 9, 9);
+                    let bias = crate::kernels::test_noise(cout, 11);
+                    let u = filter_transform(&wt, cout, cin);
+                    // The stored map: upsampled, then mapped plane by plane.
+                    let mut stored = vec![0.0f32; n * cin * h * w];
+                    for p in 0..n * cin {
+                        for y in 0..h {
+                            for xx in 0..w {
+                                let (yy, xs) = if up2 { (y / 2, xx / 2) } else { (y, xx) };
+                                stored[(p * h + y) * w + xx] = x[(p * sh + yy) * sw + xs];
+                            }
+                        }
+                        if with_affine {
+                            let plane = stored[p * h * w..(p + 1) * h * w].to_vec();
+                            let dst = &mut stored[p * h * w..(p + 1) * h * w];
+                            crate::kernels::norm::affine(&plane, dst, a[p], b[p], silu);
+                        }
+                    }
+                    let s = ConvShape {
+                        n,
+                        cin,
+                        h,
+                        w,
+                        cout,
+                        kh: 3,
+                        kw: 3,
+                        stride: 1,
+                        pad: 1,
+                    };
+                    let af = Affine { a: &a, b: &b, silu };
+                    let af = with_affine.then_some(&af);
+                    let tiles = n * h.div_ceil(4) * w.div_ceil(4);
+                    // Chunks of 8 tiles (the lane width) up to all tiles at once.
+                    for tc in [8, 16, tiles.next_multiple_of(8)] {
+                        let budget = tc * 36 * (cin + cout);
+                        let mut want = vec![0.0f32; n * cout * h * w];
+                        conv3x3_chunked::<0>(&s, &stored, None, &u, Some(&bias), &mut want, budget);
+                        let mut got = vec![0.0f32; n * cout * h * w];
+                        if up2 {
+                            conv3x3_chunked::<1>(&s, &x, af, &u, Some(&bias), &mut got, budget);
+                        } else {
+                            conv3x3_chunked::<0>(&s, &x, af, &u, Some(&bias), &mut got, budget);
+                        }
+                        let differing = got
+                            .iter()
+                            .zip(&want)
+                            .filter(|(p, q)| p.to_bits() != q.to_bits())
+                            .count();
+                        assert_eq!(
+                            differing, 0,
+                            "{h}x{w} up2 {up2} affine {with_affine} silu {silu} chunk {tc}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// `U = G g Gᵀ` with the matrix `G` written out, in f64.
     #[test]

@@ -222,9 +222,12 @@ fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
             Some(s) => s.forward(&x)?,
             None => x.clone(),
         });
-        let n = block.norm1.forward_with_stats(&x, &mean, &inv_std, true)?;
+        hs.push(
+            block
+                .norm1
+                .conv_with_stats(&block.conv1, &x, &mean, &inv_std, true)?,
+        );
         drop(x);
-        hs.push(block.conv1.forward(&n)?);
     }
     // The freed tiles leave holes of other sizes in the heap (the CLI keeps freed blocks,
     // `memory::keep_freed_heap`); hand them back between the phases so that they do not add up.
@@ -234,9 +237,11 @@ fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         .into_iter()
         .zip(hs)
         .map(|(r, h)| {
-            let n = block.norm2.forward_with_stats(&h, &mean, &inv_std, true)?;
+            let y = block
+                .norm2
+                .conv_with_stats(&block.conv2, &h, &mean, &inv_std, true)?;
             drop(h);
-            r + block.conv2.forward(&n)?
+            r + y
         })
         .collect();
     crate::memory::release_free_heap();

@@ -244,6 +244,19 @@ impl Norm {
         self.gn.forward_with_stats(x, mean, inv_std, silu)
     }
 
+    /// `conv(silu?(norm(x)))` with statistics gathered elsewhere, the norm applied as the conv
+    /// reads `x` where it can (`Conv2d::forward_normed`: same bits, no normalised copy).
+    pub(crate) fn conv_with_stats(
+        &self,
+        conv: &Conv2d,
+        x: &Tensor,
+        mean: &Tensor,
+        inv_std: &Tensor,
+        silu: bool,
+    ) -> Result<Tensor> {
+        conv.forward_normed(x, &self.gn, mean, inv_std, silu)
+    }
+
     /// `silu(norm(x))` in one pass.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         self.gn.forward_silu(x)
@@ -415,8 +428,7 @@ impl Upsample {
 
 impl Module for Upsample {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        self.conv.forward_upsampled2x(x)
     }
 }
 
