@@ -12,7 +12,8 @@
 //!
 //! The `mmproj` tower is the CLIP vision model with its last layer dropped (llama.cpp reads the
 //! penultimate layer's output by computing one layer less: `clip.vision.block_count` is the
-//! layer count minus one) and no post-layernorm; its tensors are renamed back to transformers' names (note the
+//! layer count minus one), or, in newer files that keep every layer, computed up to the layer
+//! `clip.vision.feature_layer` names; no post-layernorm; its tensors are renamed back to transformers' names (note the
 //! converter's `mlp.fc1` -> `ffn_down`, `mlp.fc2` -> `ffn_up`) and built with candle's
 //! `ClipVisionTransformer`, taking the last computed layer.
 //!
@@ -632,6 +633,42 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("vision_model.encoder.layers.{layer}.{hf}.{param}"))
 }
 
+/// `clip.vision.feature_layer`, when the file has it: the hidden state LLaVA reads, as
+/// llama.cpp's clip.cpp counts them (0 is the encoder's input, `i` the output of layer `i`, so
+/// LLaVA-1.5's `hidden_states[-2]` of 24 layers is 23). Newer converters keep every layer and
+/// write this key; the tower then computes `i` layers and reads the last. One layer only
+/// (several, concatenated, are Granite Vision's), within `1..=block_count`. The post-layernorm
+/// is not applied (LLaVA reads a hidden state, taken before it).
+fn feature_layer(m: &Meta, block_count: usize) -> Result<Option<usize>> {
+    const KEY: &str = "clip.vision.feature_layer";
+    let Some(v) = m.c.metadata.get(KEY) else {
+        return Ok(None);
+    };
+    let bad = |msg: String| gguf_err(m.path, format!("`{KEY}`: {msg}"));
+    let int = |v: &gguf_file::Value| -> Result<i64> {
+        v.to_i32()
+            .map(i64::from)
+            .or_else(|_| v.to_u32().map(i64::from))
+            .or_else(|_| v.to_i64())
+            .or_else(|_| v.to_u64().map(|x| x as i64))
+            .map_err(|_| bad(format!("{v:?} is not an integer")))
+    };
+    let values: Vec<i64> = match v {
+        gguf_file::Value::Array(a) => a.iter().map(int).collect::<Result<_>>()?,
+        v => vec![int(v)?],
+    };
+    match values.as_slice() {
+        [i] if *i >= 1 && *i as usize <= block_count => Ok(Some(*i as usize)),
+        [i] => Err(bad(format!(
+            "layer {i} is outside 1..={block_count} (`clip.vision.block_count`)"
+        ))),
+        _ => Err(bad(format!(
+            "{values:?}: several feature layers (concatenated, as Granite Vision's) are not \
+             LLaVA-1.5's; one is supported"
+        ))),
+    }
+}
+
 /// The `mmproj` file: CLIP tower, projector, the vision config and the image processor.
 fn load_mmproj(
     path: &Path,
@@ -677,11 +714,15 @@ fn load_mmproj(
         ));
     }
     let embed_dim = m.usize("clip.vision.embedding_length")?;
+    let block_count = m.usize("clip.vision.block_count")?;
+    // The layers to compute: all the file has (legacy converters dropped those after the one
+    // LLaVA reads), or up to the one `clip.vision.feature_layer` names.
+    let layers = feature_layer(&m, block_count)?.unwrap_or(block_count);
     let vision = ClipVisionConfig {
         embed_dim,
         activation: Activation::QuickGelu,
         intermediate_size: m.usize("clip.vision.feed_forward_length")?,
-        num_hidden_layers: m.usize("clip.vision.block_count")?,
+        num_hidden_layers: layers,
         num_attention_heads: m.usize("clip.vision.attention.head_count")?,
         projection_dim: m.usize("clip.vision.projection_dim").unwrap_or(768),
         num_channels: 3,
@@ -709,6 +750,14 @@ fn load_mmproj(
         let Some(hf) = hf_name(name) else {
             continue;
         };
+        // Layers past the feature layer are not computed: not loaded either.
+        let layer = hf
+            .strip_prefix("vision_model.encoder.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        if layer.is_some_and(|i| i >= layers) {
+            continue;
+        }
         let t = content
             .tensor(&mut file, name, dev)
             .and_then(|q| q.dequantize(dev))
@@ -743,7 +792,8 @@ fn load_mmproj(
         },
         mm_hidden_size: embed_dim,
         vision,
-        // The converter dropped the layers after the one LLaVA reads: the last one computed.
+        // The converter dropped the layers after the one LLaVA reads, or `feature_layer`
+        // limited the tower to it: the last one computed.
         select_layer: -1,
         keep_cls: false,
         projector_type: "mlp2x_gelu".into(),
