@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
-use image::RgbImage;
 use supir::image_io::{convert, file};
 use supir::models::llava::LlavaPaths;
+pub use supir::pipelines::captions::AnyCaptioner;
+use supir::pipelines::captions::CaptionerConfig;
 use supir::pipelines::captions::{LlavaCaptioner, LlavaOptions, TagCaptioner};
 
 use crate::restore_seesr::TaggerArgs;
@@ -139,34 +140,32 @@ impl LlavaArgs {
     }
 }
 
-/// Either captioner, loaded.
-pub enum AnyCaptioner {
-    Tags(Box<TagCaptioner>),
-    Llava(Box<LlavaCaptioner>),
+/// Which captioner the flags name, and its weights.
+pub fn captioner_config(
+    kind: CaptionerArg,
+    tagger: &TaggerArgs,
+    llava: &LlavaArgs,
+    models_dir: Option<&Path>,
+) -> anyhow::Result<CaptionerConfig> {
+    Ok(match kind {
+        CaptionerArg::Tags => {
+            let (ram, dape) = tagger.paths()?;
+            CaptionerConfig::Tags { ram, dape }
+        }
+        CaptionerArg::Llava => CaptionerConfig::Llava {
+            paths: llava.paths(models_dir)?,
+            options: llava.options(),
+            dtype: llava.dtype(),
+        },
+    })
 }
 
-impl AnyCaptioner {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Tags(_) => "DAPE",
-            Self::Llava(_) => "LLaVA",
-        }
-    }
-
-    /// The caption of `img`: for LLaVA an empty caption is an error.
-    pub fn caption(&self, img: &RgbImage) -> supir::Result<String> {
-        match self {
-            Self::Tags(t) => t.caption(img),
-            Self::Llava(l) => l.caption(img),
-        }
-    }
-
-    /// [`Self::caption`], an empty LLaVA caption as `""` (the restore warns and uses none, as
-    /// for DAPE finding no tag).
-    pub fn caption_or_empty(&self, img: &RgbImage) -> supir::Result<String> {
-        match self.caption(img) {
-            Err(supir::Error::EmptyCaption { .. }) => Ok(String::new()),
-            r => r,
+/// What loading `config` is, for an error's context.
+pub fn loading_what(config: &CaptionerConfig) -> String {
+    match config {
+        CaptionerConfig::Tags { .. } => "loading the DAPE tagger".into(),
+        CaptionerConfig::Llava { paths, .. } => {
+            format!("loading LLaVA from {}", paths.model.display())
         }
     }
 }

@@ -6,19 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::{Args, ValueEnum};
 use supir::color_fix::ColorFix;
 use supir::image_io::file;
 use supir::models::supir_config::SupirConfig;
 use supir::models::tiled_vae::VaeTiling;
-use supir::pipelines::captions::{as_prompt_prefix, TagCaptioner};
 use supir::pipelines::supir::restore::{
     Precision, Preset, Residency, RestoreOptions, Restorer, TileLayout, OFFICIAL_CONFIG,
 };
 use supir::schedulers::sampler::SamplerKind;
 
-use crate::caption::{text_beside, write_caption, AnyCaptioner, CaptionerArg, LlavaArgs};
+use crate::caption::{text_beside, write_caption, CaptionerArg, LlavaArgs};
 use crate::restore::{pending_jobs, run_jobs, Job};
 use crate::restore_seesr::TaggerArgs;
 
@@ -341,12 +340,7 @@ pub(crate) fn seed_arg(s: i64) -> anyhow::Result<u64> {
     }
 }
 
-/// The automatic captions of one image: one, or one per tile of a tiled sampler (the tiled
-/// demo's local prompts).
-enum Captions {
-    Global(String),
-    PerTile(Vec<String>),
-}
+use supir::pipelines::captions::AutoCaptions as Captions;
 
 /// `--caption auto`: each job's captions, read from its caption file when one exists (so a user
 /// can edit captions and rerun; a JSON array of strings, one per tile, for a tiled sampler),
@@ -388,16 +382,10 @@ fn auto_captions(
     }
     let t = Instant::now();
     let dev = restorer.model.device();
-    let captioner = match kind {
-        CaptionerArg::Tags => {
-            let (ram, dape) = tagger.paths()?;
-            AnyCaptioner::Tags(Box::new(
-                TagCaptioner::load(&ram, &dape, DType::F32, &dev)
-                    .context("loading the DAPE tagger")?,
-            ))
-        }
-        CaptionerArg::Llava => AnyCaptioner::Llava(Box::new(llava.load(models_dir, &dev)?)),
-    };
+    let config = crate::caption::captioner_config(*kind, tagger, llava, models_dir)?;
+    let captioner = config
+        .load(&dev)
+        .with_context(|| crate::caption::loading_what(&config))?;
     for job in missing {
         let result = (|| -> anyhow::Result<Captions> {
             let loaded;
@@ -409,27 +397,16 @@ fn auto_captions(
                 }
             };
             let path = text_beside(&job.output);
-            if tiled {
-                let tiles = restorer.denoised_tiles_for_caption(img, opts)?;
-                let v = tiles
-                    .iter()
-                    .map(|t| captioner.caption_or_empty(t))
-                    .collect::<supir::Result<Vec<_>>>()?;
-                write_caption(&path, &serde_json::to_string_pretty(&v)?)?;
-                Ok(Captions::PerTile(v))
-            } else {
-                let clean = restorer.denoised_for_caption(img, opts)?;
-                let c = captioner.caption_or_empty(&clean)?;
-                write_caption(&path, &c)?;
-                Ok(Captions::Global(c))
+            let c = Captions::make(restorer, &captioner, img, opts)?;
+            match &c {
+                Captions::PerTile(v) => write_caption(&path, &serde_json::to_string_pretty(v)?)?,
+                Captions::Global(t) => write_caption(&path, t)?,
             }
+            Ok(c)
         })();
         match result {
             Ok(c) => {
-                let list = match &c {
-                    Captions::Global(c) => vec![c.as_str()],
-                    Captions::PerTile(v) => v.iter().map(String::as_str).collect(),
-                };
+                let list = c.texts();
                 for (i, text) in list.iter().enumerate() {
                     let which = if tiled {
                         format!(" tile {i}")
@@ -818,12 +795,8 @@ pub fn run(
             .with_context(|| job.input.display().to_string())?;
         steps.set_length(calls as u64);
         let mut opts = opts.clone();
-        match captions.as_ref().and_then(|c| c.get(&job.input)) {
-            Some(Captions::Global(c)) => opts.caption = as_prompt_prefix(c),
-            Some(Captions::PerTile(v)) => {
-                opts.tile_prompts = v.iter().map(|c| as_prompt_prefix(c)).collect()
-            }
-            None => {}
+        if let Some(c) = captions.as_ref().and_then(|c| c.get(&job.input)) {
+            c.apply(&mut opts);
         }
         let results = restorer
             .restore_image(

@@ -84,6 +84,23 @@ fn model_config(args: &BackendArgs) -> anyhow::Result<ModelConfig> {
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default()
                 .parse()?;
+            // The captioner behind jobs' `caption: "auto"`: required when it is the default
+            // or `--captioner llava` was asked; the tags when their weights are found.
+            let captioner = match crate::caption::captioner_config(
+                supir.captioner,
+                &args.seesr.tagger,
+                &supir.llava,
+                args.supir_models.as_deref(),
+            ) {
+                Ok(c) => Some(c),
+                Err(e)
+                    if defaults.caption == "auto"
+                        || supir.captioner == crate::caption::CaptionerArg::Llava =>
+                {
+                    return Err(e.context("--caption auto / --captioner"))
+                }
+                Err(_) => None,
+            };
             ModelConfig::Supir(Box::new(SupirSetup {
                 config: spec.load_config()?,
                 checkpoints: spec.checkpoints.clone(),
@@ -91,6 +108,7 @@ fn model_config(args: &BackendArgs) -> anyhow::Result<ModelConfig> {
                 preset,
                 defaults,
                 random_seed,
+                captioner,
             }))
         }
         Backend::Seesr(paths) => {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use image::DynamicImage;
 use supir::jobs::{CancelToken, JobId, JobQueue, Outcome, ProgressMeter};
+use supir::pipelines::captions::{AutoCaptions, CaptionerConfig};
 use supir::pipelines::realesrgan::RealEsrgan;
 use supir::pipelines::seesr::{flow as seesr_flow, SeesrModel};
 use supir::pipelines::supir::restore::Restorer;
@@ -18,7 +19,8 @@ use crate::png_meta;
 /// may bring its own prompts, and its GLVControl + UNet stay resident).
 pub enum Engine {
     RealEsrgan(Box<RealEsrgan>),
-    Supir(Box<Restorer>),
+    /// With the captioner behind `caption: "auto"`, if the server has one.
+    Supir(Box<Restorer>, Option<CaptionerConfig>),
     Seesr(Box<SeesrModel>),
 }
 
@@ -39,12 +41,15 @@ impl Engine {
                 let dev = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
                 // `defaults.residency`: staged re-reads GLVControl + UNet (and the text encoders
                 // when a job's prompts differ) for each job, resident keeps everything loaded.
-                Ok(Engine::Supir(Box::new(Restorer::load(
-                    s.config.clone(),
-                    &s.checkpoints,
-                    &s.defaults,
-                    &dev,
-                )?)))
+                Ok(Engine::Supir(
+                    Box::new(Restorer::load(
+                        s.config.clone(),
+                        &s.checkpoints,
+                        &s.defaults,
+                        &dev,
+                    )?),
+                    s.captioner.clone(),
+                ))
             }
             ModelConfig::Seesr(s) => Ok(Engine::Seesr(Box::new(SeesrModel::load(
                 &s.paths,
@@ -82,7 +87,24 @@ impl Engine {
                     text: vec![],
                 })
             }
-            (Engine::Supir(r), RunOptions::Supir(o)) => {
+            (Engine::Supir(r, captioner), RunOptions::Supir(o)) => {
+                let mut o = o.clone();
+                if o.caption == "auto" {
+                    // As `supir restore --caption auto`: the captioner is loaded, captions the
+                    // pre-denoised image (or its tiles) and is freed before the restore.
+                    let config = captioner.as_ref().ok_or_else(|| {
+                        supir::Error::Option("caption `auto`: this server has no captioner".into())
+                    })?;
+                    let c = config.load(&r.model.device())?;
+                    cancel.check()?;
+                    let captions = AutoCaptions::make(r, &c, img, &o)?;
+                    drop(c);
+                    supir::memory::release_free_heap();
+                    o.caption = String::new();
+                    captions.apply(&mut o);
+                    tracing::info!("caption ({}): {:?}", config.kind(), captions.texts());
+                }
+                let o = &o;
                 let calls = r.network_calls(o, img.width(), img.height())?;
                 // Units: stage 1's VAE passes, every sampler network call, the final decode.
                 let mut meter = ProgressMeter::new("restoring", calls);

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use supir::color_fix::ColorFix;
 use supir::models::supir_config::SupirConfig;
+use supir::pipelines::captions::CaptionerConfig;
 use supir::pipelines::realesrgan::{AlphaUpscale, Tiling, UpscaleOptions};
 use supir::pipelines::seesr::{flow as seesr_flow, SeesrOptions, SeesrPaths, StartPoint};
 use supir::pipelines::supir::restore::{Preset, RestoreOptions};
@@ -383,7 +384,15 @@ pub struct SupirSetup {
     pub defaults: RestoreOptions,
     /// Jobs without a `seed` get a random one (`--seed -1`).
     pub random_seed: bool,
+    /// The captioner behind `caption: "auto"` (`--captioner`), loaded for each such job and
+    /// freed after it; `None`: such jobs are refused.
+    pub captioner: Option<CaptionerConfig>,
 }
+
+/// Why `caption: "auto"` cannot be served without a captioner.
+const NO_CAPTIONER: &str = "caption `auto`: this server has no captioner; start it with \
+     --captioner tags and the DAPE weights (--seesr-models DIR, or --ram / --dape), or \
+     --captioner llava --llava DIR";
 
 /// What a SeeSR server loads, and its jobs' defaults (`seed: None`: a random seed per job).
 #[derive(Debug, Clone)]
@@ -488,11 +497,8 @@ impl SupirSetup {
                 self.defaults.num_samples
             ));
         }
-        if self.defaults.caption == "auto" {
-            return Err(
-                "--caption auto: automatic captions are not available in `supir serve` yet; give the caption text (or none)"
-                    .into(),
-            );
+        if self.defaults.caption == "auto" && self.captioner.is_none() {
+            return Err(format!("--{NO_CAPTIONER}"));
         }
         if !self.defaults.tile_prompts.is_empty() {
             return Err("--tile-prompts: per-tile prompts are for one image of `supir restore`, not a server".into());
@@ -554,11 +560,8 @@ impl SupirSetup {
             upscale = j.upscale,
             min_size = j.min_size,
         );
-        if o.caption == "auto" {
-            return Err(
-                "--caption auto: automatic captions are not available in `supir serve` yet; send the caption text"
-                    .into(),
-            );
+        if o.caption == "auto" && self.captioner.is_none() {
+            return Err(NO_CAPTIONER.into());
         }
         if let Some(c) = &j.color_fix {
             o.color_fix = c.parse().map_err(|e: supir::Error| e.to_string())?;
@@ -830,6 +833,7 @@ mod tests {
             preset,
             defaults,
             random_seed: false,
+            captioner: None,
         }))
     }
 

@@ -247,6 +247,7 @@ async fn readme_screenshot_on_the_tiny_supir_model() {
         preset: Preset::Default,
         defaults,
         random_seed: false,
+        captioner: None,
     }));
     let server = Server::start(Config {
         port: 0,

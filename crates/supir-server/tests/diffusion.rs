@@ -172,6 +172,7 @@ async fn supir_jobs_match_the_library_and_cancel() {
         preset: Preset::Default,
         defaults: defaults.clone(),
         random_seed: false,
+        captioner: None,
     }));
     let (server, base) = start(model).await;
     let c = Client::new();
@@ -406,5 +407,91 @@ async fn seesr_jobs_match_the_library_and_cancel() {
         "sampling",
     )
     .await;
+    server.shutdown().await.unwrap();
+}
+
+/// `caption: "auto"` on a SUPIR server: its captioner (the tiny LLaVA GGUF pair, greedy) captions
+/// the pre-denoised image as `supir restore --caption auto` does (the same library code), and
+/// the restore uses that caption; a server without a captioner refuses such a job (400) with how
+/// to give one; a captioner whose files are missing fails the job with a message naming them,
+/// and the server goes on with the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supir_auto_caption_jobs() {
+    use supir::models::llava::LlavaPaths;
+    use supir::pipelines::captions::{AutoCaptions, CaptionerConfig, LlavaOptions};
+    let (cfg, weights, defaults) = supir_model();
+    let llava = |model: PathBuf| CaptionerConfig::Llava {
+        paths: LlavaPaths { model, clip: None },
+        options: LlavaOptions {
+            temperature: 0.0,
+            max_new_tokens: 12,
+            ..LlavaOptions::default()
+        },
+        dtype: candle_core::DType::F32,
+    };
+    let pair = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../supir/tests/data/llava-tiny/gguf/llm-f16.gguf");
+    let setup = |captioner: Option<CaptionerConfig>| {
+        ModelConfig::Supir(Box::new(SupirSetup {
+            config: cfg.clone(),
+            checkpoints: vec![weights.clone()],
+            description: "tiny".into(),
+            preset: Preset::Default,
+            defaults: defaults.clone(),
+            random_seed: false,
+            captioner,
+        }))
+    };
+    let c = Client::new();
+    let input = photo(24, 20);
+    let auto = json!({"seed": 3, "caption": "auto"});
+
+    let (server, base) = start(setup(Some(llava(pair.clone())))).await;
+    let (s, v) = post(&c, &base, form(&input, auto.clone())).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let done = wait_for(&c, &base, &id, ended).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, text) = result(&c, &base, &id).await;
+    // The library's captions of the same image with the same options.
+    let mut o = defaults.clone();
+    o.seed = 3;
+    o.residency = Residency::Resident;
+    let r = Restorer::load(cfg.clone(), &[&weights], &o, &candle_core::Device::Cpu).unwrap();
+    let captioner = llava(pair).load(&candle_core::Device::Cpu).unwrap();
+    let want = AutoCaptions::make(&r, &captioner, &input, &o).unwrap();
+    let AutoCaptions::Global(caption) = &want else {
+        panic!("{want:?}: one caption expected")
+    };
+    assert!(!caption.is_empty());
+    o.caption = String::new();
+    want.apply(&mut o);
+    assert_eq!(text_of(&text, "supir:caption"), o.caption);
+    server.shutdown().await.unwrap();
+
+    // No captioner: refused at submission, with the flags to give.
+    let (server, base) = start(setup(None)).await;
+    let (s, v) = post(&c, &base, form(&input, auto.clone())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("--captioner"), "{v}");
+    server.shutdown().await.unwrap();
+
+    // A captioner whose files are gone: the job fails naming them; the next job runs.
+    let gone = std::env::temp_dir().join("supir-no-such-llava");
+    let (server, base) = start(setup(Some(llava(gone)))).await;
+    let (_, v) = post(&c, &base, form(&input, auto)).await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let done = wait_for(&c, &base, &id, ended).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(done.to_string().contains("supir-no-such-llava"), "{done}");
+    let (_, v) = post(
+        &c,
+        &base,
+        form(&input, json!({"caption": "a cat", "seed": 1})),
+    )
+    .await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let done = wait_for(&c, &base, &id, ended).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
     server.shutdown().await.unwrap();
 }

@@ -92,6 +92,7 @@ fn models() -> Vec<(&'static str, ModelConfig)> {
         preset: Preset::Default,
         defaults: supir,
         random_seed: true,
+        captioner: None,
     }));
     let seesr = ModelConfig::Seesr(Box::new(SeesrSetup {
         paths: SeesrPaths::from_models_dir(&fixtures().join("seesr-tiny")),

@@ -2,11 +2,12 @@
 //! `/usr/bin/time -v` for the peak memory):
 //!
 //! - `llava_bench full 7b|13b f32|bf16|f16 [DECODE]`: the safetensors path (candle's Llama);
-//! - `llava_bench write-gguf 7b|13b q4k|q8_0 DIR`: writes a random llama.cpp-style pair
+//! - `llava_bench write-gguf 7b|13b q4k|q4k_m|q8_0 DIR`: writes a random llama.cpp-style pair
 //!   (`llm-<type>.gguf` with random quantised blocks, `mmproj-f16.gguf`) into DIR;
 //! - `llava_bench gguf LLM.gguf [DECODE]`: the GGUF pair.
 //!
-//! `LLAVA_BENCH_LAYERS=N` builds N decoder layers at full width (memory-limited machines).
+//! `LLAVA_BENCH_LAYERS=N` builds N decoder layers at full width (memory-limited machines);
+//! `LLAVA_BENCH_KERNELS=candle` runs the GGUF decoder on candle's `QMatMul` (comparisons).
 //!
 //! Each run captions one 512x384 image with the official prompt: CLIP + projector, the prompt
 //! prefill (576 image positions + the text), then DECODE tokens (default 16), printing each
@@ -27,7 +28,7 @@ use supir::models::llava::config::{Layout, LlavaConfig};
 use supir::models::llava::preprocess::ClipProcessorConfig;
 use supir::models::llava::sampling::{Sampler, SamplingParams};
 use supir::models::llava::tokenizer::LlavaTokenizer;
-use supir::models::llava::{Llava, LlavaPaths};
+use supir::models::llava::{gguf, Llava};
 use supir::pipelines::captions::vicuna_v1_prompt;
 use supir::weights::RandomSource;
 
@@ -170,6 +171,11 @@ fn random_q(dt: GgmlDType, dims: &[usize], seed: u64) -> Result<QTensor> {
     let mut raw = random_bytes(blocks * dt.type_size(), seed);
     let scale = half::f16::from_f32(2e-4).to_le_bytes();
     for b in raw.chunks_mut(dt.type_size()) {
+        if dt == GgmlDType::Q6K {
+            // Q6_K: ql, qh, 16 signed scales, then d.
+            b[208..210].copy_from_slice(&half::f16::from_f32(1e-5).to_le_bytes());
+            continue;
+        }
         // Q8_0: d first; Q4_K: d, dmin first.
         b[..2].copy_from_slice(&scale);
         if dt == GgmlDType::Q4K {
@@ -206,10 +212,13 @@ fn write_gguf(
 
 fn write_pair(which: &str, qtype: &str, dir: &Path) -> Result<()> {
     use gguf_file::Value as V;
-    let dt = match qtype {
-        "q4k" => GgmlDType::Q4K,
-        "q8_0" => GgmlDType::Q8_0,
-        _ => bail!("type {qtype}: q4k or q8_0"),
+    // `q4k_m`: llama.cpp's Q4_K_M mix, Q6_K for `output.weight` and for `attn_v` / `ffn_down`
+    // of the layers its `use_more_bits` picks (the first and last eighth, every third between).
+    let (dt, mixed) = match qtype {
+        "q4k" => (GgmlDType::Q4K, false),
+        "q4k_m" => (GgmlDType::Q4K, true),
+        "q8_0" => (GgmlDType::Q8_0, false),
+        _ => bail!("type {qtype}: q4k, q4k_m or q8_0"),
     };
     std::fs::create_dir_all(dir)?;
     let (h, i, l, a) = sizes(which)?;
@@ -246,12 +255,21 @@ fn write_pair(which: &str, qtype: &str, dir: &Path) -> Result<()> {
     ];
     let mut ts: Vec<(String, QTensor)> = vec![];
     let mut seed = 1u64;
-    let mut q = |dims: &[usize]| {
+    let mut q = |dims: &[usize], more_bits: bool| {
         seed += 1;
-        random_q(dt, dims, seed)
+        random_q(
+            if mixed && more_bits {
+                GgmlDType::Q6K
+            } else {
+                dt
+            },
+            dims,
+            seed,
+        )
     };
-    ts.push(("token_embd.weight".into(), q(&[32000, h])?));
-    ts.push(("output.weight".into(), q(&[32000, h])?));
+    let more_bits = |b: usize| b < l / 8 || b >= 7 * l / 8 || (b - l / 8) % 3 == 2;
+    ts.push(("token_embd.weight".into(), q(&[32000, h], false)?));
+    ts.push(("output.weight".into(), q(&[32000, h], true)?));
     ts.push((
         "output_norm.weight".into(),
         float_q("output_norm.weight", &[h], GgmlDType::F32, &src)?,
@@ -266,7 +284,8 @@ fn write_pair(which: &str, qtype: &str, dir: &Path) -> Result<()> {
             ("ffn_up", [i, h]),
             ("ffn_down", [h, i]),
         ] {
-            ts.push((format!("blk.{b}.{n}.weight"), q(&d)?));
+            let more = matches!(n, "attn_v" | "ffn_down") && more_bits(b);
+            ts.push((format!("blk.{b}.{n}.weight"), q(&d, more)?));
         }
         for n in ["attn_norm", "ffn_norm"] {
             let name = format!("blk.{b}.{n}.weight");
@@ -361,14 +380,13 @@ fn write_pair(which: &str, qtype: &str, dir: &Path) -> Result<()> {
 
 fn gguf(llm: &Path, decode: usize) -> Result<()> {
     let t = Instant::now();
-    let model = Llava::load(
-        &LlavaPaths {
-            model: llm.to_path_buf(),
-            clip: None,
-        },
-        DType::F32,
-        &Device::Cpu,
-    )?;
+    let kernels = match std::env::var("LLAVA_BENCH_KERNELS").as_deref() {
+        Ok("candle") => gguf::DecoderKernels::Candle,
+        _ => gguf::DecoderKernels::Supir,
+    };
+    let pair = gguf::GgufPair::find(llm)?.context("no GGUF pair")?;
+    let model = gguf::load_with(&pair, None, DType::F32, &Device::Cpu, kernels)?;
+    println!("decoder kernels: {kernels:?}");
     println!(
         "loaded {} in {:.1}s",
         llm.display(),
@@ -385,6 +403,6 @@ fn main() -> Result<()> {
         ["full", which, dt, rest @ ..] => full(which, dt, rest.first().map_or(Ok(16), |s| s.parse())?),
         ["write-gguf", which, qt, dir] => write_pair(which, qt, Path::new(dir)),
         ["gguf", llm, rest @ ..] => gguf(Path::new(llm), rest.first().map_or(Ok(16), |s| s.parse())?),
-        _ => bail!("usage: llava_bench full 7b|13b f32|bf16|f16 [DECODE] | write-gguf 7b|13b q4k|q8_0 DIR | gguf LLM.gguf [DECODE]"),
+        _ => bail!("usage: llava_bench full 7b|13b f32|bf16|f16 [DECODE] | write-gguf 7b|13b q4k|q4k_m|q8_0 DIR | gguf LLM.gguf [DECODE]"),
     }
 }

@@ -291,6 +291,52 @@ impl Linear {
         made.ok()?.ok()
     }
 
+    /// A `[n, k]` weight from GGUF `quant` blocks as a file stores them (`n` rows of
+    /// `k / block` blocks), held once in the kernels' order (no quantisation again).
+    pub fn from_gguf_blocks(
+        quant: Quant,
+        blocks: &[u8],
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        let weight = match quant {
+            Quant::Q8_0 => LinearWeight::Q8(Arc::new(Q8Weight::from_gguf(blocks, n, k, bias)?)),
+            Quant::Q4K => LinearWeight::Q4K(Arc::new(Q4KWeight::from_gguf(blocks, n, k, bias)?)),
+        };
+        Ok(Self { weight })
+    }
+
+    /// `w [n, k]` (row-major f32) quantised to `quant` (`k` a multiple of its block size).
+    pub fn quantized(
+        quant: Quant,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        let weight = match quant {
+            Quant::Q8_0 => LinearWeight::Q8(Arc::new(Q8Weight::quantize(w, n, k, bias)?)),
+            Quant::Q4K => LinearWeight::Q4K(Arc::new(Q4KWeight::quantize(w, n, k, bias)?)),
+        };
+        Ok(Self { weight })
+    }
+
+    /// Bytes the weight holds (quantised or packed kernels' buffers; a loaded tensor's size).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Loaded { weight, bias } => {
+                let b = bias
+                    .as_ref()
+                    .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+                weight.elem_count() * weight.dtype().size_in_bytes() + b
+            }
+            LinearWeight::Packed(p) => p.bytes(),
+            LinearWeight::Q8(q) => q.bytes(),
+            LinearWeight::Q4K(q) => q.bytes(),
+        }
+    }
+
     /// How the weight is held: `"packed"`, `"q8_0"` or the loaded dtype.
     pub fn storage(&self) -> String {
         match &self.weight {

@@ -290,3 +290,108 @@ fn fast_tokenizer_json_agrees_where_transformers_fast_tokenizer_does() {
     assert_eq!(tok.base_vocab_size(), 512);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The tiny mmproj rewritten as newer converters write it: every layer kept (here one more
+/// layer, a copy of layer 0, after the fixture's), `block_count` counting it, and
+/// `clip.vision.feature_layer` (when `feature` is given) naming the hidden state LLaVA reads.
+fn mmproj_variant(name: &str, feature: Option<Vec<i32>>) -> PathBuf {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let dir = scratch(name, "llava-tiny/gguf");
+    std::fs::remove_file(dir.join("llm-q8_0.gguf")).unwrap();
+    let path = dir.join("mmproj-f16.gguf");
+    let mut f = std::fs::File::open(&path).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let n = c.metadata["clip.vision.block_count"].to_u32().unwrap();
+    let mut md: Vec<(String, gguf_file::Value)> = c
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in md.iter_mut() {
+        if k == "clip.vision.block_count" {
+            *v = gguf_file::Value::U32(n + 1);
+        }
+    }
+    if let Some(fl) = feature {
+        md.push((
+            "clip.vision.feature_layer".into(),
+            gguf_file::Value::Array(fl.into_iter().map(gguf_file::Value::I32).collect()),
+        ));
+    }
+    let mut ts: Vec<(String, QTensor)> = vec![];
+    let mut names: Vec<&String> = c.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let t = c.tensor(&mut f, name, &Device::Cpu).unwrap();
+        if let Some(rest) = name.strip_prefix("v.blk.0.") {
+            let copy = c.tensor(&mut f, name, &Device::Cpu).unwrap();
+            ts.push((format!("v.blk.{n}.{rest}"), copy));
+        }
+        ts.push((name.clone(), t));
+    }
+    drop(f);
+    let mut out = std::fs::File::create(&path).unwrap();
+    let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = ts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &md, &ts).unwrap();
+    dir
+}
+
+#[test]
+fn mmproj_feature_layer_names_the_hidden_state_read() {
+    let golden =
+        candle_core::safetensors::load(data("llava-tiny/golden.safetensors"), &Device::Cpu)
+            .unwrap();
+    let features = |dir: &Path| -> f32 {
+        let m = Llava::load(
+            &LlavaPaths {
+                model: dir.join("llm-f16.gguf"),
+                clip: None,
+            },
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let got = m.image_features(&golden["pixel_values"]).unwrap();
+        (got - &golden["image_features"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    // Every layer kept, the key naming hidden_states[2] of 3 (the fixture's `[-2]`): the
+    // goldens, within their tolerance.
+    let keyed = mmproj_variant("fl-2", Some(vec![2]));
+    let err = features(&keyed);
+    assert!(err < 1e-4, "feature_layer 2: max err {err:.3e}");
+    // Without the key the tower reads its last layer (the extra one): other features.
+    let unkeyed = mmproj_variant("fl-none", None);
+    let err = features(&unkeyed);
+    assert!(
+        err > 1e-2,
+        "no feature_layer: max err {err:.3e}, the key made no difference"
+    );
+    // Out of range, several layers: one-line errors naming the file and the key.
+    for (name, fl, what) in [
+        ("fl-9", vec![9], "outside"),
+        ("fl-12", vec![1, 2], "several"),
+    ] {
+        let dir = mmproj_variant(name, Some(fl));
+        let e = load_err(&LlavaPaths {
+            model: dir.join("llm-f16.gguf"),
+            clip: None,
+        });
+        assert!(
+            e.contains("mmproj-f16.gguf") && e.contains("feature_layer") && e.contains(what),
+            "{e}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    std::fs::remove_dir_all(keyed).unwrap();
+    std::fs::remove_dir_all(unkeyed).unwrap();
+}

@@ -6,7 +6,7 @@
 //! - [`Captioner::Llava`]: LLaVA-1.5 as SUPIR's `llava_agent.py` runs it ([`LlavaCaptioner`]).
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
@@ -276,5 +276,126 @@ mod tests {
         assert!(vicuna_v1_prompt(LLAVA_QUESTION).ends_with(
             "USER: <image>\nDescribe this image and its style in a very detailed manner. ASSISTANT:"
         ));
+    }
+}
+
+/// Which captioner `caption: auto` loads, and from where: shared by `supir restore --caption
+/// auto` and `supir serve` jobs.
+#[derive(Debug, Clone)]
+pub enum CaptionerConfig {
+    /// DAPE tags: `ram_swin_large_14m.pth` and `DAPE.pth`.
+    Tags { ram: PathBuf, dape: PathBuf },
+    /// LLaVA-1.5 ([`Llava::load`]'s layouts), its sampling and the decoder's dtype.
+    Llava {
+        paths: LlavaPaths,
+        options: LlavaOptions,
+        dtype: DType,
+    },
+}
+
+impl CaptionerConfig {
+    /// Loads the captioner on `dev` (DAPE in f32).
+    pub fn load(&self, dev: &Device) -> Result<AnyCaptioner> {
+        Ok(match self {
+            Self::Tags { ram, dape } => {
+                AnyCaptioner::Tags(Box::new(TagCaptioner::load(ram, dape, DType::F32, dev)?))
+            }
+            Self::Llava {
+                paths,
+                options,
+                dtype,
+            } => AnyCaptioner::Llava(Box::new(LlavaCaptioner::load(
+                paths,
+                options.clone(),
+                *dtype,
+                dev,
+            )?)),
+        })
+    }
+
+    pub fn kind(&self) -> Captioner {
+        match self {
+            Self::Tags { .. } => Captioner::Tags,
+            Self::Llava { .. } => Captioner::Llava,
+        }
+    }
+}
+
+/// Either captioner, loaded.
+pub enum AnyCaptioner {
+    Tags(Box<TagCaptioner>),
+    Llava(Box<LlavaCaptioner>),
+}
+
+impl AnyCaptioner {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Tags(_) => "DAPE",
+            Self::Llava(_) => "LLaVA",
+        }
+    }
+
+    /// The caption of `img`: for LLaVA an empty caption is an error.
+    pub fn caption(&self, img: &RgbImage) -> Result<String> {
+        match self {
+            Self::Tags(t) => t.caption(img),
+            Self::Llava(l) => l.caption(img),
+        }
+    }
+
+    /// [`Self::caption`], an empty LLaVA caption as `""` (a restore warns and uses none, as
+    /// for DAPE finding no tag).
+    pub fn caption_or_empty(&self, img: &RgbImage) -> Result<String> {
+        match self.caption(img) {
+            Err(Error::EmptyCaption { .. }) => Ok(String::new()),
+            r => r,
+        }
+    }
+}
+
+/// SUPIR's automatic captions of one image (`caption: auto`): one caption of `test.py`'s
+/// pre-denoised image, or one per tile of the denoised model input for a tiled sampler
+/// (`gradio_demo_tiled.py`'s local prompts).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AutoCaptions {
+    Global(String),
+    PerTile(Vec<String>),
+}
+
+impl AutoCaptions {
+    /// Makes them with `captioner` (an empty caption is `""`: the restore uses none).
+    pub fn make(
+        restorer: &crate::pipelines::supir::restore::Restorer,
+        captioner: &AnyCaptioner,
+        img: &image::DynamicImage,
+        opts: &crate::pipelines::supir::restore::RestoreOptions,
+    ) -> Result<Self> {
+        if opts.sample_options(&restorer.cfg)?.sampler.is_tiled() {
+            let tiles = restorer.denoised_tiles_for_caption(img, opts)?;
+            let v = tiles
+                .iter()
+                .map(|t| captioner.caption_or_empty(t))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Self::PerTile(v))
+        } else {
+            let clean = restorer.denoised_for_caption(img, opts)?;
+            Ok(Self::Global(captioner.caption_or_empty(&clean)?))
+        }
+    }
+
+    /// Puts them into `opts`: the caption, or the per-tile prompts, as prompt prefixes.
+    pub fn apply(&self, opts: &mut crate::pipelines::supir::restore::RestoreOptions) {
+        match self {
+            Self::Global(c) => opts.caption = as_prompt_prefix(c),
+            Self::PerTile(v) => opts.tile_prompts = v.iter().map(|c| as_prompt_prefix(c)).collect(),
+        }
+    }
+
+    /// Each caption (one for [`Self::Global`]).
+    pub fn texts(&self) -> Vec<&str> {
+        match self {
+            Self::Global(c) => vec![c.as_str()],
+            Self::PerTile(v) => v.iter().map(String::as_str).collect(),
+        }
     }
 }
