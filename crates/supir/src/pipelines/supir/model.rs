@@ -109,6 +109,10 @@ impl SupirModel {
             crate::memory::trace_rss("before GLVControl");
             let hints = nets.control.forward(control, t, xin, crossattn, vector)?;
             crate::memory::trace_rss("GLVControl done, hints held");
+            // GLVControl's freed activations (and pooled kernel scratch) otherwise stay in the
+            // heap beside the UNet's, in holes the UNet's shapes do not all fit.
+            crate::memory::release_free_heap();
+            crate::memory::trace_rss("GLVControl's free heap handed back");
             let out = nets
                 .unet
                 .forward(xin, t, crossattn, vector, &hints, control_scale)?;
