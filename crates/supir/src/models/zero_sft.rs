@@ -63,23 +63,27 @@ impl ZeroSFT {
             Some(_) => candle_core::bail!("ZeroSFT without concat channels got a skip input"),
             None => None,
         };
-        let h_raw = match h_ori {
-            Some(o) => Tensor::cat(&[o, h], 1)?,
-            None => h.clone(),
-        };
-        let hc = (h + self.zero_conv.forward(c)?)?;
-        let hc = match h_ori {
-            Some(o) => Tensor::cat(&[o, &hc], 1)?,
-            None => hc,
+        // The same operations as the official forward, ordered so that each full-size
+        // temporary is freed as soon as it is used (at SDXL's 128x128 level each is 84 MB).
+        let normed = {
+            let hc = (h + self.zero_conv.forward(c)?)?;
+            let hc = match h_ori {
+                Some(o) => Tensor::cat(&[o, &hc], 1)?,
+                None => hc,
+            };
+            self.param_free_norm.forward(&hc)?
         };
         let actv = self.mlp_shared.forward(c)?.silu()?;
-        let gamma = self.zero_mul.forward(&actv)?;
-        let beta = self.zero_add.forward(&actv)?;
-        let out = ((self.param_free_norm.forward(&hc)? * (gamma + 1.0)?)? + beta)?;
+        let scaled = (normed * (self.zero_mul.forward(&actv)? + 1.0)?)?;
+        let out = (scaled + self.zero_add.forward(&actv)?)?;
         if control_scale == 1.0 {
             // `out * 1 + h_raw * 0` is `out` exactly for finite values.
             return Ok(out);
         }
+        let h_raw = match h_ori {
+            Some(o) => Tensor::cat(&[o, h], 1)?,
+            None => h.clone(),
+        };
         (out * control_scale)? + (h_raw * (1.0 - control_scale))?
     }
 }
