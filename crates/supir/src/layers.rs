@@ -1002,17 +1002,7 @@ mod tests {
                 .unwrap();
             let bias = tensor(&[cout], 37 + i as u64).to_dtype(dt).unwrap();
             let c = Conv2d::new(weight, Some(bias), 1, 1);
-            let s = conv::ConvShape {
-                n,
-                cin,
-                h: 2 * h,
-                w: 2 * w,
-                cout,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                pad: 1,
-            };
+            let s = conv::ConvShape::same3x3(n, cin, 2 * h, 2 * w, cout);
             let winograd = conv::choose(&s, dt == DType::F32) == conv::ConvAlgo::Winograd;
             assert_eq!(winograd, i < 3, "case {i}: algorithm");
             let want = c
@@ -1067,17 +1057,7 @@ mod tests {
             let weight = tensor(&[cout, cin, 3, 3], seed + 5).to_dtype(dt).unwrap();
             let bias = tensor(&[cout], seed + 6).to_dtype(dt).unwrap();
             let c = Conv2d::new(weight, Some(bias), 1, 1);
-            let s = conv::ConvShape {
-                n,
-                cin,
-                h,
-                w,
-                cout,
-                kh: 3,
-                kw: 3,
-                stride: 1,
-                pad: 1,
-            };
+            let s = conv::ConvShape::same3x3(n, cin, h, w, cout);
             let winograd = conv::choose(&s, dt == DType::F32) == conv::ConvAlgo::Winograd;
             assert_eq!(winograd, i < 3, "case {i}: algorithm");
             let normalised = norm.forward_with_stats(&x, &mean, &inv_std, silu).unwrap();

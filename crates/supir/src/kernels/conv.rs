@@ -27,6 +27,21 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
+    /// A 3x3, stride 1, padding 1 (shape-preserving) convolution.
+    pub fn same3x3(n: usize, cin: usize, h: usize, w: usize, cout: usize) -> Self {
+        Self {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        }
+    }
+
     pub fn out_hw(&self) -> (usize, usize) {
         let oh = (self.h + 2 * self.pad - self.kh) / self.stride + 1;
         let ow = (self.w + 2 * self.pad - self.kw) / self.stride + 1;

@@ -513,17 +513,7 @@ mod tests {
                             crate::kernels::norm::affine(&plane, dst, a[p], b[p], silu);
                         }
                     }
-                    let s = ConvShape {
-                        n,
-                        cin,
-                        h,
-                        w,
-                        cout,
-                        kh: 3,
-                        kw: 3,
-                        stride: 1,
-                        pad: 1,
-                    };
+                    let s = ConvShape::same3x3(n, cin, h, w, cout);
                     let af = Affine { a: &a, b: &b, silu };
                     let af = with_affine.then_some(&af);
                     let tiles = n * h.div_ceil(4) * w.div_ceil(4);
