@@ -162,18 +162,28 @@ fn supir_model() -> (SupirConfig, PathBuf, RestoreOptions) {
     (cfg, dir.join("weights.safetensors"), o)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn supir_jobs_match_the_library_and_cancel() {
-    let (cfg, weights, defaults) = supir_model();
-    let model = ModelConfig::Supir(Box::new(SupirSetup {
+/// The server's SUPIR model: the tiny checkpoint, default preset, fixed seed.
+fn supir_setup(
+    cfg: &SupirConfig,
+    weights: &Path,
+    defaults: &RestoreOptions,
+    captioner: Option<supir::pipelines::captions::CaptionerConfig>,
+) -> ModelConfig {
+    ModelConfig::Supir(Box::new(SupirSetup {
         config: cfg.clone(),
-        checkpoints: vec![weights.clone()],
+        checkpoints: vec![weights.to_path_buf()],
         description: "tiny".into(),
         preset: Preset::Default,
         defaults: defaults.clone(),
         random_seed: false,
-        captioner: None,
-    }));
+        captioner,
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supir_jobs_match_the_library_and_cancel() {
+    let (cfg, weights, defaults) = supir_model();
+    let model = supir_setup(&cfg, &weights, &defaults, None);
     let (server, base) = start(model).await;
     let c = Client::new();
     let input = photo(24, 20);
@@ -431,17 +441,8 @@ async fn supir_auto_caption_jobs() {
     };
     let pair = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../supir/tests/data/llava-tiny/gguf/llm-f16.gguf");
-    let setup = |captioner: Option<CaptionerConfig>| {
-        ModelConfig::Supir(Box::new(SupirSetup {
-            config: cfg.clone(),
-            checkpoints: vec![weights.clone()],
-            description: "tiny".into(),
-            preset: Preset::Default,
-            defaults: defaults.clone(),
-            random_seed: false,
-            captioner,
-        }))
-    };
+    let setup =
+        |captioner: Option<CaptionerConfig>| supir_setup(&cfg, &weights, &defaults, captioner);
     let c = Client::new();
     let input = photo(24, 20);
     let auto = json!({"seed": 3, "caption": "auto"});
