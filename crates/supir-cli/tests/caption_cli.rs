@@ -41,6 +41,34 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `supir restore IN -o OUT` on the tiny SUPIR fixture with `steps` steps at its 64-pixel
+/// minimum size, then `extra`.
+fn tiny_restore(input: &Path, out: &Path, steps: &str, extra: &[&str]) -> Output {
+    let model = root().join("fixtures/supir-tiny");
+    let mut args = vec![
+        "restore",
+        s(input),
+        "-o",
+        s(out),
+        "--model-dir",
+        s(&model),
+        "--steps",
+        steps,
+        "--min-size",
+        "64",
+    ];
+    args.extend(extra);
+    supir(&args)
+}
+
+/// A 40 x 30 colour pattern saved as `path`.
+fn save_pattern(path: &Path) {
+    let img = ImageBuffer::from_fn(40, 30, |x, y| {
+        Rgb([(x * 6) as u8, (y * 8) as u8, ((x ^ y) * 4) as u8])
+    });
+    DynamicImage::ImageRgb8(img).save(path).unwrap();
+}
+
 /// The `ram` case's image of the SeeSR fixture as a PNG, and the tags the official code gave it.
 fn official_tagged_image(dir: &Path) -> (PathBuf, String) {
     let fx = supir::parity::fixture::Fixture::load(root().join("fixtures/seesr-tiny")).unwrap();
@@ -118,31 +146,22 @@ fn caption_errors_name_the_problem() {
 fn supir_caption_auto_writes_and_reuses_the_caption() {
     let d = tmpdir("auto");
     let input = d.join("in.png");
-    let img = ImageBuffer::from_fn(40, 30, |x, y| {
-        Rgb([(x * 6) as u8, (y * 8) as u8, ((x ^ y) * 4) as u8])
-    });
-    DynamicImage::ImageRgb8(img).save(&input).unwrap();
-    let supir_tiny = root().join("fixtures/supir-tiny");
+    save_pattern(&input);
     let seesr_tiny = root().join("fixtures/seesr-tiny");
     let restore = |out: &Path| {
-        supir(&[
-            "restore",
-            s(&input),
-            "-o",
-            s(out),
-            "--model-dir",
-            s(&supir_tiny),
-            "--steps",
+        tiny_restore(
+            &input,
+            out,
             "2",
-            "--min-size",
-            "64",
-            "--caption",
-            "auto",
-            "--seesr-models",
-            s(&seesr_tiny),
-            "--seed",
-            "3",
-        ])
+            &[
+                "--caption",
+                "auto",
+                "--seesr-models",
+                s(&seesr_tiny),
+                "--seed",
+                "3",
+            ],
+        )
     };
     let a = d.join("a.png");
     let o = restore(&a);
@@ -164,20 +183,7 @@ fn supir_caption_auto_writes_and_reuses_the_caption() {
     assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
     // --caption "text" still wins: no caption file is written.
     let e = d.join("e.png");
-    let o = supir(&[
-        "restore",
-        s(&input),
-        "-o",
-        s(&e),
-        "--model-dir",
-        s(&supir_tiny),
-        "--steps",
-        "2",
-        "--min-size",
-        "64",
-        "--caption",
-        "a cat",
-    ]);
+    let o = tiny_restore(&input, &e, "2", &["--caption", "a cat"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(!d.join("e.txt").exists());
 }
@@ -191,30 +197,26 @@ fn supir_caption_auto_with_a_tiled_sampler_captions_each_tile() {
     });
     DynamicImage::ImageRgb8(img).save(&input).unwrap();
     let out = d.join("out.png");
-    let o = supir(&[
-        "restore",
-        s(&input),
-        "-o",
-        s(&out),
-        "--model-dir",
-        s(&root().join("fixtures/supir-tiny")),
-        "--steps",
+    let seesr_tiny = root().join("fixtures/seesr-tiny");
+    let o = tiny_restore(
+        &input,
+        &out,
         "1",
-        "--min-size",
-        "64",
-        "--sampler",
-        "tiled-edm",
-        "--sampler-tile",
-        "4",
-        "--sampler-stride",
-        "4",
-        "--caption",
-        "auto",
-        "--seesr-models",
-        s(&root().join("fixtures/seesr-tiny")),
-        "--seed",
-        "1",
-    ]);
+        &[
+            "--sampler",
+            "tiled-edm",
+            "--sampler-tile",
+            "4",
+            "--sampler-stride",
+            "4",
+            "--caption",
+            "auto",
+            "--seesr-models",
+            s(&seesr_tiny),
+            "--seed",
+            "1",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o.stderr));
     // The 64 x 64 input is an 8 x 8 latent: four 4 x 4 tiles, one caption each.
     let captions: Vec<String> =
@@ -297,34 +299,26 @@ fn caption_llava_greedy_is_the_official_caption() {
 fn supir_caption_auto_with_llava_writes_the_caption() {
     let d = tmpdir("auto-llava");
     let input = d.join("in.png");
-    let img = ImageBuffer::from_fn(40, 30, |x, y| {
-        Rgb([(x * 6) as u8, (y * 8) as u8, ((x ^ y) * 4) as u8])
-    });
-    DynamicImage::ImageRgb8(img).save(&input).unwrap();
+    save_pattern(&input);
     let fx = llava_tiny();
     let out = d.join("a.png");
-    let o = supir(&[
-        "restore",
-        s(&input),
-        "-o",
-        s(&out),
-        "--model-dir",
-        s(&root().join("fixtures/supir-tiny")),
-        "--steps",
+    let o = tiny_restore(
+        &input,
+        &out,
         "1",
-        "--min-size",
-        "64",
-        "--caption",
-        "auto",
-        "--captioner",
-        "llava",
-        "--llava",
-        s(&fx.join("llava-hf")),
-        "--llava-max-tokens",
-        "12",
-        "--seed",
-        "3",
-    ]);
+        &[
+            "--caption",
+            "auto",
+            "--captioner",
+            "llava",
+            "--llava",
+            s(&fx.join("llava-hf")),
+            "--llava-max-tokens",
+            "12",
+            "--seed",
+            "3",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o.stderr));
     let caption = std::fs::read_to_string(d.join("a.txt")).unwrap();
     assert!(!caption.is_empty());
@@ -374,23 +368,9 @@ fn an_empty_llava_caption_is_reported() {
     );
     // `restore --caption auto`: a warning, and the restore goes on without a caption.
     let out = d.join("a.png");
-    let supir_tiny = root().join("fixtures/supir-tiny");
-    let mut args = vec![
-        "restore",
-        s(&input),
-        "-o",
-        s(&out),
-        "--model-dir",
-        s(&supir_tiny),
-        "--steps",
-        "1",
-        "--min-size",
-        "64",
-        "--caption",
-        "auto",
-    ];
+    let mut args = vec!["--caption", "auto"];
     args.extend(llava);
-    let o = supir(&args);
+    let o = tiny_restore(&input, &out, "1", &args);
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert!(
         text(&o.stderr).contains("LLaVA gave an empty caption; no caption used"),
