@@ -260,27 +260,21 @@ impl Llava {
         // The tower and projector compute in f32 (candle's CPU conv has no bf16 kernel; they
         // are small), the decoder in `dtype`.
         let vvb = source.clone().into_var_builder(DType::F32, dev);
-        let vision = Self::build_vision(vvb.pp(vision_prefix), &cfg)?;
-        let projector = MMProjector::load(&vvb, &projector_config(&cfg)).map_err(map_candle)?;
         let vb = source.into_var_builder(dtype, dev);
         let lvb = match llama_prefix {
             Some(p) => vb.pp(p),
             None => vb,
         };
-        let llama = Llama::load(lvb, &cfg.text).map_err(map_candle)?;
-        Ok(Self {
-            vision,
-            projector,
-            decoder: Decoder::Full {
-                llama,
-                cfg: cfg.text.clone(),
-            },
-            config: cfg,
+        Self::assemble(
+            cfg,
             tokenizer,
             processor,
+            vvb,
+            vision_prefix,
+            lvb,
             dtype,
-            device: dev.clone(),
-        })
+            dev,
+        )
     }
 
     /// The model over var builders in the original layout's names (`vision` for the tower and
@@ -297,7 +291,32 @@ impl Llava {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
-        let tower = Self::build_vision(vision.pp("vision_model"), &cfg)?;
+        Self::assemble(
+            cfg,
+            tokenizer,
+            processor,
+            vision,
+            "vision_model",
+            llm,
+            dtype,
+            dev,
+        )
+    }
+
+    /// The tower under `vision.pp(vision_prefix)`, the projector under `vision`, the decoder
+    /// under `llm`.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: LlavaConfig,
+        tokenizer: LlavaTokenizer,
+        processor: ClipProcessorConfig,
+        vision: VarBuilder,
+        vision_prefix: &str,
+        llm: VarBuilder,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let tower = Self::build_vision(vision.pp(vision_prefix), &cfg)?;
         let projector = MMProjector::load(&vision, &projector_config(&cfg)).map_err(map_candle)?;
         let llama = Llama::load(llm, &cfg.text).map_err(map_candle)?;
         Ok(Self {
