@@ -178,6 +178,7 @@ impl SeesrArgs {
             negative_prompt = shared.negative_prompt,
             vae_encoder_tile = shared.encoder_tile,
             vae_decoder_tile = shared.decoder_tile,
+            vae_tile_dtype = shared.vae_tile_dtype,
             process_size = self.process_size,
             conditioning_scale = self.conditioning_scale,
             latent_tile = self.latent_tile,

@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use supir::color_fix::ColorFix;
 use supir::image_io::file;
 use supir::models::supir_config::SupirConfig;
-use supir::models::tiled_vae::VaeTiling;
+use supir::models::tiled_vae::{TileDtype, VaeTiling};
 use supir::pipelines::supir::restore::{
     Precision, Preset, Residency, RestoreOptions, Restorer, TileLayout, OFFICIAL_CONFIG,
 };
@@ -146,6 +146,12 @@ pub struct SupirArgs {
     /// Tiled VAE decoder tile, latent pixels (implies --vae-tiles) [default: 64].
     #[arg(long, help_heading = "SUPIR size and memory")]
     pub(crate) decoder_tile: Option<usize>,
+    /// The dtype the tiled VAE holds every tile's activations in between layers: fp32
+    /// (exact), bf16 or fp16 (about half the tiled VAE's memory, the peak of large outputs;
+    /// each layer still computes in f32 on the CPU; fp16 overflows in SDXL's VAE, so SUPIR
+    /// wants bf16). Implies --vae-tiles for SUPIR [default: fp32].
+    #[arg(long, value_enum, help_heading = "SUPIR size and memory")]
+    pub(crate) vae_tile_dtype: Option<TileDtypeArg>,
     /// Precision of control + UNet weights: fp32, fp16, bf16 (on the CPU half-precision
     /// weights halve the memory and every layer computes in f32), q8_0 (linear layers in
     /// GGUF Q8_0 on 8-bit integer dot products, the rest f16) or q4_k (linear layers in GGUF
@@ -217,6 +223,23 @@ pub(crate) enum PrecisionArg {
     Q8_0,
     #[value(name = "q4_k")]
     Q4K,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TileDtypeArg {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl From<TileDtypeArg> for TileDtype {
+    fn from(t: TileDtypeArg) -> Self {
+        match t {
+            TileDtypeArg::Fp32 => TileDtype::Fp32,
+            TileDtypeArg::Bf16 => TileDtype::Bf16,
+            TileDtypeArg::Fp16 => TileDtype::Fp16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -301,11 +324,16 @@ impl SupirArgs {
         }
         o.sampler_tile_size = self.sampler_tile;
         o.sampler_tile_stride = self.sampler_stride;
-        if self.vae_tiles || self.encoder_tile.is_some() || self.decoder_tile.is_some() {
+        if self.vae_tiles
+            || self.encoder_tile.is_some()
+            || self.decoder_tile.is_some()
+            || self.vae_tile_dtype.is_some()
+        {
             let d = VaeTiling::default();
             o.vae_tiling = Some(VaeTiling {
                 encoder_tile: self.encoder_tile.unwrap_or(d.encoder_tile),
                 decoder_tile: self.decoder_tile.unwrap_or(d.decoder_tile),
+                tile_dtype: self.vae_tile_dtype.map_or(d.tile_dtype, Into::into),
             });
         }
         if let Some(p) = self.diffusion_dtype {

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module};
 use supir::color_fix::ColorFix;
 use supir::layers::{Quant, QuantStats};
 use supir::models::supir_config::SupirConfig;
-use supir::models::tiled_vae::VaeTiling;
+use supir::models::tiled_vae::{self, TileDtype, VaeTiling};
 use supir::parity::fixture::{max_abs_diff, Case, Fixture};
 use supir::pipelines::supir::flow::batchify_sample;
 use supir::pipelines::supir::model::{DTypes, SupirModel};
@@ -284,6 +284,7 @@ fn tiled_vae_matches_the_official_tilevae() {
     let tiling = VaeTiling {
         encoder_tile: 64,
         decoder_tile: 8,
+        tile_dtype: TileDtype::Fp32,
     };
     let vae = &mut model.vae;
     let whole = (
@@ -291,14 +292,16 @@ fn tiled_vae_matches_the_official_tilevae() {
         vae.denoise_encoder.as_ref().unwrap().forward(x).unwrap(),
         vae.decoder.forward(z).unwrap(),
     );
-    let enc = supir::models::tiled_vae::encode(&vae.encoder, x, tiling.encoder_tile).unwrap();
-    let denc = supir::models::tiled_vae::encode(
+    let fp32 = TileDtype::Fp32;
+    let enc = tiled_vae::encode(&vae.encoder, x, tiling.encoder_tile, fp32).unwrap();
+    let denc = tiled_vae::encode(
         vae.denoise_encoder.as_ref().unwrap(),
         x,
         tiling.encoder_tile,
+        fp32,
     )
     .unwrap();
-    let dec = supir::models::tiled_vae::decode(&vae.decoder, z, tiling.decoder_tile).unwrap();
+    let dec = tiled_vae::decode(&vae.decoder, z, tiling.decoder_tile, fp32).unwrap();
     for (name, ours, whole) in [
         ("encoder", &enc, &whole.0),
         ("denoise_encoder", &denc, &whole.1),
@@ -332,6 +335,51 @@ fn tiled_vae_matches_the_official_tilevae() {
         max_abs_diff(&tiled, &vae.encode_moments(&small).unwrap()).unwrap(),
         0.0
     );
+
+    // Tiles held in half precision between layers (`--vae-tile-dtype`): each layer's output
+    // is rounded once to 8 (bf16) or 11 (fp16) significant bits before the next layer reads
+    // it. Relative to the output's largest value the error must stay within 8 units of the
+    // format's precision u (2^-8 for bf16, 2^-11 for fp16): this random tiny VAE amplifies
+    // the roundings to 3.6u (bf16) and 4.5u (fp16, encoder; measured), and a coarser format
+    // than asked (bf16 for fp16: 29u) or a second rounding per layer fails. It must also
+    // differ from the fp32 run (the option is not ignored).
+    for (hold, u) in [
+        (TileDtype::Bf16, 1.0 / 256.0),
+        (TileDtype::Fp16, 1.0 / 2048.0),
+    ] {
+        let bound = 8.0 * u;
+        for (name, got, want) in [
+            (
+                "encoder",
+                tiled_vae::encode(&vae.encoder, x, tiling.encoder_tile, hold).unwrap(),
+                &enc,
+            ),
+            (
+                "decoder",
+                tiled_vae::decode(&vae.decoder, z, tiling.decoder_tile, hold).unwrap(),
+                &dec,
+            ),
+        ] {
+            assert_eq!(got.dtype(), DType::F32, "{name}: results stay in f32");
+            let err = max_abs_diff(&got, want).unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            println!(
+                "{name} tiles held in {hold}: {:.2e} of the max abs",
+                err / scale
+            );
+            assert!(err > 0.0, "{name}: {hold} tiles gave the fp32 result");
+            assert!(
+                err <= bound * scale,
+                "{name} {hold}: {err} (max abs {scale})"
+            );
+        }
+    }
 }
 
 /// Bounds of the q4_k rows below, in 8-bit levels. Measured (25 layers in Q4_K, 298 in Q8_0):

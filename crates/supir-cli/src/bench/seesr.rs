@@ -108,6 +108,9 @@ pub struct SeesrBenchArgs {
     /// Dtype of the text encoder, VAE and RAM weights.
     #[arg(long, default_value = "fp32")]
     vae_dtype: Precision,
+    /// Dtype the tiled VAE holds its tiles in between layers (fp32, bf16, fp16).
+    #[arg(long, default_value = "fp32")]
+    vae_tile_dtype: supir::models::tiled_vae::TileDtype,
     /// Timed runs per stage (best and median are reported).
     #[arg(long, default_value_t = 2)]
     reps: usize,
@@ -316,12 +319,13 @@ pub fn run(a: SeesrBenchArgs) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpu = cpu_description();
     eprintln!(
-        "SeeSR networks at {s}x{s} (latent {l}x{l}), diffusion {dd}, text/VAE/RAM {vd}, {w}, \
+        "SeeSR networks at {s}x{s} (latent {l}x{l}), diffusion {dd}, text/VAE/RAM {vd} (VAE tiles held in {vt}), {w}, \
          best of {r} after {wu} warm-up, {threads} CPU threads, {avail} GiB available, load {load}",
         s = a.size,
         l = a.size / 8,
         dd = a.diffusion_dtype,
         vd = a.vae_dtype,
+        vt = a.vae_tile_dtype,
         w = match &a.models {
             Some(d) => format!("weights of {}", d.display()),
             None => "full-size random weights".into(),
@@ -376,7 +380,10 @@ fn ours(a: &SeesrBenchArgs, w: &Weights) -> Result<Vec<Row>> {
     // Weights stay in their dtype; inputs are in the compute dtype (f32 on the CPU), as the
     // flow gives them.
     let cdt = supir::layers::compute_dtype(diff_dt, &dev);
-    let opts = SeesrOptions::default();
+    let opts = SeesrOptions {
+        vae_tile_dtype: a.vae_tile_dtype,
+        ..SeesrOptions::default()
+    };
     let cn_cfg = ControlNetConfig::from_file(w.config("controlnet"))?;
     let mut rows = Vec::new();
 
@@ -473,7 +480,12 @@ fn ours(a: &SeesrBenchArgs, w: &Weights) -> Result<Vec<Row>> {
             let img =
                 Tensor::rand(-1f32, 1f32, (1, cfg.in_channels, s, s), &dev)?.to_dtype(vcdt)?;
             let timed = time(wu, reps, || {
-                let h = tiled_vae::encode(&vae.encoder, &img, opts.vae_encoder_tile)?;
+                let h = tiled_vae::encode(
+                    &vae.encoder,
+                    &img,
+                    opts.vae_encoder_tile,
+                    opts.vae_tile_dtype,
+                )?;
                 Ok(vae.quant_conv.forward(&h)?)
             })?;
             push(&mut rows, "vae_encode_b1", &timed);
@@ -483,7 +495,12 @@ fn ours(a: &SeesrBenchArgs, w: &Weights) -> Result<Vec<Row>> {
                 Tensor::randn(0f32, 1f32, (1, cfg.latent_channels, l, l), &dev)?.to_dtype(vcdt)?;
             let timed = time(wu, reps, || {
                 let z = vae.post_quant_conv.forward(&z)?;
-                Ok(tiled_vae::decode(&vae.decoder, &z, opts.vae_decoder_tile)?)
+                Ok(tiled_vae::decode(
+                    &vae.decoder,
+                    &z,
+                    opts.vae_decoder_tile,
+                    opts.vae_tile_dtype,
+                )?)
             })?;
             push(&mut rows, "vae_decode_b1", &timed);
         }
@@ -564,12 +581,13 @@ fn to_json(
 ) -> String {
     format!(
         "{{\n  \"backend\": \"seesr\",\n  \"size\": {},\n  \"latent\": {},\n  \"diffusion_dtype\": {},\n  \
-         \"vae_dtype\": {},\n  \"weights\": {},\n  \"reps\": {},\n  \"warmup\": {},\n  \"threads\": {},\n  \
+         \"vae_dtype\": {},\n  \"vae_tile_dtype\": {},\n  \"weights\": {},\n  \"reps\": {},\n  \"warmup\": {},\n  \"threads\": {},\n  \
          \"cpu\": {},\n  \"load_end\": {},\n  \"torch\": {},\n  \"rows\": [\n{}\n  ]\n}}\n",
         a.size,
         a.size / 8,
         json_str(&a.diffusion_dtype.to_string()),
         json_str(&a.vae_dtype.to_string()),
+        json_str(a.vae_tile_dtype.name()),
         a.models.as_ref().map_or("\"random\"".into(), |p| json_str(
             &p.display().to_string()
         )),

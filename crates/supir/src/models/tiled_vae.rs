@@ -30,6 +30,7 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 
+use crate::layers::Conv2d;
 use crate::models::vae::{AttnBlock, Decoder, Encoder, Norm, ResnetBlock};
 
 /// Context around each encoder tile (image pixels) and decoder tile (latent pixels).
@@ -43,6 +44,8 @@ pub struct VaeTiling {
     pub encoder_tile: usize,
     /// Decoder tile side in latent pixels (official default 64).
     pub decoder_tile: usize,
+    /// The dtype the tiles are held in between layers (fp32 in the official fp32 run).
+    pub tile_dtype: TileDtype,
 }
 
 impl Default for VaeTiling {
@@ -58,6 +61,7 @@ impl VaeTiling {
         Self {
             encoder_tile: 512,
             decoder_tile: 64,
+            tile_dtype: TileDtype::Fp32,
         }
     }
 
@@ -66,6 +70,7 @@ impl VaeTiling {
         Self {
             encoder_tile: 1024,
             decoder_tile: 224,
+            tile_dtype: TileDtype::Fp32,
         }
     }
 }
@@ -150,10 +155,87 @@ pub fn split_tiles(
     out
 }
 
-/// Applies `f` to every tile, consuming them: each input tile is freed as soon as its result
-/// exists, so a layer holds one set of tiles plus one tile (not two sets).
-fn each(xs: Vec<Tensor>, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
-    xs.into_iter().map(|x| f(&x)).collect()
+/// The dtype the tiled VAE keeps every tile's activations in between layers (`--vae-tile-dtype`).
+/// Each layer computes in the caller's dtype (f32 on the CPU) and stores its output tiles in
+/// this one, so the tiles held across a layer (two sets of them in a resnet block: the most
+/// memory of the whole restore at x4) take half the bytes in `bf16` / `fp16`. `fp32` is the
+/// official fp32 run (no rounding, the default); the official half-precision runs hold their
+/// tiles in their half dtype too, and also compute in it. `fp16` overflows in SDXL's VAE (the
+/// reason SUPIR's official default VAE dtype is bf16); SD-2's VAE (SeeSR) runs in fp16 officially.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TileDtype {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl TileDtype {
+    pub const ALL: [Self; 3] = [Self::Fp32, Self::Bf16, Self::Fp16];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
+            Self::Fp16 => "fp16",
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Fp32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::Fp16 => DType::F16,
+        }
+    }
+}
+
+impl std::fmt::Display for TileDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for TileDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s || (s == "f32" && *t == Self::Fp32))
+            .or(match s.as_str() {
+                "f16" => Some(Self::Fp16),
+                _ => None,
+            })
+            .ok_or_else(|| format!("unknown tile dtype `{s}` (expected fp32, bf16 or fp16)"))
+    }
+}
+
+/// The two dtypes of a tiled pass: tiles are computed in `compute` (the input's dtype) and held
+/// in `hold` between layers. With `hold == compute` every conversion is a no-op (a shared
+/// tensor), so the arithmetic is that of a pass without holding.
+#[derive(Debug, Clone, Copy)]
+struct Tiles {
+    compute: DType,
+    hold: DType,
+}
+
+impl Tiles {
+    fn load(&self, x: &Tensor) -> Result<Tensor> {
+        x.to_dtype(self.compute)
+    }
+
+    fn store(&self, y: Tensor) -> Result<Tensor> {
+        y.to_dtype(self.hold)
+    }
+
+    /// Applies `f` to every tile, consuming them: each input tile is freed as soon as its
+    /// result exists, so a layer holds one set of tiles plus one tile (not two sets).
+    fn each(&self, xs: Vec<Tensor>, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
+        xs.into_iter()
+            .map(|x| self.store(f(&self.load(&x)?)?))
+            .collect()
+    }
 }
 
 /// Groups per step of [`tile_stats`]'s variance: bounds its two temporaries (`x - mean`, its
@@ -200,34 +282,50 @@ fn group_stats(norm: &Norm, xs: &[Tensor]) -> Result<(Tensor, Tensor)> {
     Ok((mean, inv_std))
 }
 
-/// GroupNorm of every tile with [`group_stats`] (`custom_group_norm`); the result keeps each
-/// tile's dtype. `silu` applies the SiLU that follows every such norm in the VAE. Consumes the
-/// tiles (see [`each`]).
-fn group_norm_tiles(norm: &Norm, xs: Vec<Tensor>, silu: bool) -> Result<Vec<Tensor>> {
+/// GroupNorm of every tile with [`group_stats`] (`custom_group_norm`). `silu` applies the SiLU
+/// that follows every such norm in the VAE. Consumes the tiles (see [`Tiles::each`]).
+fn group_norm_tiles(t: Tiles, norm: &Norm, xs: Vec<Tensor>, silu: bool) -> Result<Vec<Tensor>> {
     let (mean, inv_std) = group_stats(norm, &xs)?;
-    each(xs, |x| norm.forward_with_stats(x, &mean, &inv_std, silu))
+    t.each(xs, |x| norm.forward_with_stats(x, &mean, &inv_std, silu))
+}
+
+/// The networks' last two layers, `conv_out(silu(norm_out(x)))` with the norm's statistics over
+/// all tiles, tile by tile with the norm applied as the conv reads (`Norm::conv_with_stats`):
+/// no set of normalised tiles. The outputs stay in the compute dtype (they are the result).
+fn norm_conv_out_tiles(
+    t: Tiles,
+    norm: &Norm,
+    conv: &Conv2d,
+    xs: Vec<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let (mean, inv_std) = group_stats(norm, &xs)?;
+    xs.into_iter()
+        .map(|x| norm.conv_with_stats(conv, &t.load(&x)?, &mean, &inv_std, true))
+        .collect()
 }
 
 /// `resblock2task`: shortcut, norm1 (all tiles), SiLU, conv1, norm2 (all tiles), SiLU, conv2, add.
 /// Tile by tile between the two norms' statistics, each tile's input freed once its shortcut
 /// and conv1 output exist, each conv1 output once its sum exists: at most one set of tiles
-/// plus one tile's temporaries is held, as in [`each`] (the same operations on the same tiles
-/// as layer by layer, so the same values).
-fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+/// plus one tile's temporaries is held, as in [`Tiles::each`] (the same operations on the same
+/// tiles as layer by layer, so the same values).
+fn resblock_tiles(t: Tiles, block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
     let (mean, inv_std) = group_stats(&block.norm1, &xs)?;
     let mut res = Vec::with_capacity(xs.len());
     let mut hs = Vec::with_capacity(xs.len());
     for x in xs {
+        let xc = t.load(&x)?;
         res.push(match &block.nin_shortcut {
-            Some(s) => s.forward(&x)?,
-            None => x.clone(),
+            Some(s) => t.store(s.forward(&xc)?)?,
+            None => x,
         });
         hs.push(
-            block
-                .norm1
-                .conv_with_stats(&block.conv1, &x, &mean, &inv_std, true)?,
+            t.store(
+                block
+                    .norm1
+                    .conv_with_stats(&block.conv1, &xc, &mean, &inv_std, true)?,
+            )?,
         );
-        drop(x);
     }
     // The freed tiles leave holes of other sizes in the heap (the CLI keeps freed blocks,
     // `memory::keep_freed_heap`); hand them back between the phases so that they do not add up.
@@ -237,11 +335,12 @@ fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         .into_iter()
         .zip(hs)
         .map(|(r, h)| {
-            let y = block
-                .norm2
-                .conv_with_stats(&block.conv2, &h, &mean, &inv_std, true)?;
+            let y =
+                block
+                    .norm2
+                    .conv_with_stats(&block.conv2, &t.load(&h)?, &mean, &inv_std, true)?;
             drop(h);
-            r + y
+            t.store((t.load(&r)? + y)?)
         })
         .collect();
     crate::memory::release_free_heap();
@@ -249,34 +348,35 @@ fn resblock_tiles(block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
 }
 
 /// `attn2task`: norm (all tiles), attention within each tile, add.
-fn attn_tiles(attn: &AttnBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-    let h = group_norm_tiles(&attn.norm, xs.clone(), false)?;
+fn attn_tiles(t: Tiles, attn: &AttnBlock, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let h = group_norm_tiles(t, &attn.norm, xs.clone(), false)?;
     xs.into_iter()
         .zip(h)
-        .map(|(x, h)| x + attn.attend(&h)?)
+        .map(|(x, h)| t.store((t.load(&x)? + attn.attend(&t.load(&h)?)?)?))
         .collect()
 }
 
-fn mid_tiles(mid: &crate::models::vae::Mid, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-    let mut xs = resblock_tiles(&mid.block_1, xs)?;
+fn mid_tiles(t: Tiles, mid: &crate::models::vae::Mid, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let mut xs = resblock_tiles(t, &mid.block_1, xs)?;
     if let Some(a) = &mid.attn_1 {
-        xs = attn_tiles(a, xs)?;
+        xs = attn_tiles(t, a, xs)?;
     }
-    resblock_tiles(&mid.block_2, xs)
+    resblock_tiles(t, &mid.block_2, xs)
 }
 
 fn level_tiles<R: Module>(
+    t: Tiles,
     level: &crate::models::vae::Level<R>,
     mut xs: Vec<Tensor>,
 ) -> Result<Vec<Tensor>> {
     for (i, block) in level.blocks.iter().enumerate() {
-        xs = resblock_tiles(block, xs)?;
+        xs = resblock_tiles(t, block, xs)?;
         if let Some(a) = level.attns.get(i) {
-            xs = attn_tiles(a, xs)?;
+            xs = attn_tiles(t, a, xs)?;
         }
     }
     match &level.resample {
-        Some(r) => each(xs, |x| r.forward(x)),
+        Some(r) => t.each(xs, |x| r.forward(x)),
         None => Ok(xs),
     }
 }
@@ -337,39 +437,45 @@ fn factor(levels: usize) -> usize {
 
 /// `VAEHook` on an encoder: `[B, C, H, W] -> [B, 2z, H/f, W/f]`, tiled when the long side
 /// exceeds `tile + 2 * 32`.
-pub fn encode(enc: &Encoder, x: &Tensor, tile: usize) -> Result<Tensor> {
+pub fn encode(enc: &Encoder, x: &Tensor, tile: usize, hold: TileDtype) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if tile == 0 || h.max(w) <= tile + 2 * ENCODER_PAD {
         return enc.forward(x);
     }
     let f = factor(enc.down.len());
+    let t = Tiles {
+        compute: x.dtype(),
+        hold: hold.dtype(),
+    };
     run_tiled(x, tile, ENCODER_PAD, f, false, |xs| {
-        let mut xs = each(xs, |t| enc.conv_in.forward(t))?;
+        let mut xs = t.each(xs, |x| enc.conv_in.forward(x))?;
         for level in &enc.down {
-            xs = level_tiles(level, xs)?;
+            xs = level_tiles(t, level, xs)?;
         }
-        let xs = mid_tiles(&enc.mid, xs)?;
-        let xs = group_norm_tiles(&enc.norm_out, xs, true)?;
-        each(xs, |t| enc.conv_out.forward(t))
+        let xs = mid_tiles(t, &enc.mid, xs)?;
+        norm_conv_out_tiles(t, &enc.norm_out, &enc.conv_out, xs)
     })
 }
 
 /// `VAEHook` on the decoder: `[B, z, h, w] -> [B, C, h*f, w*f]`, tiled when the long side
 /// exceeds `tile + 2 * 11` latent pixels.
-pub fn decode(dec: &Decoder, z: &Tensor, tile: usize) -> Result<Tensor> {
+pub fn decode(dec: &Decoder, z: &Tensor, tile: usize, hold: TileDtype) -> Result<Tensor> {
     let (_, _, h, w) = z.dims4()?;
     if tile == 0 || h.max(w) <= tile + 2 * DECODER_PAD {
         return dec.forward(z);
     }
     let f = factor(dec.up.len());
+    let t = Tiles {
+        compute: z.dtype(),
+        hold: hold.dtype(),
+    };
     run_tiled(z, tile, DECODER_PAD, f, true, |xs| {
-        let xs = each(xs, |t| dec.conv_in.forward(t))?;
-        let mut xs = mid_tiles(&dec.mid, xs)?;
+        let xs = t.each(xs, |x| dec.conv_in.forward(x))?;
+        let mut xs = mid_tiles(t, &dec.mid, xs)?;
         for level in dec.up.iter().rev() {
-            xs = level_tiles(level, xs)?;
+            xs = level_tiles(t, level, xs)?;
         }
-        let xs = group_norm_tiles(&dec.norm_out, xs, true)?;
-        each(xs, |t| dec.conv_out.forward(t))
+        norm_conv_out_tiles(t, &dec.norm_out, &dec.conv_out, xs)
     })
 }
 

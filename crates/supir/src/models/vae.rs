@@ -743,7 +743,7 @@ impl AutoencoderKL {
     /// Runs `enc` whole or tiled (`VAEHook` on the encoders).
     fn run_encoder(&self, enc: &Encoder, x: &Tensor) -> Result<Tensor> {
         match &self.tiling {
-            Some(t) => crate::models::tiled_vae::encode(enc, x, t.encoder_tile),
+            Some(t) => crate::models::tiled_vae::encode(enc, x, t.encoder_tile, t.tile_dtype),
             None => enc.forward(x),
         }
     }
@@ -766,7 +766,9 @@ impl AutoencoderKL {
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let z = self.post_quant_conv.forward(z)?;
         match &self.tiling {
-            Some(t) => crate::models::tiled_vae::decode(&self.decoder, &z, t.decoder_tile),
+            Some(t) => {
+                crate::models::tiled_vae::decode(&self.decoder, &z, t.decoder_tile, t.tile_dtype)
+            }
             None => self.decoder.forward(&z),
         }
     }

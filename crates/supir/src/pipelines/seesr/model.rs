@@ -520,16 +520,24 @@ impl SeesrModel {
     /// `quant_conv(encoder(x))` through the tiled hook (`_init_tiled_vae`; plain when the image
     /// fits one tile), with this run's encoder tile.
     pub fn vae_encode_moments(&self, x: &Tensor, opts: &SeesrOptions) -> Result<Tensor> {
-        let h = tiled_vae::encode(&self.vae.encoder, x, opts.vae_encoder_tile)?;
+        let h = tiled_vae::encode(
+            &self.vae.encoder,
+            x,
+            opts.vae_encoder_tile,
+            opts.vae_tile_dtype,
+        )?;
         Ok(self.vae.quant_conv.forward(&h)?.to_dtype(DType::F32)?)
     }
 
     /// `decoder(post_quant_conv(z))` through the tiled hook; `z` unscaled latents.
     pub fn vae_decode(&self, z: &Tensor, opts: &SeesrOptions) -> Result<Tensor> {
         let z = self.vae.post_quant_conv.forward(z)?;
-        Ok(
-            tiled_vae::decode(&self.vae.decoder, &z, opts.vae_decoder_tile)?
-                .to_dtype(DType::F32)?,
-        )
+        Ok(tiled_vae::decode(
+            &self.vae.decoder,
+            &z,
+            opts.vae_decoder_tile,
+            opts.vae_tile_dtype,
+        )?
+        .to_dtype(DType::F32)?)
     }
 }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::color_fix::ColorFix;
+pub use crate::models::tiled_vae::TileDtype;
 use crate::pipelines::supir::restore::Precision;
 pub use crate::pipelines::supir::restore::Residency;
 use crate::{Error, Result};
@@ -123,6 +124,8 @@ pub struct SeesrOptions {
     pub vae_encoder_tile: usize,
     /// Tiled VAE decoder tile, latent pixels (`--vae_decoder_tiled_size`).
     pub vae_decoder_tile: usize,
+    /// The dtype the tiled VAE holds its tiles in between layers ([`TileDtype`]; fp32 exact).
+    pub vae_tile_dtype: TileDtype,
     /// `--align_method` (`adain`, `wavelet`, `nofix` = [`ColorFix::None`]).
     pub color_fix: ColorFix,
     /// The user's prompt, after the tags (`--prompt`).
@@ -172,6 +175,7 @@ impl SeesrOptions {
             latent_overlap: overlap,
             vae_encoder_tile: 1024,
             vae_decoder_tile: 224,
+            vae_tile_dtype: TileDtype::Fp32,
             color_fix: ColorFix::AdaIn,
             prompt: String::new(),
             added_prompt: DEFAULT_ADDED_PROMPT.into(),

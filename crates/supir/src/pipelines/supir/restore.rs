@@ -857,6 +857,7 @@ mod tests {
                 o.vae_tiling = Some(VaeTiling {
                     encoder_tile: 100,
                     decoder_tile: 64,
+                    tile_dtype: Default::default(),
                 })
             },
             "encoder tile",
