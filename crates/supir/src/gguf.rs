@@ -316,10 +316,10 @@ fn convert_planned(
 //   name: OpenCLIP's `attn.in_proj_bias` is quantised under its own name (it does not end in
 //   `.bias`), kept as `in_proj.bias` with `--convert-name`.
 // - the file: GGUF v3 without key-values (no `general.alignment`: 32), the tensors in an order
-//   that changes from run to run (even with `-t 1`); names, types, shapes and bytes do not. Q8_0 blocks
-//   are ggml's `quantize_row_q8_0_ref`, byte for byte ours; Q4_K blocks are ggml's current
-//   `quantize_row_q4_K_ref` (`make_qkx2_quants`), which ours (candle's `make_qkx1_quants`) are
-//   not: same format, other scales for the same weights.
+//   that changes from run to run (even with `-t 1`); names, types, shapes and bytes do not.
+//   Q8_0 blocks are ggml's `quantize_row_q8_0_ref`, byte for byte ours; Q4_K blocks are ggml's
+//   current `quantize_row_q4_K_ref` (`make_qkx2_quants`), which ours (candle's
+//   `make_qkx1_quants`) are not: same format, other scales for the same weights.
 //
 // Our loader reads such files: a missing official key is looked up under its
 // stable-diffusion.cpp name ([`sdcpp_name`]), block-quantised tensors that our layers hold in

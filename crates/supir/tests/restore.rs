@@ -497,8 +497,8 @@ fn gguf_conversions_load_and_match_the_original() {
 /// A GGUF file laid out as stable-diffusion.cpp's `-M convert --type q8_0 --convert-name`
 /// writes one (`supir::gguf::convert_sdcpp_style`, our writer imitating its names and its
 /// choice of quantised tensors; see `gguf.rs`, and the files stable-diffusion.cpp itself wrote
-/// in `files_written_by_stable_diffusion_cpp_restore`): text encoders under `cond_stage_model.*` in HF
-/// CLIP naming, norms' weights and the text encoders' linears in Q8_0 too. With our own choice
+/// in `files_written_by_stable_diffusion_cpp_restore`): text encoders under `cond_stage_model.*`
+/// in HF CLIP naming, norms' weights and the text encoders' linears in Q8_0 too. With our own choice
 /// of types but its names, it restores exactly as our file does (every key is found under its
 /// stable-diffusion.cpp name); with its types, it stays within the q8_0 bounds of the f32 run.
 #[test]
