@@ -27,6 +27,7 @@ const ALIGNMENT: usize = 32;
 pub enum GgufType {
     F32,
     F16,
+    BF16,
     Q8_0,
     Q4K,
 }
@@ -36,6 +37,7 @@ impl GgufType {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
+            Self::BF16 => 30,
             Self::Q8_0 => 8,
             Self::Q4K => 12,
         }
@@ -44,7 +46,7 @@ impl GgufType {
     fn bytes(self, elems: usize) -> usize {
         match self {
             Self::F32 => 4 * elems,
-            Self::F16 => 2 * elems,
+            Self::F16 | Self::BF16 => 2 * elems,
             Self::Q8_0 => elems / q8::QK * q8::BLOCK_BYTES,
             Self::Q4K => elems / q4k::QK_K * q4k::BLOCK_BYTES,
         }
@@ -54,6 +56,7 @@ impl GgufType {
         match self {
             Self::F32 => "f32",
             Self::F16 => "f16",
+            Self::BF16 => "bf16",
             Self::Q8_0 => "q8_0",
             Self::Q4K => "q4_k",
         }
@@ -173,6 +176,13 @@ pub fn write(
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
+            GgufType::BF16 => x
+                .to_dtype(DType::BF16)?
+                .flatten_all()?
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
             GgufType::Q8_0 | GgufType::Q4K => {
                 let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = Vec::with_capacity(t.ty.bytes(v.len()));
@@ -215,40 +225,42 @@ pub fn convert(
     prefixes: &[String],
     out: &Path,
 ) -> Result<ConvertSummary> {
-    convert_planned(inputs, out, |k, shape| {
-        (k.to_string(), plan(k, shape, target, prefixes))
+    convert_planned(inputs, out, |k, meta| {
+        Some((k.to_string(), plan(k, &meta.shape, target, prefixes)))
     })
 }
 
-/// [`convert`] with each tensor's stored name and type from `plan_one(official key, shape)`.
+/// [`convert`] with each tensor's stored name and type from `plan_one(official key, meta)`
+/// (`None`: left out).
 fn convert_planned(
     inputs: &[impl AsRef<Path>],
     out: &Path,
-    plan_one: impl Fn(&str, &[usize]) -> (String, GgufType),
+    plan_one: impl Fn(&str, &crate::weights::TensorMeta) -> Option<(String, GgufType)>,
 ) -> Result<ConvertSummary> {
     let files = inputs
         .iter()
         .map(crate::weights::Checkpoint::open)
         .collect::<Result<Vec<_>>>()?;
-    let mut owner: std::collections::BTreeMap<String, (usize, Vec<usize>)> = Default::default();
+    let mut owner: std::collections::BTreeMap<String, (usize, crate::weights::TensorMeta)> =
+        Default::default();
     for (i, f) in files.iter().enumerate() {
         for (k, m) in f.tensors() {
             if m.dtype.is_float() {
-                owner.insert(k, (i, m.shape));
+                owner.insert(k, (i, m));
             }
         }
     }
     let mut source = HashMap::new();
     let planned: Vec<PlannedTensor> = owner
         .iter()
-        .map(|(k, (_, shape))| {
-            let (name, ty) = plan_one(k, shape);
+        .filter_map(|(k, (_, meta))| {
+            let (name, ty) = plan_one(k, meta)?;
             source.insert(name.clone(), k.clone());
-            PlannedTensor {
+            Some(PlannedTensor {
                 name,
-                shape: shape.clone(),
+                shape: meta.shape.clone(),
                 ty,
-            }
+            })
         })
         .collect();
     let name = out
@@ -281,8 +293,10 @@ fn convert_planned(
 
 // ------------------------------------------------------------ stable-diffusion.cpp's files
 //
-// stable-diffusion.cpp (github.com/leejet/stable-diffusion.cpp, read at commit 97d29908)
-// converts checkpoints with `sd-cli -M convert -m IN -o OUT.gguf --type q8_0|q4_k|...`:
+// stable-diffusion.cpp (github.com/leejet/stable-diffusion.cpp; read at commit 97d29908, and
+// run as vendored in the PyPI sdist stable-diffusion-cpp-python 0.4.7, ggml 0.9.8, on the tiny
+// fixture: `tests/data/sdcpp/`) converts checkpoints with
+// `sd-cli -M convert -m IN -o OUT.gguf --type f32|f16|q8_0|q4_K|... [--convert-name]`:
 // - names: kept as in the input file, unless `--convert-name` is given; then
 //   `src/name_conversion.cpp::convert_tensor_name` renames them to its loader's names. For an
 //   SGM (SDXL / SUPIR) file the UNet (`model.diffusion_model.`), the VAE
@@ -290,18 +304,28 @@ fn convert_planned(
 //   move: `conditioner.embedders.0.` -> `cond_stage_model.` (CLIP-L, already in HF naming)
 //   and `conditioner.embedders.1.model.` -> `cond_stage_model.1.` with OpenCLIP's names turned
 //   into HF CLIP's (`convert_open_clip_to_hf_clip_name`; `in_proj` stays fused).
-// - types (`src/model_loader.cpp::tensor_should_be_converted`): every tensor whose innermost
-//   dimension is a multiple of the block size is converted, except biases (`.bias`), `.scale`
-//   tensors, the UNet's `time_embed.` / `label_emb.` and anything named `embedding`; so the
-//   linear weights and the norms' weight vectors are quantised, 3x3 and 1x1 convolutions
-//   (innermost dimension 3 or 1) are not, and a layer not wide enough for the block keeps its
-//   type (no fallback to a smaller block). The text encoders' linears are quantised too.
+// - left out: what its loader never reads ([`sdcpp_unused`]: the text encoders' `position_ids`
+//   and `logit_scale`, `denoiser.sigmas`, the DDPM schedule buffers, EMA counters).
+// - types (`tensor_should_be_converted`): every tensor whose innermost dimension is a multiple
+//   of the block size is converted, except biases (`.bias`), `.scale` tensors, the UNet's
+//   `time_embed.` / `label_emb.` and anything named `embedding`; so the linear weights and the
+//   norms' weight vectors are quantised, 3x3 and 1x1 convolutions (innermost dimension 3 or 1)
+//   are not, and a layer not wide enough for the block keeps its type (no fallback to a smaller
+//   block). The text encoders' linears are quantised too. What is not converted keeps the
+//   input's type (an f16 bias stays f16 in a `--type f32` file). It decides on the converted
+//   name: OpenCLIP's `attn.in_proj_bias` is quantised under its own name (it does not end in
+//   `.bias`), kept as `in_proj.bias` with `--convert-name`.
+// - the file: GGUF v3 without key-values (no `general.alignment`: 32), the tensors in an order
+//   that changes from run to run (even with `-t 1`); names, types, shapes and bytes do not.
+//   Q8_0 blocks are ggml's `quantize_row_q8_0_ref`, byte for byte ours; Q4_K blocks are ggml's
+//   current `quantize_row_q4_K_ref` (`make_qkx2_quants`), which ours (candle's
+//   `make_qkx1_quants`) are not: same format, other scales for the same weights.
 //
 // Our loader reads such files: a missing official key is looked up under its
 // stable-diffusion.cpp name ([`sdcpp_name`]), block-quantised tensors that our layers hold in
 // f32 / f16 (norms, text encoders) are dequantised, and Q8_0 / Q4_K linear weights of the
-// diffusion networks keep their blocks. [`convert_sdcpp_style`] writes such a file (our
-// writer, imitating the layout above) for tests.
+// diffusion networks keep their blocks. [`convert_sdcpp_style`] writes the same tensors with
+// our writer (tested against files it wrote).
 
 /// OpenCLIP text-model names and their HF CLIP names, as stable-diffusion.cpp renames them.
 const OPEN_CLIP_TOP: [(&str, &str); 5] = [
@@ -360,10 +384,34 @@ pub fn sdcpp_name(key: &str) -> Option<String> {
     Some(format!("cond_stage_model.1.model.{rest}"))
 }
 
+/// Whether stable-diffusion.cpp's loader (and so its converter) leaves the SGM key `key` out:
+/// the text encoders' `position_ids` and `logit_scale`, `denoiser.sigmas`, the DDPM schedule
+/// buffers but `alphas_cumprod`, `model_ema.` counters and its copy of the UNet.
+pub fn sdcpp_unused(key: &str) -> bool {
+    const UNUSED_PREFIXES: [&str; 15] = [
+        "betas",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_",
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+        "conditioner.embedders.0.model.logit_scale",
+        "conditioner.embedders.1.model.logit_scale",
+        "model_ema.decay",
+        "model_ema.num_updates",
+        "model_ema.diffusion_model",
+        "denoiser.sigmas",
+    ];
+    UNUSED_PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
 /// The type stable-diffusion.cpp's `--type ty` converter stores the tensor it names `key` (shape
-/// `shape`, outermost first) in: `ty` or, for what it leaves as is, our defaults (f32 vectors,
-/// f16 otherwise; it keeps the input's type).
-pub fn sdcpp_plan(key: &str, shape: &[usize], ty: GgufType) -> GgufType {
+/// `shape`, outermost first, stored as `input` in the input file) in: `ty`, or `input` for what
+/// it does not convert (see the notes above).
+pub fn sdcpp_plan(key: &str, shape: &[usize], ty: GgufType, input: GgufType) -> GgufType {
     let block = match ty {
         GgufType::Q8_0 => q8::QK,
         GgufType::Q4K => q4k::QK_K,
@@ -377,25 +425,37 @@ pub fn sdcpp_plan(key: &str, shape: &[usize], ty: GgufType) -> GgufType {
         || key.contains("time_embed.")
         || key.contains("label_emb.")
         || key.contains("embedding");
-    match () {
-        _ if !kept && !shape.is_empty() => ty,
-        _ if shape.len() <= 1 => GgufType::F32,
-        _ => GgufType::F16,
+    if kept {
+        input
+    } else {
+        ty
     }
 }
 
-/// Writes `inputs` as stable-diffusion.cpp's `-M convert --type ty --convert-name` would lay
-/// them out ([`sdcpp_name`], [`sdcpp_plan`]); our writer and quantisers, so the bytes are ours.
+/// Writes `inputs` as stable-diffusion.cpp's `-M convert --type ty [--convert-name]` does: the
+/// same tensors ([`sdcpp_unused`] left out), names ([`sdcpp_name`] when `convert_name`) and
+/// types ([`sdcpp_plan`]), from our writer and quantisers (its Q8_0 bytes; see the notes above
+/// for Q4_K). Inputs in a float type other than f32 / f16 / bf16 are read as f32.
 pub fn convert_sdcpp_style(
     inputs: &[impl AsRef<Path>],
     ty: GgufType,
+    convert_name: bool,
     out: &Path,
 ) -> Result<ConvertSummary> {
-    convert_planned(inputs, out, |k, shape| {
+    convert_planned(inputs, out, |k, meta| {
+        if sdcpp_unused(k) {
+            return None;
+        }
+        let name = if convert_name { sdcpp_name(k) } else { None };
+        let name = name.unwrap_or_else(|| k.to_string());
+        let input = match meta.dtype {
+            DType::F16 => GgufType::F16,
+            DType::BF16 => GgufType::BF16,
+            _ => GgufType::F32,
+        };
         // It decides on the converted name (`in_proj_bias` is `in_proj.bias` by then).
-        let name = sdcpp_name(k).unwrap_or_else(|| k.to_string());
-        let ty = sdcpp_plan(&name, shape, ty);
-        (name, ty)
+        let ty = sdcpp_plan(&name, &meta.shape, ty, input);
+        Some((name, ty))
     })
 }
 
@@ -783,31 +843,40 @@ mod tests {
             "cond_stage_model.1.transformer.text_model.text_projection"
         );
         assert_eq!(sdcpp_name("model.diffusion_model.out.2.weight"), None);
-        let q = GgufType::Q8_0;
-        assert_eq!(sdcpp_plan(&n, &[3840, 1280], q), q);
+        let (q, f16, f32) = (GgufType::Q8_0, GgufType::F16, GgufType::F32);
+        assert_eq!(sdcpp_plan(&n, &[3840, 1280], q, f16), q);
         assert_eq!(
-            sdcpp_plan("x.norm.weight", &[320], q),
+            sdcpp_plan("x.norm.weight", &[320], q, f32),
             q,
             "norm weights too"
         );
-        assert_eq!(sdcpp_plan("x.norm.bias", &[320], q), GgufType::F32);
-        assert_eq!(sdcpp_plan("c.weight", &[320, 320, 3, 3], q), GgufType::F16);
+        // What it does not convert keeps the input's type.
+        assert_eq!(sdcpp_plan("x.norm.bias", &[320], q, f32), f32);
+        assert_eq!(sdcpp_plan("x.norm.bias", &[320], f32, f16), f16);
+        assert_eq!(sdcpp_plan("c.weight", &[320, 320, 3, 3], q, f32), f32);
+        assert_eq!(sdcpp_plan("c.weight", &[320, 320, 3, 3], f16, f32), f16);
         assert_eq!(
-            sdcpp_plan("m.time_embed.0.weight", &[1280, 320], q),
-            GgufType::F16
+            sdcpp_plan("m.time_embed.0.weight", &[1280, 320], q, f16),
+            f16
         );
         assert_eq!(
-            sdcpp_plan("t.token_embedding.weight", &[49408, 768], q),
-            GgufType::F16
+            sdcpp_plan("t.token_embedding.weight", &[49408, 768], q, f16),
+            f16
         );
+        // OpenCLIP's fused bias under its own name is no `.bias`.
+        assert_eq!(sdcpp_plan("r.0.attn.in_proj_bias", &[3840], q, f16), q);
         // Q4_K: a 640-wide linear keeps its type (no fallback).
         assert_eq!(
-            sdcpp_plan("a.to_q.weight", &[640, 640], GgufType::Q4K),
-            GgufType::F16
+            sdcpp_plan("a.to_q.weight", &[640, 640], GgufType::Q4K, f16),
+            f16
         );
         assert_eq!(
-            sdcpp_plan("a.to_k.weight", &[640, 2048], GgufType::Q4K),
+            sdcpp_plan("a.to_k.weight", &[640, 2048], GgufType::Q4K, f16),
             GgufType::Q4K
         );
+        assert!(sdcpp_unused("denoiser.sigmas"));
+        assert!(sdcpp_unused("conditioner.embedders.1.model.logit_scale"));
+        assert!(!sdcpp_unused("alphas_cumprod"));
+        assert!(!sdcpp_unused("model.diffusion_model.out.2.weight"));
     }
 }

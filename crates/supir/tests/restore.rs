@@ -544,8 +544,9 @@ fn gguf_conversions_load_and_match_the_original() {
 
 /// A GGUF file laid out as stable-diffusion.cpp's `-M convert --type q8_0 --convert-name`
 /// writes one (`supir::gguf::convert_sdcpp_style`, our writer imitating its names and its
-/// choice of quantised tensors; see `gguf.rs`): text encoders under `cond_stage_model.*` in HF
-/// CLIP naming, norms' weights and the text encoders' linears in Q8_0 too. With our own choice
+/// choice of quantised tensors; see `gguf.rs`, and the files stable-diffusion.cpp itself wrote
+/// in `files_written_by_stable_diffusion_cpp_restore`): text encoders under `cond_stage_model.*`
+/// in HF CLIP naming, norms' weights and the text encoders' linears in Q8_0 too. With our own choice
 /// of types but its names, it restores exactly as our file does (every key is found under its
 /// stable-diffusion.cpp name); with its types, it stays within the q8_0 bounds of the f32 run.
 #[test]
@@ -567,14 +568,15 @@ fn stable_diffusion_cpp_gguf_files_load() {
     };
     // Its layout, checked on the file's index.
     let sdcpp = dir.join("sdcpp-q8_0.gguf");
-    let summary = convert_sdcpp_style(&[fx.weights_path()], GgufType::Q8_0, &sdcpp).unwrap();
+    let summary = convert_sdcpp_style(&[fx.weights_path()], GgufType::Q8_0, true, &sdcpp).unwrap();
     let bytes = std::fs::read(&sdcpp).unwrap();
     let index = GgufIndex::read(&bytes, &sdcpp).unwrap();
     let ty = |k: &str| index.tensors[k].0;
     use candle_core::quantized::GgmlDType as G;
     let l0 = "cond_stage_model.1.transformer.text_model.encoder.layers.0";
     assert_eq!(ty(&format!("{l0}.self_attn.in_proj.weight")), G::Q8_0);
-    assert_eq!(ty(&format!("{l0}.self_attn.in_proj.bias")), G::F32);
+    // Not converted: kept in the input's type.
+    assert_eq!(ty(&format!("{l0}.self_attn.in_proj.bias")), G::F16);
     assert!(index.tensors.keys().all(|k| !k.starts_with("conditioner.")));
     assert!(summary.q8_0 > 100, "{summary:?}");
     assert_eq!(
@@ -642,4 +644,198 @@ fn stable_diffusion_cpp_gguf_files_load() {
         0.0
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// GGUF files stable-diffusion.cpp itself wrote from the fixture (`sd-cli -M convert`, see
+/// `tests/data/sdcpp/README.md`; rebuilt from their parts and checked against their SHA-1):
+/// every tensor is the one `convert_sdcpp_style` writes (name, type, shape, and bytes, its Q8_0
+/// blocks included; not its Q4_K blocks, ggml's newer scale search), its `--convert-name`
+/// names are `sdcpp_name`'s, and the files restore as the original does: f16 exactly, q8_0 and
+/// q4_k within the bounds of `reduced_precision_stays_close_to_f32`.
+#[test]
+fn files_written_by_stable_diffusion_cpp_restore() {
+    use candle_core::quantized::GgmlDType as G;
+    use supir::gguf::{convert_sdcpp_style, sdcpp_name, GgufIndex, GgufType};
+    let fx = Fixture::load(fixture_dir()).unwrap();
+    let cfg = SupirConfig::load(fx.config_path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("supir-sdcpp-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let case = fx.case("sample_edm_restore").unwrap();
+    let o = options_of(case, &cfg);
+    let x = fx.input(case, "x").unwrap();
+    let restore = |path: &Path, dtypes: DTypes| {
+        let model = SupirModel::load_with(&cfg, &[path], dtypes, &Device::Cpu).unwrap();
+        let mut r = Restorer::from_model(cfg.clone(), model);
+        r.restore_tensor(&x, &o, &mut replay(&fx, case), None)
+            .unwrap()
+    };
+    let want = fx.output(case, "samples").unwrap();
+    let levels = |s: &candle_core::Tensor| {
+        let max = max_abs_diff(s, &want).unwrap() as f64;
+        let mean = (s - &want).unwrap().abs().unwrap().mean_all().unwrap();
+        (max * 127.5, mean.to_scalar::<f32>().unwrap() as f64 * 127.5)
+    };
+    let f32s = DTypes::uniform(DType::F32);
+    let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
+    let q4 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q4K));
+    let original = fx.weights_path();
+    let (base_f32, base_q8) = (restore(&original, f32s), restore(&original, q8));
+
+    // Its `--convert-name` names, found from the bytes of its files.
+    let names = sdcpp_files::names();
+    assert_eq!(names.len(), 93, "the text encoders' tensors");
+    for (theirs, key) in &names {
+        assert_eq!(sdcpp_name(key).as_ref(), Some(theirs), "{key}");
+    }
+    for (file, ty, convert_name) in [
+        ("sd-f16.gguf", GgufType::F16, false),
+        ("sd-f16-cn.gguf", GgufType::F16, true),
+        ("sd-q8_0.gguf", GgufType::Q8_0, false),
+        ("sd-q8_0-cn.gguf", GgufType::Q8_0, true),
+        ("sd-q4_K.gguf", GgufType::Q4K, false),
+    ] {
+        let path = sdcpp_files::rebuild(&original, &names, file, &dir);
+        let ours = dir.join(format!("ours-{file}"));
+        convert_sdcpp_style(&[&original], ty, convert_name, &ours).unwrap();
+        let (theirs_bytes, ours_bytes) =
+            (std::fs::read(&path).unwrap(), std::fs::read(&ours).unwrap());
+        let theirs_index = GgufIndex::read(&theirs_bytes, &path).unwrap();
+        let ours_index = GgufIndex::read(&ours_bytes, &ours).unwrap();
+        let mut keys: Vec<&String> = theirs_index.tensors.keys().collect();
+        keys.sort();
+        let mut ours_keys: Vec<&String> = ours_index.tensors.keys().collect();
+        ours_keys.sort();
+        assert_eq!(keys, ours_keys, "{file}: the tensors");
+        let (mut blocks, mut q4k_differ) = (0, 0);
+        for k in keys {
+            let (t_ty, t_shape, ts, te) = &theirs_index.tensors[k];
+            let (o_ty, o_shape, os, oe) = &ours_index.tensors[k];
+            assert_eq!((t_ty, t_shape), (o_ty, o_shape), "{file}: {k}");
+            let same = theirs_bytes[*ts..*te] == ours_bytes[*os..*oe];
+            match t_ty {
+                G::Q4K => q4k_differ += usize::from(!same),
+                _ => assert!(same, "{file}: {k} ({t_ty:?}) holds other bytes"),
+            }
+            blocks += usize::from(matches!(t_ty, G::Q8_0 | G::Q4K));
+        }
+        let (restored, bound) = match ty {
+            GgufType::F16 => {
+                // The fixture's weights are f16: the same restore, whatever the layers hold.
+                assert_eq!(max_abs_diff(&restore(&path, f32s), &base_f32).unwrap(), 0.0);
+                assert_eq!(max_abs_diff(&restore(&path, q8), &base_q8).unwrap(), 0.0);
+                (base_f32.clone(), None)
+            }
+            GgufType::Q8_0 => (restore(&path, q8), Some((32.0, 3.0))),
+            _ => (restore(&path, q4), Some((Q4K_MAX, Q4K_MEAN))),
+        };
+        let (max, mean) = levels(&restored);
+        println!(
+            "{file}: {} tensors, {blocks} block-quantised ({q4k_differ} Q4_K ones with other \
+             blocks than ours); restore vs official f32: max {max:.2} levels, mean {mean:.2}",
+            theirs_index.tensors.len()
+        );
+        if let Some((max_bound, mean_bound)) = bound {
+            assert!(blocks > 20, "{file}: {blocks}");
+            assert!(
+                max < max_bound && mean < mean_bound,
+                "{file}: max {max}, mean {mean}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The files in `tests/data/sdcpp/`: each `FILE.part` is stable-diffusion.cpp's FILE without the
+/// data of its F16 tensors, which are byte copies of the fixture's (see its README.md).
+mod sdcpp_files {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    use sha1::{Digest, Sha1};
+
+    fn data_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/sdcpp")
+    }
+
+    /// `names.tsv`: its name -> the fixture's key, for the tensors stored under other names.
+    pub fn names() -> BTreeMap<String, String> {
+        let text = std::fs::read_to_string(data_dir().join("names.tsv")).unwrap();
+        text.lines()
+            .map(|l| {
+                let (theirs, key) = l.split_once('\t').unwrap();
+                (theirs.to_string(), key.to_string())
+            })
+            .collect()
+    }
+
+    /// (data start, [(name, ggml type, offset)] in file order) of a GGUF v3 header without
+    /// key-values, as stable-diffusion.cpp writes it.
+    fn tensors(b: &[u8]) -> (usize, Vec<(String, u32, usize)>) {
+        let u32_at = |p: usize| u32::from_le_bytes(b[p..p + 4].try_into().unwrap());
+        let u64_at = |p: usize| u64::from_le_bytes(b[p..p + 8].try_into().unwrap()) as usize;
+        assert_eq!((&b[..4], u32_at(4), u64_at(16)), (&b"GGUF"[..], 3, 0));
+        let mut pos = 24;
+        let mut out = Vec::new();
+        for _ in 0..u64_at(8) {
+            let n = u64_at(pos);
+            let name = String::from_utf8(b[pos + 8..pos + 8 + n].to_vec()).unwrap();
+            pos += 8 + n;
+            pos += 4 + 8 * u32_at(pos) as usize;
+            out.push((name, u32_at(pos), u64_at(pos + 4)));
+            pos += 12;
+        }
+        out.sort_by_key(|t| t.2);
+        (pos.next_multiple_of(32), out)
+    }
+
+    /// Writes FILE, rebuilt from `FILE.part` and the fixture `weights`, to `dir`, and checks its
+    /// SHA-1 against `SHA1SUMS`.
+    pub fn rebuild(
+        weights: &Path,
+        names: &BTreeMap<String, String>,
+        file: &str,
+        dir: &Path,
+    ) -> PathBuf {
+        const F16: u32 = 1;
+        let part = std::fs::read(data_dir().join(format!("{file}.part"))).unwrap();
+        let fixture = supir::weights::Checkpoint::open(weights).unwrap();
+        let (start, tensors) = tensors(&part);
+        let mut out = part[..start].to_vec();
+        let mut pos = start;
+        for (i, (name, ty, off)) in tensors.iter().enumerate() {
+            let next = tensors.get(i + 1).map(|t| t.2);
+            if *ty == F16 {
+                let key = names.get(name).unwrap_or(name);
+                let t = fixture.load(key, candle_core::DType::F16, &candle_core::Device::Cpu);
+                let t = t
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{file}: no fixture key {key}"));
+                let v = t.flatten_all().unwrap().to_vec1::<half::f16>().unwrap();
+                out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+                // Zeros to the next tensor (after the last one: to the alignment).
+                let end = next.unwrap_or_else(|| (off + 2 * v.len()).next_multiple_of(32));
+                out.resize(start + end, 0);
+            } else {
+                let end = next.map_or(part.len(), |n| pos + n - off);
+                out.extend_from_slice(&part[pos..end]);
+                pos = end;
+            }
+        }
+        let sums = std::fs::read_to_string(data_dir().join("SHA1SUMS")).unwrap();
+        let want = sums
+            .lines()
+            .find_map(|l| l.strip_suffix(&format!("  {file}")))
+            .unwrap_or_else(|| panic!("{file} not in SHA1SUMS"));
+        let got: String = Sha1::digest(&out)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            got, want,
+            "{file} rebuilt: the fixture changed? (see its README.md)"
+        );
+        let path = dir.join(file);
+        std::fs::write(&path, out).unwrap();
+        path
+    }
 }
