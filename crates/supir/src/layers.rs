@@ -35,6 +35,24 @@ fn fast(x: &Tensor) -> bool {
     kernels_enabled() && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
+/// Whether `x` can be read in place by the Winograd input transform: [`fast`], or a CPU map
+/// held in bf16 / f16 (widened exactly as it is read).
+fn fast_src(x: &Tensor) -> bool {
+    kernels_enabled()
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// Runs `f` on the elements of a contiguous CPU map in its own dtype (f32, bf16 or f16).
+fn with_src<R>(x: &Tensor, f: impl FnOnce(winograd_nchw::Src) -> R) -> Result<R> {
+    use winograd_nchw::Src;
+    match x.dtype() {
+        DType::BF16 => with_slice::<half::bf16, _>(x, |s| f(Src::Bf16(s))),
+        DType::F16 => with_slice::<half::f16, _>(x, |s| f(Src::F16(s))),
+        _ => with_f32(x, |s| f(Src::F32(s))),
+    }
+}
+
 /// `SUPIR_KERNELS=candle` is not set.
 fn kernels_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
@@ -69,6 +87,16 @@ fn with_opt_f32<R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[f32]>) -> R) -> R
     match t {
         Some(t) => with_f32(t, |s| f(Some(s))),
         None => Ok(f(None)),
+    }
+}
+
+/// A CPU map held in half precision, widened to f32 (the CPU's compute dtype,
+/// [`compute_dtype`]) for the layers that cannot read it in place; anything else as it is.
+fn widen_held(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.to_dtype(DType::F32)
+    } else {
+        Ok(x.clone())
     }
 }
 
@@ -607,14 +635,15 @@ impl Conv2d {
         let (_, _, h, w) = x.dims4()?;
         match self.forward_read(x, true, None)? {
             Some(y) => Ok(y),
-            None => self.forward(&x.upsample_nearest2d(2 * h, 2 * w)?),
+            None => self.forward(&widen_held(x)?.upsample_nearest2d(2 * h, 2 * w)?),
         }
     }
 
     /// `forward(norm.forward_with_stats(x, mean, inv_std, silu))` (a resnet's norm + SiLU +
     /// conv in the tiled VAE): where the conv goes through Winograd the norm is applied to
     /// each pixel as it is read (the same operations, so the same bits, without the normalised
-    /// copy of `x` in memory); otherwise the normalised map is made.
+    /// copy of `x` in memory); otherwise the normalised map is made. On the CPU `x` may be held
+    /// in bf16 / f16 (the tiled VAE's held tiles): read in place too, else widened first.
     pub fn forward_normed(
         &self,
         x: &Tensor,
@@ -623,7 +652,7 @@ impl Conv2d {
         inv_std: &Tensor,
         silu: bool,
     ) -> Result<Tensor> {
-        if fast(x) && x.rank() == 4 {
+        if fast_src(x) && x.rank() == 4 {
             let (_, c, _, _) = x.dims4()?;
             let n = x.dim(0)?;
             if c == norm.gamma.dim(0)? && c.is_multiple_of(norm.groups) {
@@ -634,7 +663,7 @@ impl Conv2d {
                 }
             }
         }
-        self.forward(&norm.forward_with_stats(x, mean, inv_std, silu)?)
+        self.forward(&norm.forward_with_stats(&widen_held(x)?, mean, inv_std, silu)?)
     }
 
     /// The conv of the map `x` stands for (upsampled x2 by nearest neighbour, and/or mapped by
@@ -661,7 +690,7 @@ impl Conv2d {
             pad: self.padding,
         };
         let keep = self.weight.dtype() == DType::F32 && conv::keeps_filter(&s);
-        if !fast(x) || c != cin || conv::choose(&s, keep) != conv::ConvAlgo::Winograd {
+        if !fast_src(x) || c != cin || conv::choose(&s, keep) != conv::ConvAlgo::Winograd {
             return Ok(None);
         }
         let mut out = vec![0.0f32; n * cout * s.h * s.w];
@@ -671,7 +700,7 @@ impl Conv2d {
             })?;
             let _ = self.winograd_u.set(u);
         }
-        with_f32(x, |xs| {
+        with_src(x, |xs| {
             let input = winograd_nchw::Input { x: xs, up2, affine };
             with_opt_f32(self.bias.as_ref(), |b| match self.winograd_u.get() {
                 Some(u) if keep => {
@@ -1010,6 +1039,16 @@ mod tests {
                 .unwrap();
             let got = c.forward_upsampled2x(&x).unwrap();
             assert_eq!(got.dims(), want.dims(), "case {i}");
+            // A map held in bf16 / f16 reads as its f32 widening, in place or not.
+            for held in [DType::BF16, DType::F16] {
+                let xh = x.to_dtype(held).unwrap();
+                let wide = xh.to_dtype(DType::F32).unwrap();
+                assert_eq!(
+                    bits(&c.forward_upsampled2x(&xh).unwrap()),
+                    bits(&c.forward_upsampled2x(&wide).unwrap()),
+                    "case {i}: map held in {held:?}"
+                );
+            }
             let (g, wv) = (
                 got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -1064,6 +1103,18 @@ mod tests {
             let want = bits(&c.forward(&normalised).unwrap());
             let got = bits(&c.forward_normed(&x, &norm, &mean, &inv_std, silu).unwrap());
             assert_eq!(got.len(), want.len(), "case {i}");
+            for held in [DType::BF16, DType::F16] {
+                let xh = x.to_dtype(held).unwrap();
+                let wide = xh.to_dtype(DType::F32).unwrap();
+                assert_eq!(
+                    bits(&c.forward_normed(&xh, &norm, &mean, &inv_std, silu).unwrap()),
+                    bits(
+                        &c.forward_normed(&wide, &norm, &mean, &inv_std, silu)
+                            .unwrap()
+                    ),
+                    "case {i}: map held in {held:?}"
+                );
+            }
             let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
             assert_eq!(
                 differing,

@@ -163,10 +163,40 @@ pub struct Affine<'a> {
     pub silu: bool,
 }
 
+/// The stored map: f32, or held in half precision (the tiled VAE's `--vae-tile-dtype`), widened
+/// exactly to f32 row band by row band as the input transform reads it, so a half map
+/// convolves to the bits of its f32 copy without that copy in memory.
+#[derive(Clone, Copy)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl Src<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(x) => x.len(),
+            Self::Bf16(x) => x.len(),
+            Self::F16(x) => x.len(),
+        }
+    }
+
+    /// Elements `range` widened to f32 into `out` (same length).
+    fn widen(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Self::F32(x) => out.copy_from_slice(&x[range]),
+            Self::Bf16(x) => x[range].convert_to_f32_slice(out),
+            Self::F16(x) => x[range].convert_to_f32_slice(out),
+        }
+    }
+}
+
 /// How the convolved map is read from the stored `x`.
 #[derive(Clone, Copy)]
 pub struct Input<'a> {
-    pub x: &'a [f32],
+    pub x: Src<'a>,
     /// `x` is the map at half the size, upsampled x2 by nearest neighbour as it is read.
     pub up2: bool,
     pub affine: Option<Affine<'a>>,
@@ -180,7 +210,7 @@ pub struct Input<'a> {
 /// kernel maps a whole map), and the tiles read that buffer.
 #[allow(clippy::too_many_arguments)]
 fn input_transform<const UP: u32>(
-    x: &[f32],
+    x: Src,
     affine: Option<&Affine>,
     cin: usize,
     g: Tiles,
@@ -203,34 +233,46 @@ fn input_transform<const UP: u32>(
             (ylo >> UP, ((yhi - 1) >> UP) + 1)
         })
         .collect();
+    type Bufs = (Vec<f32>, Vec<f32>);
     (0..cin)
         .into_par_iter()
-        .for_each_init(Vec::new, |buf: &mut Vec<f32>, c| {
+        .for_each_init(Bufs::default, |(buf, wide): &mut Bufs, c| {
             // Where row 0 of each image's plane would start in `src` (`x` as stored, or `buf`
             // holding only rows `lo..hi`, hence the wrapping offsets).
             let mut starts = vec![0usize; bands.len()];
-            let src: &[f32] = match affine {
-                None => {
+            let src: &[f32] = match (x, affine) {
+                (Src::F32(x), None) => {
                     for (i, s) in starts.iter_mut().enumerate() {
                         *s = ((img0 + i) * cin + c) * ph * pw;
                     }
                     x
                 }
-                Some(af) => {
+                _ => {
                     buf.clear();
                     for (i, &(lo, hi)) in bands.iter().enumerate() {
                         let plane = (img0 + i) * cin + c;
-                        let rows = &x[plane * ph * pw + lo * pw..plane * ph * pw + hi * pw];
+                        let range = plane * ph * pw + lo * pw..plane * ph * pw + hi * pw;
                         starts[i] = buf.len().wrapping_sub(lo * pw);
                         let at = buf.len();
-                        buf.resize(at + rows.len(), 0.0);
-                        super::norm::affine(
-                            rows,
-                            &mut buf[at..],
-                            af.a[plane],
-                            af.b[plane],
-                            af.silu,
-                        );
+                        buf.resize(at + range.len(), 0.0);
+                        let rows: &[f32] = match x {
+                            Src::F32(x) => &x[range],
+                            half => {
+                                wide.resize(range.len(), 0.0);
+                                half.widen(range, wide);
+                                wide
+                            }
+                        };
+                        match affine {
+                            Some(af) => super::norm::affine(
+                                rows,
+                                &mut buf[at..],
+                                af.a[plane],
+                                af.b[plane],
+                                af.silu,
+                            ),
+                            None => buf[at..].copy_from_slice(rows),
+                        }
                     }
                     buf
                 }
@@ -369,7 +411,7 @@ pub fn conv3x3_transformed(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    conv3x3_impl::<0>(s, x, None, u, bias, out)
+    conv3x3_impl::<0>(s, Src::F32(x), None, u, bias, out)
 }
 
 /// [`conv3x3_transformed`] of the map `input` describes (`s` is the convolved map's shape):
@@ -405,7 +447,7 @@ pub fn conv3x3_transformed_input(
 
 fn conv3x3_impl<const UP: u32>(
     s: &ConvShape,
-    x: &[f32],
+    x: Src,
     affine: Option<&Affine>,
     u: &[f32],
     bias: Option<&[f32]>,
@@ -417,7 +459,7 @@ fn conv3x3_impl<const UP: u32>(
 /// [`conv3x3_impl`] with `V` + `M` chunks of at most `budget` floats (tests use small ones).
 fn conv3x3_chunked<const UP: u32>(
     s: &ConvShape,
-    x: &[f32],
+    x: Src,
     affine: Option<&Affine>,
     u: &[f32],
     bias: Option<&[f32]>,
@@ -481,18 +523,27 @@ fn conv3x3_chunked<const UP: u32>(
 mod tests {
     use super::*;
 
-    /// Reading the map through the x2 upsample and/or the affine map + SiLU gives the bits of
-    /// convolving the stored map, also when chunks of tiles end inside an image and span two
-    /// images (small budgets), and for maps whose size is not a multiple of the 4x4 tiles.
+    /// Reading the map through the x2 upsample and/or the affine map + SiLU, from f32 or a
+    /// bf16 / f16 map, gives the bits of convolving the stored f32 map, also when chunks of
+    /// tiles end inside an image and span two images (small budgets), and for maps whose size
+    /// is not a multiple of the 4x4 tiles.
     #[test]
     fn reading_in_place_equals_the_stored_map_across_chunks() {
+        use half::{bf16, f16};
         let (n, cin, cout) = (2, 5, 3);
         for &(h, w) in &[(10, 14), (7, 9)] {
-            for up2 in [false, true] {
+            for (up2, src) in [(false, 0), (true, 0), (false, 1), (true, 2)] {
                 for (silu, with_affine) in [(false, false), (true, true), (false, true)] {
                     let (sh, sw) = if up2 { (h / 2, w / 2) } else { (h, w) };
                     let (h, w) = if up2 { (2 * sh, 2 * sw) } else { (h, w) };
-                    let x = crate::kernels::test_noise(n * cin * sh * sw, 3);
+                    let x32 = crate::kernels::test_noise(n * cin * sh * sw, 3);
+                    let xb: Vec<bf16> = x32.iter().map(|&v| bf16::from_f32(v)).collect();
+                    let xh: Vec<f16> = x32.iter().map(|&v| f16::from_f32(v)).collect();
+                    let (x, xs): (Vec<f32>, Src) = match src {
+                        0 => (x32.clone(), Src::F32(&x32)),
+                        1 => (xb.iter().map(|v| v.to_f32()).collect(), Src::Bf16(&xb)),
+                        _ => (xh.iter().map(|v| v.to_f32()).collect(), Src::F16(&xh)),
+                    };
                     let a = crate::kernels::test_noise(n * cin, 5);
                     let b = crate::kernels::test_noise(n * cin, 7);
                     let wt = crate::kernels::test_noise(cout * cin * 9, 9);
@@ -521,12 +572,13 @@ mod tests {
                     for tc in [8, 16, tiles.next_multiple_of(8)] {
                         let budget = tc * 36 * (cin + cout);
                         let mut want = vec![0.0f32; n * cout * h * w];
-                        conv3x3_chunked::<0>(&s, &stored, None, &u, Some(&bias), &mut want, budget);
+                        let st = Src::F32(&stored);
+                        conv3x3_chunked::<0>(&s, st, None, &u, Some(&bias), &mut want, budget);
                         let mut got = vec![0.0f32; n * cout * h * w];
                         if up2 {
-                            conv3x3_chunked::<1>(&s, &x, af, &u, Some(&bias), &mut got, budget);
+                            conv3x3_chunked::<1>(&s, xs, af, &u, Some(&bias), &mut got, budget);
                         } else {
-                            conv3x3_chunked::<0>(&s, &x, af, &u, Some(&bias), &mut got, budget);
+                            conv3x3_chunked::<0>(&s, xs, af, &u, Some(&bias), &mut got, budget);
                         }
                         let differing = got
                             .iter()
@@ -535,7 +587,7 @@ mod tests {
                             .count();
                         assert_eq!(
                             differing, 0,
-                            "{h}x{w} up2 {up2} affine {with_affine} silu {silu} chunk {tc}"
+                            "{h}x{w} up2 {up2} src {src} affine {with_affine} silu {silu} chunk {tc}"
                         );
                     }
                 }

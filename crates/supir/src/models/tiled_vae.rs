@@ -229,6 +229,33 @@ impl Tiles {
         y.to_dtype(self.hold)
     }
 
+    fn holds_half(&self) -> bool {
+        self.hold != self.compute
+    }
+
+    /// `f` on bands of rows of the held tile `x` (widened band by band), the results held and
+    /// joined: a per-pixel layer (1x1 conv, sum) without a widened copy of the whole tile.
+    /// Runs `f` on the whole widened tile when nothing is held in half precision.
+    fn banded(
+        &self,
+        x: &Tensor,
+        f: impl Fn(&Tensor, usize, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        if !self.holds_half() {
+            return f(x, 0, h);
+        }
+        let rows = (BAND_ELEMS / (c * w).max(1)).clamp(1, h);
+        let bands = (0..h)
+            .step_by(rows)
+            .map(|r0| {
+                let n = rows.min(h - r0);
+                self.store(f(&self.load(&x.narrow(2, r0, n)?)?, r0, n)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&bands, 2)
+    }
+
     /// Applies `f` to every tile, consuming them: each input tile is freed as soon as its
     /// result exists, so a layer holds one set of tiles plus one tile (not two sets).
     fn each(&self, xs: Vec<Tensor>, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<Tensor>> {
@@ -237,6 +264,9 @@ impl Tiles {
             .collect()
     }
 }
+
+/// Elements per band of [`Tiles::banded`] (32 MiB in f32).
+const BAND_ELEMS: usize = 1 << 23;
 
 /// Groups per step of [`tile_stats`]'s variance: bounds its two temporaries (`x - mean`, its
 /// square) to this many groups of one tile instead of the whole tile.
@@ -247,20 +277,22 @@ const STAT_GROUPS: usize = 4;
 /// gives the same values, bit for bit, as over the whole tile at once.
 fn tile_stats(x: &Tensor, g: usize) -> Result<(Tensor, Tensor, f64)> {
     let (b, c, h, w) = x.dims4()?;
-    let v = x.to_dtype(DType::F32)?.reshape((b, g, (c / g) * h * w))?;
-    let mean = v.mean_keepdim(2)?;
+    let v = x.reshape((b, g, (c / g) * h * w))?;
+    let mut means = Vec::with_capacity(g.div_ceil(STAT_GROUPS));
     let mut vars = Vec::with_capacity(g.div_ceil(STAT_GROUPS));
     for g0 in (0..g).step_by(STAT_GROUPS) {
         let n = STAT_GROUPS.min(g - g0);
-        let chunk = v.narrow(1, g0, n)?;
-        vars.push(
-            chunk
-                .broadcast_sub(&mean.narrow(1, g0, n)?)?
-                .sqr()?
-                .mean_keepdim(2)?,
-        );
+        // Widened a few groups at a time (a tile held in half precision is never widened whole).
+        let chunk = v.narrow(1, g0, n)?.to_dtype(DType::F32)?.contiguous()?;
+        let mean = chunk.mean_keepdim(2)?;
+        vars.push(chunk.broadcast_sub(&mean)?.sqr()?.mean_keepdim(2)?);
+        means.push(mean);
     }
-    Ok((mean, Tensor::cat(&vars, 1)?, (h * w) as f64))
+    Ok((
+        Tensor::cat(&means, 1)?,
+        Tensor::cat(&vars, 1)?,
+        (h * w) as f64,
+    ))
 }
 
 /// `GroupNormParam`'s statistics over all tiles: the pixel-weighted average of the tiles'
@@ -292,15 +324,10 @@ fn group_norm_tiles(t: Tiles, norm: &Norm, xs: Vec<Tensor>, silu: bool) -> Resul
 /// The networks' last two layers, `conv_out(silu(norm_out(x)))` with the norm's statistics over
 /// all tiles, tile by tile with the norm applied as the conv reads (`Norm::conv_with_stats`):
 /// no set of normalised tiles. The outputs stay in the compute dtype (they are the result).
-fn norm_conv_out_tiles(
-    t: Tiles,
-    norm: &Norm,
-    conv: &Conv2d,
-    xs: Vec<Tensor>,
-) -> Result<Vec<Tensor>> {
+fn norm_conv_out_tiles(norm: &Norm, conv: &Conv2d, xs: Vec<Tensor>) -> Result<Vec<Tensor>> {
     let (mean, inv_std) = group_stats(norm, &xs)?;
     xs.into_iter()
-        .map(|x| norm.conv_with_stats(conv, &t.load(&x)?, &mean, &inv_std, true))
+        .map(|x| norm.conv_with_stats(conv, &x, &mean, &inv_std, true))
         .collect()
 }
 
@@ -313,19 +340,18 @@ fn resblock_tiles(t: Tiles, block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<
     let (mean, inv_std) = group_stats(&block.norm1, &xs)?;
     let mut res = Vec::with_capacity(xs.len());
     let mut hs = Vec::with_capacity(xs.len());
+    // The norm + conv layers read a held tile in place (`Conv2d::forward_normed`); the 1x1
+    // shortcut and the sum run band by band ([`Tiles::banded`]).
     for x in xs {
-        let xc = t.load(&x)?;
         res.push(match &block.nin_shortcut {
-            Some(s) => t.store(s.forward(&xc)?)?,
-            None => x,
+            Some(s) => t.banded(&x, |band, _, _| s.forward(band))?,
+            None => x.clone(),
         });
-        hs.push(
-            t.store(
-                block
-                    .norm1
-                    .conv_with_stats(&block.conv1, &xc, &mean, &inv_std, true)?,
-            )?,
-        );
+        let h = block
+            .norm1
+            .conv_with_stats(&block.conv1, &x, &mean, &inv_std, true)?;
+        drop(x);
+        hs.push(t.store(h)?);
     }
     // The freed tiles leave holes of other sizes in the heap (the CLI keeps freed blocks,
     // `memory::keep_freed_heap`); hand them back between the phases so that they do not add up.
@@ -335,12 +361,11 @@ fn resblock_tiles(t: Tiles, block: &ResnetBlock, xs: Vec<Tensor>) -> Result<Vec<
         .into_iter()
         .zip(hs)
         .map(|(r, h)| {
-            let y =
-                block
-                    .norm2
-                    .conv_with_stats(&block.conv2, &t.load(&h)?, &mean, &inv_std, true)?;
+            let y = block
+                .norm2
+                .conv_with_stats(&block.conv2, &h, &mean, &inv_std, true)?;
             drop(h);
-            t.store((t.load(&r)? + y)?)
+            t.banded(&r, |r, r0, n| r + y.narrow(2, r0, n)?)
         })
         .collect();
     crate::memory::release_free_heap();
@@ -453,7 +478,7 @@ pub fn encode(enc: &Encoder, x: &Tensor, tile: usize, hold: TileDtype) -> Result
             xs = level_tiles(t, level, xs)?;
         }
         let xs = mid_tiles(t, &enc.mid, xs)?;
-        norm_conv_out_tiles(t, &enc.norm_out, &enc.conv_out, xs)
+        norm_conv_out_tiles(&enc.norm_out, &enc.conv_out, xs)
     })
 }
 
@@ -475,7 +500,7 @@ pub fn decode(dec: &Decoder, z: &Tensor, tile: usize, hold: TileDtype) -> Result
         for level in dec.up.iter().rev() {
             xs = level_tiles(t, level, xs)?;
         }
-        norm_conv_out_tiles(t, &dec.norm_out, &dec.conv_out, xs)
+        norm_conv_out_tiles(&dec.norm_out, &dec.conv_out, xs)
     })
 }
 
@@ -514,6 +539,11 @@ mod tests {
         assert_eq!(var.dims(), &[2, 6, 1]);
         assert_eq!(bits(&var), bits(&want));
         assert_eq!(pixels, 99.0);
+        // A tile held in bf16 has the statistics of its f32 widening, bit for bit.
+        let held = x.to_dtype(DType::BF16).unwrap();
+        let (hm, hv, _) = tile_stats(&held, 6).unwrap();
+        let (wm, wv, _) = tile_stats(&held.to_dtype(DType::F32).unwrap(), 6).unwrap();
+        assert_eq!((bits(&hm), bits(&hv)), (bits(&wm), bits(&wv)));
     }
 
     #[test]
