@@ -157,6 +157,141 @@ fn fit_sub_block(x: &[f32], w: &[f32], l: &mut [u8]) -> (f32, f32) {
     (scale, -min)
 }
 
+/// One f32 per sub-block of a block.
+type Lanes = [f32; 8];
+
+/// [`fit_sub_block`] on the eight sub-blocks of a block, sub-block `j` in lane `j` (`xt[i][j]`:
+/// value `i` of sub-block `j`, `wt[i][j]` its weight); returns the scales and negated mins,
+/// levels to `lt[i][j]`. With AVX2 the eight run side by side, each lane doing the scalar
+/// operations in their order (branches as selects), so the bits are the same.
+fn fit_sub_blocks(xt: &[Lanes; 32], wt: &[Lanes; 32], lt: &mut [[u8; 8]; 32]) -> (Lanes, Lanes) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { fit_sub_blocks_avx2(xt, wt, lt) };
+    }
+    fit_sub_blocks_scalar(xt, wt, lt)
+}
+
+/// [`fit_sub_blocks`] one sub-block after the other.
+fn fit_sub_blocks_scalar(
+    xt: &[Lanes; 32],
+    wt: &[Lanes; 32],
+    lt: &mut [[u8; 8]; 32],
+) -> (Lanes, Lanes) {
+    let (mut scales, mut mins) = ([0.0f32; 8], [0.0f32; 8]);
+    for j in 0..8 {
+        let x: [f32; 32] = std::array::from_fn(|i| xt[i][j]);
+        let w: [f32; 32] = std::array::from_fn(|i| wt[i][j]);
+        let mut l = [0u8; 32];
+        (scales[j], mins[j]) = fit_sub_block(&x, &w, &mut l);
+        for i in 0..32 {
+            lt[i][j] = l[i];
+        }
+    }
+    (scales, mins)
+}
+
+/// [`fit_sub_blocks`] on AVX2 (no FMA: every product is rounded before its sum, as in ggml).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fit_sub_blocks_avx2(
+    xt: &[Lanes; 32],
+    wt: &[Lanes; 32],
+    lt: &mut [[u8; 8]; 32],
+) -> (Lanes, Lanes) {
+    use std::arch::x86_64::*;
+    let ld = |v: &Lanes| _mm256_loadu_ps(v.as_ptr());
+    let zero = _mm256_setzero_ps();
+    let magic = _mm256_set1_ps(12_582_912.0);
+    let (mask, bias) = (
+        _mm256_set1_epi32(0x007f_ffff),
+        _mm256_set1_epi32(0x0040_0000),
+    );
+    let top = _mm256_set1_epi32(NMAX);
+    // ggml's level of `v`: `nearest_int(v)` clamped to 0..=NMAX, as f32.
+    let level = |v: __m256| {
+        let i = _mm256_and_si256(_mm256_castps_si256(_mm256_add_ps(v, magic)), mask);
+        let i = _mm256_sub_epi32(i, bias);
+        let i = _mm256_min_epi32(_mm256_max_epi32(i, _mm256_setzero_si256()), top);
+        _mm256_cvtepi32_ps(i)
+    };
+    // `if c { a } else { b }` lane by lane.
+    let sel = |c: __m256, a: __m256, b: __m256| _mm256_blendv_ps(b, a, c);
+    let x: [__m256; 32] = std::array::from_fn(|i| ld(&xt[i]));
+    let w: [__m256; 32] = std::array::from_fn(|i| ld(&wt[i]));
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = w[0];
+    let mut sum_x = _mm256_mul_ps(sum_w, x[0]);
+    for i in 1..32 {
+        // `minps(a, b)` is `a < b ? a : b`, `maxps(a, b)` is `a > b ? a : b`.
+        min = _mm256_min_ps(x[i], min);
+        max = _mm256_max_ps(x[i], max);
+        sum_w = _mm256_add_ps(sum_w, w[i]);
+        sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(w[i], x[i]));
+    }
+    min = sel(_mm256_cmp_ps::<_CMP_GT_OQ>(min, zero), zero, min);
+    let min0 = min;
+    let flat = _mm256_cmp_ps::<_CMP_LE_OQ>(max, min0);
+    let iscale = _mm256_div_ps(_mm256_set1_ps(NMAX as f32), _mm256_sub_ps(max, min));
+    let mut scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
+    let mut best = zero;
+    let mut l = [zero; 32];
+    for i in 0..32 {
+        l[i] = level(_mm256_mul_ps(iscale, _mm256_sub_ps(x[i], min)));
+        let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, l[i]), min), x[i]);
+        best = _mm256_add_ps(best, _mm256_mul_ps(w[i], _mm256_mul_ps(diff, diff)));
+    }
+    let mut cand = [zero; 32];
+    for s in 0..=NSTEP {
+        let step = _mm256_set1_ps(RMIN + RDELTA * s as f32 + NMAX as f32);
+        let iscale = _mm256_div_ps(step, _mm256_sub_ps(max, min));
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
+        for i in 0..32 {
+            cand[i] = level(_mm256_mul_ps(iscale, _mm256_sub_ps(x[i], min)));
+            let wq = _mm256_mul_ps(w[i], cand[i]);
+            sum_l = _mm256_add_ps(sum_l, wq);
+            sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wq, cand[i]));
+            sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wq, x[i]));
+        }
+        let det = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_l2), _mm256_mul_ps(sum_l, sum_l));
+        let sc = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_xl), _mm256_mul_ps(sum_x, sum_l));
+        let mn = _mm256_sub_ps(_mm256_mul_ps(sum_l2, sum_x), _mm256_mul_ps(sum_l, sum_xl));
+        let (sc, mn) = (_mm256_div_ps(sc, det), _mm256_div_ps(mn, det));
+        let clamp = _mm256_cmp_ps::<_CMP_GT_OQ>(mn, zero);
+        let this_scale = sel(clamp, _mm256_div_ps(sum_xl, sum_l2), sc);
+        let this_min = sel(clamp, zero, mn);
+        let mut err = zero;
+        for i in 0..32 {
+            let fit = _mm256_add_ps(_mm256_mul_ps(this_scale, cand[i]), this_min);
+            let diff = _mm256_sub_ps(fit, x[i]);
+            err = _mm256_add_ps(err, _mm256_mul_ps(w[i], _mm256_mul_ps(diff, diff)));
+        }
+        let better = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GT_OQ>(det, zero),
+            _mm256_cmp_ps::<_CMP_LT_OQ>(err, best),
+        );
+        if _mm256_movemask_ps(better) != 0 {
+            best = sel(better, err, best);
+            scale = sel(better, this_scale, scale);
+            min = sel(better, this_min, min);
+            for i in 0..32 {
+                l[i] = sel(better, cand[i], l[i]);
+            }
+        }
+    }
+    let mut out = [[0.0f32; 8]; 32];
+    for i in 0..32 {
+        _mm256_storeu_ps(out[i].as_mut_ptr(), sel(flat, zero, l[i]));
+        lt[i] = out[i].map(|v| v as u8);
+    }
+    let neg = |v: __m256| _mm256_xor_ps(v, _mm256_set1_ps(-0.0));
+    let (mut scales, mut mins) = ([0.0f32; 8], [0.0f32; 8]);
+    _mm256_storeu_ps(scales.as_mut_ptr(), sel(flat, zero, scale));
+    _mm256_storeu_ps(mins.as_mut_ptr(), neg(sel(flat, min0, min)));
+    (scales, mins)
+}
+
 /// 6-bit levels `l` of a block's eight sub-block scales (or mins) `v` (all `>= 0`), weighted
 /// by the sub-blocks' summed weights `w`, and the f32 step they multiply (ggml's
 /// `make_qp_quants`): the best of nine steps around `max / 63`, then up to five passes moving
@@ -282,17 +417,17 @@ fn quantize_blocks(x: &[f32], out: &mut Vec<u8>) {
             sum_x2 += v * v;
         }
         let sigma2 = 2.0 * sum_x2 / QK_K as f32;
-        let mut l = [0u8; QK_K];
-        let (mut scales, mut mins, mut sw) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
-        for (j, sub) in blk.chunks_exact(32).enumerate() {
-            let w: [f32; 32] = std::array::from_fn(|i| (sigma2 + sub[i] * sub[i]).sqrt());
-            let mut sum_w = 0.0f32;
-            for &v in &w {
-                sum_w += v;
+        let xt: [Lanes; 32] = std::array::from_fn(|i| std::array::from_fn(|j| blk[32 * j + i]));
+        let wt: [Lanes; 32] = xt.map(|r| r.map(|v| (sigma2 + v * v).sqrt()));
+        let mut sw = [0.0f32; 8];
+        for r in &wt {
+            for j in 0..8 {
+                sw[j] += r[j];
             }
-            sw[j] = sum_w;
-            (scales[j], mins[j]) = fit_sub_block(sub, &w, &mut l[32 * j..32 * (j + 1)]);
         }
+        let mut lt = [[0u8; 8]; 32];
+        let (scales, mins) = fit_sub_blocks(&xt, &wt, &mut lt);
+        let mut l: [u8; QK_K] = std::array::from_fn(|p| lt[p % 32][p / 32]);
         let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
         let d = f16::from_f32(fit_scales(&scales, &sw, &mut ls));
         let dmin = f16::from_f32(fit_scales(&mins, &sw, &mut lm));
@@ -1009,7 +1144,9 @@ mod tests {
         ));
         let n = FILE.len() / (4 * QK_K + BLOCK_BYTES);
         let (x, blocks) = FILE.split_at(n * 4 * QK_K);
-        let x = x.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+        let x = x
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
         (x.collect(), blocks)
     }
 
@@ -1050,6 +1187,44 @@ mod tests {
     }
 
     #[test]
+    fn sub_block_lanes_match_the_scalar_fit() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            for seed in 0..400u64 {
+                let mut x = test_noise(QK_K, 100 + seed);
+                let scale = 10f32.powi((seed % 11) as i32 - 8);
+                x.iter_mut().for_each(|v| *v *= scale);
+                // Lanes of every kind: zero, constant, all positive / negative, one outlier,
+                // quantised steps (ties), noise.
+                for j in 0..8 {
+                    let sub = &mut x[32 * j..32 * (j + 1)];
+                    match (seed as usize + j) % 9 {
+                        0 => sub.fill(0.0),
+                        1 => sub.fill(0.7 * scale),
+                        2 => sub.iter_mut().for_each(|v| *v = v.abs() + 0.1 * scale),
+                        3 => sub.iter_mut().for_each(|v| *v = -v.abs()),
+                        4 => sub[seed as usize % 32] = 50.0 * scale,
+                        5 => sub.iter_mut().for_each(|v| *v = (*v * 8.0).round() / 8.0),
+                        _ => {}
+                    }
+                }
+                let sigma2 = 2.0 * x.iter().fold(0.0f32, |a, v| a + v * v) / QK_K as f32;
+                let xt: [Lanes; 32] =
+                    std::array::from_fn(|i| std::array::from_fn(|j| x[32 * j + i]));
+                let wt: [Lanes; 32] = xt.map(|r| r.map(|v| (sigma2 + v * v).sqrt()));
+                let (mut lv, mut ls) = ([[0u8; 8]; 32], [[0u8; 8]; 32]);
+                // SAFETY: the CPU has AVX2.
+                let (sv, mv) = unsafe { fit_sub_blocks_avx2(&xt, &wt, &mut lv) };
+                let (ss, ms) = fit_sub_blocks_scalar(&xt, &wt, &mut ls);
+                let bits = |v: Lanes| v.map(f32::to_bits);
+                assert_eq!(bits(sv), bits(ss), "seed {seed}: scales");
+                assert_eq!(bits(mv), bits(ms), "seed {seed}: mins");
+                assert_eq!(lv, ls, "seed {seed}: levels");
+            }
+        }
+    }
+
+    #[test]
     fn quantisation_is_closer_than_candles() {
         // The weighted search's blocks are nearer the weights than candle's (ggml's older
         // `make_qkx1_quants`), measured in RMS error on noise.
@@ -1060,7 +1235,11 @@ mod tests {
         let candle = dequantize_gguf(&candle.data().unwrap());
         let ours = Q4KWeight::quantize(&w, n, k, None).unwrap().dequantize();
         let rms = |d: &[f32]| {
-            let s: f64 = d.iter().zip(&w).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+            let s: f64 = d
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum();
             (s / w.len() as f64).sqrt()
         };
         let (ours, candle) = (rms(&ours), rms(&candle));
