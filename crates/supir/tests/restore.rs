@@ -757,7 +757,7 @@ fn q4_k_blocks_equal_stable_diffusion_cpps() {
     let path = sdcpp_files::rebuild(&fx.weights_path(), &names, "sd-q4_K.gguf", &dir);
     let bytes = std::fs::read(&path).unwrap();
     let index = GgufIndex::read(&bytes, &path).unwrap();
-    let fixture = supir::weights::Checkpoint::open(&fx.weights_path()).unwrap();
+    let fixture = supir::weights::Checkpoint::open(fx.weights_path()).unwrap();
     let (mut tensors, mut blocks, mut differ) = (0, 0, Vec::new());
     for (name, (ty, _, start, end)) in &index.tensors {
         if *ty != G::Q4K {
