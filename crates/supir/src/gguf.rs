@@ -317,9 +317,8 @@ fn convert_planned(
 //   `.bias`), kept as `in_proj.bias` with `--convert-name`.
 // - the file: GGUF v3 without key-values (no `general.alignment`: 32), the tensors in an order
 //   that changes from run to run (even with `-t 1`); names, types, shapes and bytes do not.
-//   Q8_0 blocks are ggml's `quantize_row_q8_0_ref`, byte for byte ours; Q4_K blocks are ggml's
-//   current `quantize_row_q4_K_ref` (`make_qkx2_quants`), which ours (candle's
-//   `make_qkx1_quants`) are not: same format, other scales for the same weights.
+//   Q8_0 blocks are ggml's `quantize_row_q8_0_ref`, Q4_K blocks ggml's weighted `quantize_q4_K`
+//   (an importance of 1 per column): both byte for byte ours.
 //
 // Our loader reads such files: a missing official key is looked up under its
 // stable-diffusion.cpp name ([`sdcpp_name`]), block-quantised tensors that our layers hold in
@@ -783,7 +782,7 @@ mod tests {
     }
 
     #[test]
-    fn q4_k_files_hold_candles_blocks_and_fall_back_to_q8_0() {
+    fn q4_k_files_hold_our_blocks_and_fall_back_to_q8_0() {
         let prefixes = vec!["m.".to_string()];
         let w = test_noise(4 * 512, 4);
         let items: Vec<(&str, Vec<usize>)> =
@@ -815,9 +814,9 @@ mod tests {
         let index = GgufIndex::read(&buf, Path::new("t.gguf")).unwrap();
         let (ty, _, s, e) = &index.tensors["m.a.weight"];
         assert_eq!(*ty, GgmlDType::Q4K);
-        let t = Tensor::from_vec(w.clone(), (4, 512), &Device::Cpu).unwrap();
-        let theirs = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
-        assert_eq!(&buf[*s..*e], &theirs.data().unwrap()[..]);
+        let mut want = Vec::new();
+        q4k::quantize_row_gguf(&w, &mut want);
+        assert_eq!(&buf[*s..*e], &want[..]);
         let (quant, raw) = index.quantised_blocks(&buf, "m.a.weight").unwrap();
         assert_eq!((quant, raw.len()), (crate::layers::Quant::Q4K, 4 * 2 * 144));
         let back = index.load(&buf, "m.a.weight").unwrap().unwrap();
