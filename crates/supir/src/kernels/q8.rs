@@ -6,12 +6,13 @@
 //! The integer sums are exact, so every path below (AVX512-VNNI, AVX2, plain) gives the same
 //! block sums; only the f32 accumulation over blocks may round differently.
 //!
-//! - AVX512-VNNI: `vpdpbusd` multiplies unsigned by signed bytes, so the activations are stored
-//!   offset by 128 (`qx + 128`, in 1..=255) and each block's sum starts from `-128·Σ qw`
-//!   (kept per column and block at packing). Micro-kernel [`MR`] rows x [`NR`] columns.
-//! - AVX2 (`vpmaddubsw` + `vpmaddwd`): the 16-bit pair sums of `vpmaddubsw` would saturate on
-//!   255·127, so it multiplies `|qx|` by `qw` carrying the sign of `qx` (`vpsignb`, as ggml's
-//!   AVX2 dot does); 2 rows x 16 columns.
+//! - AVX512-VNNI: `vpdpbusd` multiplies unsigned by signed bytes, so the weights are stored
+//!   offset by 128 (`qw + 128`, in 0..=255) and each block's sum starts from `-128·Σ qx`
+//!   (computed with the activations). Micro-kernel [`MR`] rows x [`NR`] columns.
+//! - AVX2: `vpmaddwd` on 16-bit values (the same `qw + 128` bytes zero-extended, `qx`
+//!   quantised straight to 16 bits, the same starting sum); [`MR2`] rows x 8 columns. It
+//!   replaced `vpmaddubsw` with ggml's sign trick (`|qx|` times `qw` carrying the sign of `qx`),
+//!   which needs a `vpsignb` per product vector and was wrong for `qw = -128`.
 //! - elsewhere the plain loops.
 //!
 //! `W` is repacked once (the integers and scales as GGUF holds them, in the micro-kernel's
@@ -545,7 +546,10 @@ unsafe fn quantize_row_avx2<T: Qx>(x: &[f32], q: &mut [T], d: &mut [f32], comp: 
         // Out of range or NaN (`NLT_UQ`: at least 127.5, or NaN): the scalar casts decide.
         let mut bad = _mm256_setzero_ps();
         for p in p {
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(p, abs_mask), limit, _CMP_NLT_UQ));
+            bad = _mm256_or_ps(
+                bad,
+                _mm256_cmp_ps(_mm256_and_ps(p, abs_mask), limit, _CMP_NLT_UQ),
+            );
         }
         if _mm256_movemask_ps(bad) != 0 {
             (*db, *cb) = quantize_block(blk, qb);
@@ -556,7 +560,10 @@ unsafe fn quantize_row_avx2<T: Qx>(x: &[f32], q: &mut [T], d: &mut [f32], comp: 
         let t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
         let t2 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0b01_00_11_10));
         let sum = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0b10_11_00_01)));
-        let (a, b) = (_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        let (a, b) = (
+            _mm256_packs_epi32(r[0], r[1]),
+            _mm256_packs_epi32(r[2], r[3]),
+        );
         let out = qb.as_mut_ptr();
         if std::mem::size_of::<T>() == 1 {
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
@@ -571,11 +578,12 @@ unsafe fn quantize_row_avx2<T: Qx>(x: &[f32], q: &mut [T], d: &mut [f32], comp: 
     }
 }
 
-/// One micro-kernel call: `nblk` blocks of rows `qa` (stride `lda` bytes; scales `da` and
+/// One micro-kernel call: `nblk` blocks of rows `qa` or `qa16` (stride `lda` values; scales `da` and
 /// starting sums `sa`, stride `ldd`) against one packed panel (`w`, `ws` at the same first
 /// block), into `c`.
 struct Tile {
     nblk: usize,
+    /// The activations as bytes (VNNI) or 16-bit values (AVX2); the other is not allocated.
     qa: *const i8,
     qa16: *const i16,
     lda: usize,
@@ -791,6 +799,89 @@ mod tests {
             super::super::assert_vector_paths_match_plain(&format!("{m}x{n}x{k}"), |path| {
                 q.matmul_with(path, &x, m)
             });
+        }
+    }
+
+    #[test]
+    fn avx2_tile_edges_match_the_plain_integer_sums() {
+        // The AVX2 kernel's edges: fewer rows than its height (6) and row counts past it, one
+        // block of depth, column counts ending inside an 8-column slice or exactly on one.
+        for (m, n, k, bias) in [
+            (5, 8, 32, true),
+            (6, 9, 32, false),
+            (11, 41, 96, false),
+            (12, 24, 32, true),
+            (19, 63, 64, true),
+        ] {
+            let x = test_noise(m * k, 11 + m as u64);
+            let w: Vec<f32> = test_noise(n * k, 12 + n as u64)
+                .iter()
+                .map(|v| 0.05 * v)
+                .collect();
+            let b = test_noise(n, 13);
+            let b = bias.then_some(&b[..]);
+            let q = Q8Weight::quantize(&w, n, k, b).unwrap();
+            super::super::assert_vector_paths_match_plain(&format!("{m}x{n}x{k}"), |path| {
+                q.matmul_with(path, &x, m)
+            });
+        }
+    }
+
+    #[test]
+    fn weights_of_minus_128_are_exact_on_every_path() {
+        // GGUF allows qw = -128 (ggml's quantiser never writes it); the former AVX2 sign trick
+        // turned -(-128) into -128. Columns of -128 and 127 against mixed-sign activations.
+        let (m, n, k) = (7, 20, 64);
+        let mut blocks = Vec::new();
+        for col in 0..n {
+            for b in 0..k / QK {
+                blocks.extend_from_slice(&f16::from_f32(0.01 * (1 + col + b) as f32).to_le_bytes());
+                blocks.extend((0..QK).map(|i| match (col + i) % 3 {
+                    0 => 0x80u8,
+                    1 => 127,
+                    _ => (i as u8).wrapping_mul(37),
+                }));
+            }
+        }
+        let q = Q8Weight::from_gguf(&blocks, n, k, None).unwrap();
+        assert_eq!(q.gguf_blocks(), blocks);
+        let x = test_noise(m * k, 21);
+        super::super::assert_vector_paths_match_plain("qw = -128", |path| {
+            q.matmul_with(path, &x, m)
+        });
+    }
+
+    #[test]
+    fn vectorised_activation_quantisation_matches_the_scalar_form() {
+        // Noise at several magnitudes, an all-zero block, subnormal, huge, infinite and NaN
+        // inputs (the latter take the scalar form inside the vector loop).
+        let k = 32 * 9;
+        let mut x: Vec<f32> = test_noise(k, 31)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * [1.0, 1e-3, 3e4][i / 32 % 3])
+            .collect();
+        x[32..64].fill(0.0);
+        x[64..96].iter_mut().for_each(|v| *v *= 1e-40);
+        x[100] = 3e38;
+        x[130] = f32::INFINITY;
+        x[170] = f32::NAN;
+        x[200] = -f32::INFINITY;
+        x[231] = 127.5; // one value far above the rest of its block
+        let (mut q8, mut q16) = (vec![0i8; k], vec![0i16; k]);
+        let (mut d8, mut d16) = (vec![0.0f32; k / QK], vec![0.0f32; k / QK]);
+        let (mut c8, mut c16) = (vec![0i32; k / QK], vec![0i32; k / QK]);
+        quantize_row(&x, &mut q8, &mut d8, &mut c8);
+        quantize_row(&x, &mut q16, &mut d16, &mut c16);
+        for (b, blk) in x.chunks_exact(QK).enumerate() {
+            let mut qs = [0i8; QK];
+            let (d, c) = quantize_block(blk, &mut qs);
+            assert_eq!(&q8[b * QK..][..QK], &qs, "block {b}");
+            let wide: Vec<i16> = qs.iter().map(|&v| v as i16).collect();
+            assert_eq!(&q16[b * QK..][..QK], &wide[..], "block {b}");
+            assert_eq!(d8[b].to_bits(), d.to_bits(), "block {b}");
+            assert_eq!(d16[b].to_bits(), d.to_bits(), "block {b}");
+            assert_eq!((c8[b], c16[b]), (c, c), "block {b}");
         }
     }
 
