@@ -457,6 +457,9 @@ impl Qx for i16 {
     }
 }
 
+/// One row's input and outputs as the row loop zips them.
+type Row<'a, T> = (&'a [f32], (&'a mut [T], (&'a mut [f32], &'a mut [i32])));
+
 /// The first `m` rows of `x` (`k` values each) into `q`, `d`, `comp` (rows of `k`, `k / 32`).
 fn quantize_rows<T: Qx>(
     x: &[f32],
@@ -468,9 +471,7 @@ fn quantize_rows<T: Qx>(
     parallel: bool,
 ) {
     let (kq, kd) = (k.max(1), (k / QK).max(1));
-    let row = |(xr, (qr, (dr, cr))): (&[f32], (&mut [T], (&mut [f32], &mut [i32])))| {
-        quantize_row(xr, qr, dr, cr)
-    };
+    let row = |(xr, (qr, (dr, cr))): Row<T>| quantize_row(xr, qr, dr, cr);
     if parallel {
         use rayon::prelude::*;
         let outs = q.par_chunks_exact_mut(kq).zip(
