@@ -6,12 +6,13 @@
 //! The integer sums are exact, so every path below (AVX512-VNNI, AVX2, plain) gives the same
 //! block sums; only the f32 accumulation over blocks may round differently.
 //!
-//! - AVX512-VNNI: `vpdpbusd` multiplies unsigned by signed bytes, so the activations are stored
-//!   offset by 128 (`qx + 128`, in 1..=255) and each block's sum starts from `-128·Σ qw`
-//!   (kept per column and block at packing). Micro-kernel [`MR`] rows x [`NR`] columns.
-//! - AVX2 (`vpmaddubsw` + `vpmaddwd`): the 16-bit pair sums of `vpmaddubsw` would saturate on
-//!   255·127, so it multiplies `|qx|` by `qw` carrying the sign of `qx` (`vpsignb`, as ggml's
-//!   AVX2 dot does); 2 rows x 16 columns.
+//! - AVX512-VNNI: `vpdpbusd` multiplies unsigned by signed bytes, so the weights are stored
+//!   offset by 128 (`qw + 128`, in 0..=255) and each block's sum starts from `-128·Σ qx`
+//!   (computed with the activations). Micro-kernel [`MR`] rows x [`NR`] columns.
+//! - AVX2: `vpmaddwd` on 16-bit values (the same `qw + 128` bytes zero-extended, `qx`
+//!   quantised straight to 16 bits, the same starting sum); [`MR2`] rows x 8 columns. It
+//!   replaced `vpmaddubsw` with ggml's sign trick (`|qx|` times `qw` carrying the sign of `qx`),
+//!   which needs a `vpsignb` per product vector and was wrong for `qw = -128`.
 //! - elsewhere the plain loops.
 //!
 //! `W` is repacked once (the integers and scales as GGUF holds them, in the micro-kernel's
@@ -35,8 +36,8 @@ const NR: usize = 32;
 /// Rows per AVX512-VNNI micro-kernel call (8 i32 + 8 f32 accumulators; 6 rows measured
 /// slower: the compiler spills the f32 ones).
 const MR: usize = 4;
-/// Rows per AVX2 micro-kernel call (over half a panel: 16 columns).
-const MR2: usize = 2;
+/// Rows per AVX2 micro-kernel call (over a quarter panel: 8 columns; 12 accumulators).
+const MR2: usize = 6;
 /// Most blocks per depth pass (512 values: the `MR x 512` activation slice and a 16 KiB weight
 /// panel).
 const KCB: usize = 16;
@@ -62,6 +63,15 @@ impl Q8Path {
             Self::Avx512Vnni => "avx512-vnni",
             Self::Avx2 => "avx2",
             Self::Plain => "plain",
+        }
+    }
+
+    /// Rows per micro-kernel call (the activations are padded to a multiple).
+    fn rows(self) -> usize {
+        match self {
+            Self::Avx512Vnni => MR,
+            Self::Avx2 => MR2,
+            Self::Plain => 1,
         }
     }
 
@@ -279,12 +289,12 @@ impl Q8Weight {
         if m == 0 || n == 0 {
             return out;
         }
-        let acts = Activations::quantize(x, m, k, MR.max(MR2));
+        let mr = path.rows();
+        let acts = Activations::quantize(x, m, k, mr, path == Q8Path::Avx2);
         if path == Q8Path::Plain {
             self.plain(&acts, m, &mut out);
             return out;
         }
-        let mr = if path == Q8Path::Avx512Vnni { MR } else { MR2 };
         let c = SyncPtr(out.as_mut_ptr());
         super::for_each_gemm_block(
             (m, n, k),
@@ -335,7 +345,7 @@ impl Q8Weight {
         c: *mut f32,
     ) {
         let (n, kb) = (self.n, self.kb);
-        let mr = if path == Q8Path::Avx512Vnni { MR } else { MR2 };
+        let mr = path.rows();
         // Passes of near-equal depth (640 = 10 + 10 blocks, not 16 + 4).
         let step = kb.div_ceil(kb.div_ceil(KCB).max(1)).max(1);
         for b0 in (0..kb).step_by(step) {
@@ -344,7 +354,10 @@ impl Q8Weight {
             for ip in 0..rows.div_ceil(mr) {
                 let r0 = i0 + ip * mr;
                 let valid = (rows - ip * mr).min(mr);
-                let qa = a.q.as_ptr().add(r0 * a.lda + b0 * QK);
+                // Only the buffer of this path is allocated (`wrapping_add`: no offset into the
+                // empty one).
+                let qa = a.q.as_ptr().wrapping_add(r0 * a.lda + b0 * QK);
+                let qa16 = a.q16.as_ptr().wrapping_add(r0 * a.lda + b0 * QK);
                 let da = a.d.as_ptr().add(r0 * kb + b0);
                 let sa = a.comp.as_ptr().add(r0 * kb + b0);
                 for jp in 0..cols.div_ceil(NR) {
@@ -361,6 +374,7 @@ impl Q8Weight {
                     let tile = Tile {
                         nblk,
                         qa,
+                        qa16,
                         lda: a.lda,
                         da,
                         sa,
@@ -377,9 +391,8 @@ impl Q8Weight {
                     match path {
                         Q8Path::Avx512Vnni => kernel_vnni(&tile),
                         _ => {
-                            kernel_avx2_half(&tile, 0);
-                            if nr > 16 {
-                                kernel_avx2_half(&tile, 16);
+                            for col0 in (0..nr).step_by(8) {
+                                kernel_avx2(&tile, col0);
                             }
                         }
                     }
@@ -390,70 +403,190 @@ impl Q8Weight {
 }
 
 /// Activations quantised per row in blocks of 32 (`qx`, scale `dx`, and `-128·Σ qx`, the
-/// VNNI kernel's starting sum), rows padded with zeros to a multiple of the kernels' heights.
+/// VNNI and AVX2 kernels' starting sum), rows padded with zeros to a multiple of the kernel's
+/// height. `qx` is held as bytes (VNNI, plain) or as 16-bit values (AVX2), not both.
 struct Activations {
     q: Vec<i8>,
+    q16: Vec<i16>,
     d: Vec<f32>,
     comp: Vec<i32>,
-    /// Bytes per row (`k`).
+    /// Values per row (`k`).
     lda: usize,
 }
 
 impl Activations {
-    fn quantize(x: &[f32], m: usize, k: usize, row_multiple: usize) -> Self {
+    fn quantize(x: &[f32], m: usize, k: usize, row_multiple: usize, wide: bool) -> Self {
         let kb = k / QK;
         let rows = m.next_multiple_of(row_multiple);
-        let mut q = vec![0i8; rows * k];
         let mut d = vec![0.0f32; rows * kb];
         let mut comp = vec![0i32; rows * kb];
-        let quant_row = |(xr, (qr, (dr, cr))): Row| quantize_row(xr, qr, dr, cr);
-        let (kq, kd) = (k.max(1), kb.max(1));
-        if m * k >= 1 << 16 {
-            use rayon::prelude::*;
-            let outs = q.par_chunks_exact_mut(kq).zip(
-                d.par_chunks_exact_mut(kd)
-                    .zip(comp.par_chunks_exact_mut(kd)),
-            );
-            x.par_chunks_exact(kq).take(m).zip(outs).for_each(quant_row);
+        let (mut q, mut q16) = (Vec::new(), Vec::new());
+        let parallel = m * k >= 1 << 16;
+        if wide {
+            q16 = vec![0i16; rows * k];
+            quantize_rows(x, m, k, &mut q16, &mut d, &mut comp, parallel);
         } else {
-            let outs = q
-                .chunks_exact_mut(kq)
-                .zip(d.chunks_exact_mut(kd).zip(comp.chunks_exact_mut(kd)));
-            x.chunks_exact(kq).take(m).zip(outs).for_each(quant_row);
+            q = vec![0i8; rows * k];
+            quantize_rows(x, m, k, &mut q, &mut d, &mut comp, parallel);
         }
-        Self { q, d, comp, lda: k }
-    }
-}
-
-type Row<'a> = (&'a [f32], (&'a mut [i8], (&'a mut [f32], &'a mut [i32])));
-
-super::avx2_dispatch! {
-    /// One activation row to blocks of 32: `dx = max|x| / 127`, `qx = x / dx` rounded to
-    /// nearest (ties to even, one instruction), `-128·Σ qx`.
-    fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], comp: &mut [i32]) {
-        let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
-        for (((blk, qb), db), cb) in blocks.zip(d.iter_mut()).zip(comp.iter_mut()) {
-            let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let s = amax / 127.0;
-            let id = if s != 0.0 { 1.0 / s } else { 0.0 };
-            *db = s;
-            let mut sum = 0i32;
-            for (o, &v) in qb.iter_mut().zip(blk) {
-                let r = (v * id).round_ties_even() as i32;
-                *o = r as i8;
-                sum += r;
-            }
-            *cb = -128 * sum;
+        Self {
+            q,
+            q16,
+            d,
+            comp,
+            lda: k,
         }
     }
 }
 
-/// One micro-kernel call: `nblk` blocks of rows `qa` (stride `lda` bytes; scales `da` and
+/// A quantised activation as the kernels read it.
+trait Qx: Copy + Send + Default {
+    /// `r as i8`, widened to `Self`.
+    fn from_i32(r: i32) -> Self;
+}
+
+impl Qx for i8 {
+    fn from_i32(r: i32) -> Self {
+        r as i8
+    }
+}
+
+impl Qx for i16 {
+    fn from_i32(r: i32) -> Self {
+        r as i8 as i16
+    }
+}
+
+/// One row's input and outputs as the row loop zips them.
+type Row<'a, T> = (&'a [f32], (&'a mut [T], (&'a mut [f32], &'a mut [i32])));
+
+/// The first `m` rows of `x` (`k` values each) into `q`, `d`, `comp` (rows of `k`, `k / 32`).
+fn quantize_rows<T: Qx>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    q: &mut [T],
+    d: &mut [f32],
+    comp: &mut [i32],
+    parallel: bool,
+) {
+    let (kq, kd) = (k.max(1), (k / QK).max(1));
+    let row = |(xr, (qr, (dr, cr))): Row<T>| quantize_row(xr, qr, dr, cr);
+    if parallel {
+        use rayon::prelude::*;
+        let outs = q.par_chunks_exact_mut(kq).zip(
+            d.par_chunks_exact_mut(kd)
+                .zip(comp.par_chunks_exact_mut(kd)),
+        );
+        x.par_chunks_exact(kq).take(m).zip(outs).for_each(row);
+    } else {
+        let outs = q
+            .chunks_exact_mut(kq)
+            .zip(d.chunks_exact_mut(kd).zip(comp.chunks_exact_mut(kd)));
+        x.chunks_exact(kq).take(m).zip(outs).for_each(row);
+    }
+}
+
+/// One activation row to blocks of 32: `dx = max|x| / 127`, `qx = x / dx` rounded to nearest
+/// (ties to even), `-128·Σ qx`; vectorised where the CPU has AVX2 (same values: a block whose
+/// scaled values are not all finite and within ±127.5 takes the scalar form).
+fn quantize_row<T: Qx>(x: &[f32], q: &mut [T], d: &mut [f32], comp: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { quantize_row_avx2(x, q, d, comp) };
+    }
+    let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
+    for (((blk, qb), db), cb) in blocks.zip(d.iter_mut()).zip(comp.iter_mut()) {
+        (*db, *cb) = quantize_block(blk, qb);
+    }
+}
+
+/// One block (scalar): its `qx` into `q`, returns `(dx, -128·Σ qx)`.
+#[inline(always)]
+fn quantize_block<T: Qx>(blk: &[f32], q: &mut [T]) -> (f32, i32) {
+    let amax = blk.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let s = amax / 127.0;
+    let id = if s != 0.0 { 1.0 / s } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(blk) {
+        let r = (v * id).round_ties_even() as i32;
+        *o = T::from_i32(r);
+        sum = sum.wrapping_add(r);
+    }
+    (s, sum.wrapping_mul(-128))
+}
+
+/// [`quantize_row`] on 8-lane vectors: `vmaxps` ignores NaN in its first operand as
+/// `f32::max` does, `vcvtps2dq` rounds to nearest even as `round_ties_even`, and the saturating
+/// packs equal the casts for values within ±127.
+///
+/// # Safety
+/// AVX2 present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_avx2<T: Qx>(x: &[f32], q: &mut [T], d: &mut [f32], comp: &mut [i32]) {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let limit = _mm256_set1_ps(127.5);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
+    for (((blk, qb), db), cb) in blocks.zip(d.iter_mut()).zip(comp.iter_mut()) {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(blk.as_ptr().add(8 * i)));
+        let mut m = _mm256_setzero_ps();
+        for v in v {
+            m = _mm256_max_ps(_mm256_and_ps(v, abs_mask), m);
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+        let s = amax / 127.0;
+        let id = if s != 0.0 { 1.0 / s } else { 0.0 };
+        let idv = _mm256_set1_ps(id);
+        let p: [__m256; 4] = std::array::from_fn(|i| _mm256_mul_ps(v[i], idv));
+        // Out of range or NaN (`NLT_UQ`: at least 127.5, or NaN): the scalar casts decide.
+        let mut bad = _mm256_setzero_ps();
+        for p in p {
+            bad = _mm256_or_ps(
+                bad,
+                _mm256_cmp_ps(_mm256_and_ps(p, abs_mask), limit, _CMP_NLT_UQ),
+            );
+        }
+        if _mm256_movemask_ps(bad) != 0 {
+            (*db, *cb) = quantize_block(blk, qb);
+            continue;
+        }
+        let r: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(p[i]));
+        let t = _mm256_add_epi32(_mm256_add_epi32(r[0], r[1]), _mm256_add_epi32(r[2], r[3]));
+        let t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        let t2 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 0b10_11_00_01)));
+        let (a, b) = (
+            _mm256_packs_epi32(r[0], r[1]),
+            _mm256_packs_epi32(r[2], r[3]),
+        );
+        let out = qb.as_mut_ptr();
+        if std::mem::size_of::<T>() == 1 {
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+            _mm256_storeu_si256(out as *mut __m256i, bytes);
+        } else {
+            let out = out as *mut __m256i;
+            _mm256_storeu_si256(out, _mm256_permute4x64_epi64(a, 0xd8));
+            _mm256_storeu_si256(out.add(1), _mm256_permute4x64_epi64(b, 0xd8));
+        }
+        *db = s;
+        *cb = sum.wrapping_mul(-128);
+    }
+}
+
+/// One micro-kernel call: `nblk` blocks of rows `qa` or `qa16` (stride `lda` values; scales `da` and
 /// starting sums `sa`, stride `ldd`) against one packed panel (`w`, `ws` at the same first
 /// block), into `c`.
 struct Tile {
     nblk: usize,
+    /// The activations as bytes (VNNI) or 16-bit values (AVX2); the other is not allocated.
     qa: *const i8,
+    qa16: *const i16,
     lda: usize,
     da: *const f32,
     sa: *const i32,
@@ -533,63 +666,80 @@ unsafe fn kernel_vnni(t: &Tile) {
     }
 }
 
-/// `MR2 x 16` tile (columns `half ..+16` of the panel) on `vpmaddubsw` with the sign trick.
+/// `MR2 x 8` tile (panel columns `col0 ..+8`) on `vpmaddwd` over 16-bit values: the weights
+/// `qw + 128` zero-extended (the packing's bytes as they are), the activations sign-extended
+/// once per call ([`Activations`]), so the products need no sign fix-up and every pair sum is
+/// exact (`2·127·255 < 2^31`). Each 32-bit lane sums two depths of one column (the packing's
+/// four depths per column span two lanes, added at the block's end); the block's sum starts
+/// from `-128·Σ qx` as on VNNI.
+///
+/// Measured against `vpmaddubsw` with the sign trick (`vpsignb` on every product vector, as
+/// ggml's AVX2 dot does): on Zen 4 `vpsignb`, `vpabsb`, `vpmaddubsw` and `vpmaddwd` share the
+/// same two pipes, so the trick costs three multiply-pipe operations per 32 products against
+/// two `vpmaddwd` here.
 ///
 /// # Safety
-/// AVX2, FMA and F16C present; as [`kernel_vnni`], with `MR2` activation rows.
+/// AVX2, FMA and F16C present; as [`kernel_vnni`], with `MR2` rows of 16-bit activations.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn kernel_avx2_half(t: &Tile, half: usize) {
+unsafe fn kernel_avx2(t: &Tile, col0: usize) {
     use std::arch::x86_64::*;
-    if t.nr <= half {
-        return;
-    }
-    let zf = _mm256_setzero_ps();
-    let mut acc = [[zf; 2]; MR2];
-    let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
-    let rows: [*const i8; MR2] = std::array::from_fn(|r| t.qa.add(r * t.lda));
+    let zi = _mm256_setzero_si256();
+    // Accumulators in the column order `vphaddd` leaves: 0 1 4 5 2 3 6 7.
+    let mut acc = [_mm256_setzero_ps(); MR2];
+    // An opaque trip count keeps the group loop rolled: fully unrolled, LLVM reorders the
+    // eight groups row by row and spills (as it did with the former `vpmaddubsw` kernel).
+    let groups = std::hint::black_box(QK / 4);
     for b in 0..t.nblk {
-        let mut s = [[_mm256_setzero_si256(); 2]; MR2];
-        let wb = t.w.add(b * QK * NR + half * 4);
-        for g in 0..8 {
-            let w0 = _mm256_xor_si256(_mm256_loadu_si256(wb.add(g * 128) as *const _), flip);
-            let w1 = _mm256_xor_si256(_mm256_loadu_si256(wb.add(g * 128 + 32) as *const _), flip);
-            for r in 0..MR2 {
-                let p = rows[r].add(b * QK + g * 4) as *const i32;
-                let x = _mm256_set1_epi32(p.read_unaligned());
-                let ax = _mm256_sign_epi8(x, x);
-                let p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, x));
-                let p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, x));
-                s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(p0, ones));
-                s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(p1, ones));
+        let mut s = [[zi; 2]; MR2];
+        let mut wp = t.w.add(b * QK * NR + col0 * 4);
+        let mut xp = t.qa16.add(b * QK);
+        for _ in 0..groups {
+            let w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(wp as *const _));
+            let w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(wp.add(16) as *const _));
+            for (r, s) in s.iter_mut().enumerate() {
+                let x = _mm256_set1_epi64x((xp.add(r * t.lda) as *const i64).read_unaligned());
+                s[0] = _mm256_add_epi32(s[0], _mm256_madd_epi16(x, w0));
+                s[1] = _mm256_add_epi32(s[1], _mm256_madd_epi16(x, w1));
             }
+            wp = wp.add(4 * NR);
+            xp = xp.add(4);
         }
-        let ws = t.ws.add(b * NR + half) as *const __m128i;
-        let d0 = _mm256_cvtph_ps(_mm_loadu_si128(ws));
-        let d1 = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(1)));
-        for r in 0..MR2 {
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(t.ws.add(b * NR + col0) as *const _));
+        let d = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(d), 0xd8));
+        for (r, (s, acc)) in s.iter().zip(acc.iter_mut()).enumerate() {
+            let sum = _mm256_add_epi32(
+                _mm256_hadd_epi32(s[0], s[1]),
+                _mm256_set1_epi32(*t.sa.add(r * t.ldd + b)),
+            );
             let dx = _mm256_set1_ps(*t.da.add(r * t.ldd + b));
-            let (f0, f1) = (_mm256_cvtepi32_ps(s[r][0]), _mm256_cvtepi32_ps(s[r][1]));
-            acc[r][0] = _mm256_fmadd_ps(f0, _mm256_mul_ps(d0, dx), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(f1, _mm256_mul_ps(d1, dx), acc[r][1]);
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, dx), *acc);
         }
     }
-    let cols = (t.nr - half).min(16);
+    let cols = (t.nr - col0).min(8);
+    let mask = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(cols as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    // The bias is padded to whole panels.
+    let base = if t.bias.is_null() {
+        _mm256_setzero_ps()
+    } else {
+        _mm256_loadu_ps(t.bias.add(col0))
+    };
     for (r, acc) in acc.iter().enumerate().take(t.mr) {
-        let ci = t.c.add(r * t.ldc + half);
-        let mut v = [0.0f32; 16];
-        _mm256_storeu_ps(v.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(v.as_mut_ptr().add(8), acc[1]);
-        for (j, v) in v.iter().enumerate().take(cols) {
-            let prev = if !t.first {
-                *ci.add(j)
-            } else if t.bias.is_null() {
-                0.0
+        let v = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(*acc), 0xd8));
+        let ci = t.c.add(r * t.ldc + col0);
+        if cols == 8 {
+            let prev = if t.first { base } else { _mm256_loadu_ps(ci) };
+            _mm256_storeu_ps(ci, _mm256_add_ps(prev, v));
+        } else {
+            let prev = if t.first {
+                base
             } else {
-                *t.bias.add(half + j)
+                _mm256_maskload_ps(ci, mask)
             };
-            *ci.add(j) = prev + v;
+            _mm256_maskstore_ps(ci, mask, _mm256_add_ps(prev, v));
         }
     }
 }
@@ -600,7 +750,7 @@ unsafe fn kernel_vnni(_: &Tile) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_avx2_half(_: &Tile, _: usize) {
+unsafe fn kernel_avx2(_: &Tile, _: usize) {
     unreachable!("q8: no AVX2 off x86-64")
 }
 
@@ -650,6 +800,89 @@ mod tests {
             super::super::assert_vector_paths_match_plain(&format!("{m}x{n}x{k}"), |path| {
                 q.matmul_with(path, &x, m)
             });
+        }
+    }
+
+    #[test]
+    fn avx2_tile_edges_match_the_plain_integer_sums() {
+        // The AVX2 kernel's edges: fewer rows than its height (6) and row counts past it, one
+        // block of depth, column counts ending inside an 8-column slice or exactly on one.
+        for (m, n, k, bias) in [
+            (5, 8, 32, true),
+            (6, 9, 32, false),
+            (11, 41, 96, false),
+            (12, 24, 32, true),
+            (19, 63, 64, true),
+        ] {
+            let x = test_noise(m * k, 11 + m as u64);
+            let w: Vec<f32> = test_noise(n * k, 12 + n as u64)
+                .iter()
+                .map(|v| 0.05 * v)
+                .collect();
+            let b = test_noise(n, 13);
+            let b = bias.then_some(&b[..]);
+            let q = Q8Weight::quantize(&w, n, k, b).unwrap();
+            super::super::assert_vector_paths_match_plain(&format!("{m}x{n}x{k}"), |path| {
+                q.matmul_with(path, &x, m)
+            });
+        }
+    }
+
+    #[test]
+    fn weights_of_minus_128_are_exact_on_every_path() {
+        // GGUF allows qw = -128 (ggml's quantiser never writes it); the former AVX2 sign trick
+        // turned -(-128) into -128. Columns of -128 and 127 against mixed-sign activations.
+        let (m, n, k) = (7, 20, 64);
+        let mut blocks = Vec::new();
+        for col in 0..n {
+            for b in 0..k / QK {
+                blocks.extend_from_slice(&f16::from_f32(0.01 * (1 + col + b) as f32).to_le_bytes());
+                blocks.extend((0..QK).map(|i| match (col + i) % 3 {
+                    0 => 0x80u8,
+                    1 => 127,
+                    _ => (i as u8).wrapping_mul(37),
+                }));
+            }
+        }
+        let q = Q8Weight::from_gguf(&blocks, n, k, None).unwrap();
+        assert_eq!(q.gguf_blocks(), blocks);
+        let x = test_noise(m * k, 21);
+        super::super::assert_vector_paths_match_plain("qw = -128", |path| {
+            q.matmul_with(path, &x, m)
+        });
+    }
+
+    #[test]
+    fn vectorised_activation_quantisation_matches_the_scalar_form() {
+        // Noise at several magnitudes, an all-zero block, subnormal, huge, infinite and NaN
+        // inputs (the latter take the scalar form inside the vector loop).
+        let k = 32 * 9;
+        let mut x: Vec<f32> = test_noise(k, 31)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * [1.0, 1e-3, 3e4][i / 32 % 3])
+            .collect();
+        x[32..64].fill(0.0);
+        x[64..96].iter_mut().for_each(|v| *v *= 1e-40);
+        x[100] = 3e38;
+        x[130] = f32::INFINITY;
+        x[170] = f32::NAN;
+        x[200] = -f32::INFINITY;
+        x[231] = 127.5; // one value far above the rest of its block
+        let (mut q8, mut q16) = (vec![0i8; k], vec![0i16; k]);
+        let (mut d8, mut d16) = (vec![0.0f32; k / QK], vec![0.0f32; k / QK]);
+        let (mut c8, mut c16) = (vec![0i32; k / QK], vec![0i32; k / QK]);
+        quantize_row(&x, &mut q8, &mut d8, &mut c8);
+        quantize_row(&x, &mut q16, &mut d16, &mut c16);
+        for (b, blk) in x.chunks_exact(QK).enumerate() {
+            let mut qs = [0i8; QK];
+            let (d, c) = quantize_block(blk, &mut qs);
+            assert_eq!(&q8[b * QK..][..QK], &qs, "block {b}");
+            let wide: Vec<i16> = qs.iter().map(|&v| v as i16).collect();
+            assert_eq!(&q16[b * QK..][..QK], &wide[..], "block {b}");
+            assert_eq!(d8[b].to_bits(), d.to_bits(), "block {b}");
+            assert_eq!(d16[b].to_bits(), d.to_bits(), "block {b}");
+            assert_eq!((c8[b], c16[b]), (c, c), "block {b}");
         }
     }
 
