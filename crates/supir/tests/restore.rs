@@ -501,15 +501,7 @@ fn gguf_conversions_load_and_match_the_original() {
     let dir = std::env::temp_dir().join(format!("supir-gguf-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let prefixes = SUPIR_QUANT_PREFIXES.map(String::from).to_vec();
-    let case = fx.case("sample_edm_restore").unwrap();
-    let o = options_of(case, &cfg);
-    let x = fx.input(case, "x").unwrap();
-    let restore = |path: &Path, dtypes: DTypes| {
-        let model = SupirModel::load_with(&cfg, &[path], dtypes, &Device::Cpu).unwrap();
-        let mut r = Restorer::from_model(cfg.clone(), model);
-        r.restore_tensor(&x, &o, &mut replay(&fx, case), None)
-            .unwrap()
-    };
+    let restore = |path: &Path, dtypes: DTypes| restore_edm_case(&fx, &cfg, path, dtypes);
     let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
     let q4 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q4K));
     for (target, dtypes, name) in [
@@ -542,6 +534,22 @@ fn gguf_conversions_load_and_match_the_original() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The fixture's `sample_edm_restore` case restored from the weights at `path` held as `dtypes`
+/// (its recorded noise replayed).
+fn restore_edm_case(
+    fx: &Fixture,
+    cfg: &SupirConfig,
+    path: &Path,
+    dtypes: DTypes,
+) -> candle_core::Tensor {
+    let case = fx.case("sample_edm_restore").unwrap();
+    let model = SupirModel::load_with(cfg, &[path], dtypes, &Device::Cpu).unwrap();
+    let mut r = Restorer::from_model(cfg.clone(), model);
+    let x = fx.input(case, "x").unwrap();
+    r.restore_tensor(&x, &options_of(case, cfg), &mut replay(fx, case), None)
+        .unwrap()
+}
+
 /// A GGUF file laid out as stable-diffusion.cpp's `-M convert --type q8_0 --convert-name`
 /// writes one (`supir::gguf::convert_sdcpp_style`, our writer imitating its names and its
 /// choice of quantised tensors; see `gguf.rs`, and the files stable-diffusion.cpp itself wrote
@@ -557,15 +565,8 @@ fn stable_diffusion_cpp_gguf_files_load() {
     let dir = std::env::temp_dir().join(format!("supir-sdcpp-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let case = fx.case("sample_edm_restore").unwrap();
-    let o = options_of(case, &cfg);
-    let x = fx.input(case, "x").unwrap();
     let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
-    let restore = |path: &Path| {
-        let model = SupirModel::load_with(&cfg, &[path], q8, &Device::Cpu).unwrap();
-        let mut r = Restorer::from_model(cfg.clone(), model);
-        r.restore_tensor(&x, &o, &mut replay(&fx, case), None)
-            .unwrap()
-    };
+    let restore = |path: &Path| restore_edm_case(&fx, &cfg, path, q8);
     // Its layout, checked on the file's index.
     let sdcpp = dir.join("sdcpp-q8_0.gguf");
     let summary = convert_sdcpp_style(&[fx.weights_path()], GgufType::Q8_0, true, &sdcpp).unwrap();
@@ -661,14 +662,7 @@ fn files_written_by_stable_diffusion_cpp_restore() {
     let dir = std::env::temp_dir().join(format!("supir-sdcpp-files-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let case = fx.case("sample_edm_restore").unwrap();
-    let o = options_of(case, &cfg);
-    let x = fx.input(case, "x").unwrap();
-    let restore = |path: &Path, dtypes: DTypes| {
-        let model = SupirModel::load_with(&cfg, &[path], dtypes, &Device::Cpu).unwrap();
-        let mut r = Restorer::from_model(cfg.clone(), model);
-        r.restore_tensor(&x, &o, &mut replay(&fx, case), None)
-            .unwrap()
-    };
+    let restore = |path: &Path, dtypes: DTypes| restore_edm_case(&fx, &cfg, path, dtypes);
     let want = fx.output(case, "samples").unwrap();
     let levels = |s: &candle_core::Tensor| {
         let max = max_abs_diff(s, &want).unwrap() as f64;
