@@ -171,8 +171,6 @@ pub enum TileDtype {
 }
 
 impl TileDtype {
-    pub const ALL: [Self; 3] = [Self::Fp32, Self::Bf16, Self::Fp16];
-
     pub fn name(&self) -> &'static str {
         match self {
             Self::Fp32 => "fp32",
@@ -199,15 +197,14 @@ impl std::fmt::Display for TileDtype {
 impl std::str::FromStr for TileDtype {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let s = s.trim().to_ascii_lowercase();
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name() == s || (s == "f32" && *t == Self::Fp32))
-            .or(match s.as_str() {
-                "f16" => Some(Self::Fp16),
-                _ => None,
-            })
-            .ok_or_else(|| format!("unknown tile dtype `{s}` (expected fp32, bf16 or fp16)"))
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" | "f32" => Ok(Self::Fp32),
+            "bf16" => Ok(Self::Bf16),
+            "fp16" | "f16" => Ok(Self::Fp16),
+            _ => Err(format!(
+                "unknown tile dtype `{s}` (expected fp32, bf16 or fp16)"
+            )),
+        }
     }
 }
 
@@ -229,10 +226,6 @@ impl Tiles {
         y.to_dtype(self.hold)
     }
 
-    fn holds_half(&self) -> bool {
-        self.hold != self.compute
-    }
-
     /// `f` on bands of rows of the held tile `x` (widened band by band), the results held and
     /// joined: a per-pixel layer (1x1 conv, sum) without a widened copy of the whole tile.
     /// Runs `f` on the whole widened tile when nothing is held in half precision.
@@ -242,7 +235,7 @@ impl Tiles {
         f: impl Fn(&Tensor, usize, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let (_, c, h, w) = x.dims4()?;
-        if !self.holds_half() {
+        if self.hold == self.compute {
             return f(x, 0, h);
         }
         let rows = (BAND_ELEMS / (c * w).max(1)).clamp(1, h);
