@@ -496,10 +496,7 @@ fn reduced_precision_stays_close_to_f32() {
 #[test]
 fn gguf_conversions_load_and_match_the_original() {
     use supir::gguf::{convert, GgufTarget, SUPIR_QUANT_PREFIXES};
-    let fx = Fixture::load(fixture_dir()).unwrap();
-    let cfg = SupirConfig::load(fx.config_path()).unwrap();
-    let dir = std::env::temp_dir().join(format!("supir-gguf-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (fx, cfg, dir) = fixture_and_dir("gguf-test");
     let prefixes = SUPIR_QUANT_PREFIXES.map(String::from).to_vec();
     let restore = |path: &Path, dtypes: DTypes| restore_edm_case(&fx, &cfg, path, dtypes);
     let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
@@ -534,6 +531,15 @@ fn gguf_conversions_load_and_match_the_original() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The tiny SUPIR fixture, its config, and a fresh scratch folder named after `tag`.
+fn fixture_and_dir(tag: &str) -> (Fixture, SupirConfig, PathBuf) {
+    let fx = Fixture::load(fixture_dir()).unwrap();
+    let cfg = SupirConfig::load(fx.config_path()).unwrap();
+    let dir = std::env::temp_dir().join(format!("supir-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    (fx, cfg, dir)
+}
+
 /// The fixture's `sample_edm_restore` case restored from the weights at `path` held as `dtypes`
 /// (its recorded noise replayed).
 fn restore_edm_case(
@@ -560,10 +566,7 @@ fn restore_edm_case(
 #[test]
 fn stable_diffusion_cpp_gguf_files_load() {
     use supir::gguf::{convert, convert_sdcpp_style, sdcpp_name, GgufIndex, GgufTarget, GgufType};
-    let fx = Fixture::load(fixture_dir()).unwrap();
-    let cfg = SupirConfig::load(fx.config_path()).unwrap();
-    let dir = std::env::temp_dir().join(format!("supir-sdcpp-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (fx, cfg, dir) = fixture_and_dir("sdcpp-test");
     let case = fx.case("sample_edm_restore").unwrap();
     let q8 = DTypes::new(DType::F16, DType::F32).with_diffusion_quant(Some(Quant::Q8_0));
     let restore = |path: &Path| restore_edm_case(&fx, &cfg, path, q8);
@@ -657,10 +660,7 @@ fn stable_diffusion_cpp_gguf_files_load() {
 fn files_written_by_stable_diffusion_cpp_restore() {
     use candle_core::quantized::GgmlDType as G;
     use supir::gguf::{convert_sdcpp_style, sdcpp_name, GgufIndex, GgufType};
-    let fx = Fixture::load(fixture_dir()).unwrap();
-    let cfg = SupirConfig::load(fx.config_path()).unwrap();
-    let dir = std::env::temp_dir().join(format!("supir-sdcpp-files-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (fx, cfg, dir) = fixture_and_dir("sdcpp-files");
     let case = fx.case("sample_edm_restore").unwrap();
     let restore = |path: &Path, dtypes: DTypes| restore_edm_case(&fx, &cfg, path, dtypes);
     let want = fx.output(case, "samples").unwrap();
